@@ -1,0 +1,3 @@
+from fedfuse.cli import main
+
+main()

@@ -1,0 +1,307 @@
+"""One typed, validated configuration object, built from a scenario TOML file.
+
+The loader refuses unknown keys, wrong types and impossible values before anything
+runs, and every message names the offending key by its dotted path
+(``partition.alpha``, ``cohorts[1].arch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from fedfuse.errors import ConfigError
+
+EMBEDDED_DATASETS = ("digits", "breast_cancer")
+
+
+@dataclass
+class DataConfig:
+    """Where the data come from and how much of it is held out."""
+
+    source: str = "digits"
+    """``digits`` or ``breast_cancer`` (embedded), or a path to a ``.npz``/``.csv`` file."""
+    label_column: str = "label"
+    """Name of the label column when ``source`` is a CSV file."""
+    test_fraction: float = 0.2
+    """Share of the data held out for the coordinator's test evaluation."""
+    val_fraction: float = 0.2
+    """Share of each client's data kept as its local validation split."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        _check(bool(self.source.strip()), "source", "must not be empty")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training pool is split across clients."""
+
+    method: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = 0.5
+    """Dirichlet concentration: smaller means stronger label skew."""
+    min_samples: int = 10
+    """Fewest examples (train + validation) a client may receive."""
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0.0, "alpha", "must be > 0")
+        _check(self.min_samples >= 2, "min_samples", "must be >= 2 (one train, one validation)")
+
+
+@dataclass
+class CohortConfig:
+    """Clients sharing one architecture; they are averaged together."""
+
+    arch: str
+    clients: int
+    lr: float | None = None
+    """Local learning rate; ``None`` takes the architecture's tuned default."""
+
+    def __post_init__(self) -> None:
+        _check(self.clients >= 1, "clients", "must be >= 1")
+        _check(self.lr is None or self.lr > 0.0, "lr", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 2
+    batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+
+
+@dataclass
+class SimulationConfig:
+    """Resources for Flower's Ray-based simulation engine."""
+
+    num_cpus: int = 2
+    """CPUs Ray may use in all."""
+    cpus_per_client: float = 1.0
+    """CPUs reserved per running ClientApp; num_cpus / cpus_per_client run at once."""
+    threads_per_client: int = 1
+    """torch intra-op threads inside each ClientApp."""
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    verbose: bool = False
+    """Show Flower's own INFO logs."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus >= 1, "num_cpus", "must be >= 1")
+        _check(0.0 < self.cpus_per_client <= self.num_cpus, "cpus_per_client",
+               "must be in (0, num_cpus]")
+        _check(self.threads_per_client >= 1, "threads_per_client", "must be >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
+        _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]")
+
+
+@dataclass
+class FedfuseConfig:
+    """A whole scenario: data, partition, cohorts, training and engine settings."""
+
+    name: str
+    cohorts: list[CohortConfig]
+    seed: int = 0
+    rounds: int = 20
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "name", "must not be empty")
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(len(self.cohorts) >= 1, "cohorts", "at least one [[cohorts]] entry is needed")
+        seen: set[str] = set()
+        for i, cohort in enumerate(self.cohorts):
+            if cohort.arch in seen:
+                raise ConfigError(f"cohorts[{i}].arch", f"architecture {cohort.arch!r} "
+                                  "appears in two cohorts; merge them into one")
+            seen.add(cohort.arch)
+
+    @property
+    def num_clients(self) -> int:
+        return sum(c.clients for c in self.cohorts)
+
+    def cohort_of(self, partition_id: int) -> CohortConfig:
+        """The cohort of client ``partition_id``: clients are numbered cohort by cohort."""
+        start = 0
+        for cohort in self.cohorts:
+            if partition_id < start + cohort.clients:
+                return cohort
+            start += cohort.clients
+        raise ValueError(f"partition id {partition_id} is outside 0..{self.num_clients - 1}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Loading: TOML -> dict -> overrides -> typed dataclasses
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                rounds: int | None = None) -> FedfuseConfig:
+    """Read a scenario file, apply ``key.path=value`` overrides, validate, return the config."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(None, f"scenario file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(None, f"malformed TOML in {path}: {exc}") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    if rounds is not None:
+        raw["rounds"] = rounds
+    cfg = config_from_dict(raw)
+    cfg.data.source = resolve_source(cfg.data.source, Path.cwd())
+    return cfg
+
+
+def resolve_source(source: str, base_dir: Path) -> str:
+    """A data file path made absolute against ``base_dir``; embedded names pass unchanged."""
+    if source in EMBEDDED_DATASETS or Path(source).is_absolute():
+        return source
+    return str((base_dir / source).resolve())
+
+
+def config_from_dict(raw: dict[str, Any]) -> FedfuseConfig:
+    return _build(FedfuseConfig, raw, "")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in ``raw``; the value is read as TOML, else as a plain string.
+
+    List entries are addressed by index: ``cohorts.0.clients=5``.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(None, f"override {item!r} is not of the form key.path=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(where, "is a value, not a table; cannot set a key inside it")
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_item(node, last, key)
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _list_item(items: list[Any], index: str, where: str) -> Any:
+    if not index.isdigit() or int(index) >= len(items):
+        raise ConfigError(where, f"no list entry {index!r} (the list has {len(items)} entries)")
+    return items[int(index)]
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path or None, f"expected a table, got {_tname(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(_join(path, unknown[0]),
+                          f"unknown key (known keys here: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, "is required")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise exc.within(path) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {_tname(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_tname(value)} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_tname(value)} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {_tname(value)} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_tname(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _tname(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)

@@ -1,0 +1,138 @@
+"""Model registry: architectures of different families, each built from a :class:`DataSchema`.
+
+Every model starts with a :class:`Standardize` layer whose mean/std buffers are set from
+federated statistics, so a saved model takes raw features. No BatchNorm anywhere:
+models must stay compatible with per-sample gradient clipping (DP-SGD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfuse.data import DataSchema
+from fedfuse.errors import ConfigError
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed, non-trainable per-feature statistics."""
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(input_shape))
+        self.register_buffer("std", torch.ones(input_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression: ``softmax(W x + b)``."""
+
+    def __init__(self, schema: DataSchema) -> None:
+        super().__init__()
+        self.linear = nn.Linear(schema.num_features, schema.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """Two hidden ReLU layers."""
+
+    def __init__(self, schema: DataSchema, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(schema.num_features, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden // 2), nn.ReLU(),
+            nn.Linear(hidden // 2, schema.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions, one 2x2 max-pool, one hidden dense layer; for (C, H, W) input."""
+
+    def __init__(self, schema: DataSchema, channels: int = 16) -> None:
+        super().__init__()
+        c, h, w = schema.input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * channels * (h // 2) * (w // 2), 64), nn.ReLU(),
+            nn.Linear(64, schema.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str
+    build: Callable[[DataSchema], nn.Module]
+    default_lr: float
+    needs_image: bool = False
+
+
+REGISTRY: dict[str, Architecture] = {
+    a.name: a for a in (
+        Architecture("logreg", "linear", LogisticRegression, default_lr=0.05),
+        Architecture("mlp", "dense network", MLP, default_lr=0.05),
+        Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.05,
+                     needs_image=True),
+    )
+}
+
+
+def get_architecture(name: str, key: str = "arch") -> Architecture:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(key, f"unknown architecture {name!r}; "
+                          f"known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def check_compatible(name: str, schema: DataSchema, key: str = "arch") -> None:
+    """Refuse an architecture that cannot take inputs of ``schema.input_shape``."""
+    arch = get_architecture(name, key)
+    if arch.needs_image and not schema.is_image:
+        raise ConfigError(key, f"architecture {name!r} needs image-shaped input (C, H, W); "
+                          f"the data have shape {tuple(schema.input_shape)}")
+
+
+def build_model(name: str, schema: DataSchema, seed: int | None = None) -> nn.Sequential:
+    """``Standardize`` followed by the architecture's body, with seeded initial weights."""
+    arch = get_architecture(name)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(Standardize(schema.input_shape), arch.build(schema))
+
+
+def set_standardization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+    layer = model[0]
+    assert isinstance(layer, Standardize)
+    layer.mean.copy_(torch.as_tensor(mean, dtype=torch.float32).reshape(layer.mean.shape))
+    layer.std.copy_(torch.as_tensor(std, dtype=torch.float32).reshape(layer.std.shape))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})

@@ -1,0 +1,62 @@
+"""A rich progress display that follows the coordinator's rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedfuse.serverapp import FederationResult, Member, RoundListener
+
+
+class ProgressDisplay:
+    """Shows a bar over rounds and one line per round with each cohort's test accuracy."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                                 transient=True)
+        self.task = None
+
+    def on_start(self, members: list[Member], rounds: int) -> None:
+        by_arch: dict[str, int] = {}
+        for m in members:
+            by_arch[m.arch] = by_arch.get(m.arch, 0) + 1
+        cohorts = ", ".join(f"{a} x{n}" for a, n in by_arch.items())
+        self.console.print(f"[bold]{len(members)} clients joined[/bold]: {cohorts}")
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=rounds)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        parts = [f"{arch} test {c['test_accuracy']:.3f} val {c.get('val_accuracy', float('nan')):.3f}"
+                 for arch, c in record["cohorts"].items()]
+        self.progress.console.print(f"round {record['round']:>3}  " + "  |  ".join(parts)
+                                    + f"  ({record['wall_seconds']:.1f} s)")
+        self.progress.advance(self.task)
+
+    def on_finish(self, result: FederationResult) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class Fanout:
+    """Passes every event on to several listeners, in order."""
+
+    def __init__(self, *listeners: RoundListener) -> None:
+        self.listeners = listeners
+
+    def on_start(self, members: list[Member], rounds: int) -> None:
+        for lst in self.listeners:
+            lst.on_start(members, rounds)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        for lst in self.listeners:
+            lst.on_round(record)
+
+    def on_finish(self, result: FederationResult) -> None:
+        for lst in self.listeners:
+            lst.on_finish(result)

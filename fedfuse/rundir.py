@@ -1,0 +1,140 @@
+"""The run directory: everything a simulation leaves behind.
+
+It is built in a hidden sibling ``.<name>.partial-*`` and renamed into place only when
+the run succeeds; a failed run removes it, so no half-written run directory is left.
+
+Layout::
+
+    config.toml            the resolved scenario
+    clients.json           each client's name, cohort and example counts
+    metrics.jsonl          one JSON line per round
+    cohorts/<arch>.safetensors   final cohort models (arch and schema in the metadata)
+    accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
+    summary.json           the run's figures (see ``build_summary``)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from safetensors.torch import save as safetensors_bytes
+
+from fedfuse.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfuse.config import FedfuseConfig
+from fedfuse.data import DataSchema
+from fedfuse.errors import FedfuseError
+from fedfuse.serverapp import FederationResult, Member
+
+
+class RunDirectory:
+    """Writes a run's files into a partial directory, published atomically by ``commit``."""
+
+    def __init__(self, final: Path, cfg: FedfuseConfig, schema: DataSchema) -> None:
+        if final.exists():
+            raise FedfuseError(f"output directory already exists: {final} (choose another --out)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        self.cfg = cfg
+        self.schema = schema
+        self.path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        self.result: FederationResult | None = None
+        atomic_write_text(self.path / "config.toml", cfg.to_toml())
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            os.rename(self.path, self.final)
+            self.path = self.final
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    # RoundListener ------------------------------------------------------------------------
+
+    def on_start(self, members: list[Member], rounds: int) -> None:
+        atomic_write_json(self.path / "clients.json", [asdict(m) for m in members])
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def on_finish(self, result: FederationResult) -> None:
+        self.result = result
+        (self.path / "cohorts").mkdir(exist_ok=True)
+        meta = {"schema": json.dumps(self.schema.to_dict())}
+        for arch, cohort in result.cohorts.items():
+            data = safetensors_bytes(
+                {k: v.contiguous() for k, v in cohort.arrays.to_torch_state_dict().items()},
+                metadata={**meta, "arch": arch})
+            atomic_write_bytes(self.path / "cohorts" / f"{arch}.safetensors", data)
+        plot_accuracy(result.history, self.path / "accuracy.png")
+
+    # Summary ----------------------------------------------------------------------------
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+
+def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: float,
+                  label_skew: float) -> dict[str, Any]:
+    """The stable summary keys; privacy, secure aggregation and fusion fill theirs later."""
+    last = result.history[-1]["cohorts"]
+    cohorts = {
+        arch: {"clients": len(c.members), "test_accuracy": last[arch]["test_accuracy"],
+               "test_loss": last[arch]["test_loss"],
+               "best_test_accuracy": max(r["cohorts"][arch]["test_accuracy"]
+                                         for r in result.history)}
+        for arch, c in result.cohorts.items()
+    }
+    return {
+        "scenario": cfg.name,
+        "seed": cfg.seed,
+        "rounds": len(result.history),
+        "clients": len(result.members),
+        "partition": {"method": cfg.partition.method, "alpha": cfg.partition.alpha,
+                      "label_skew": round(label_skew, 4)},
+        "cohorts": cohorts,
+        "fused": None,
+        "privacy": {"mode": "off", "max_epsilon": None, "delta": None},
+        "secure_aggregation": False,
+        "wall_seconds": round(wall_seconds, 2),
+    }
+
+
+def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for i, arch in enumerate(history[0]["cohorts"]):
+        color = f"C{i}"
+        ax.plot(rounds, [r["cohorts"][arch]["test_accuracy"] for r in history], color=color,
+                marker="o", ms=3, label=f"{arch} (test)")
+        val = [r["cohorts"][arch].get("val_accuracy") for r in history]
+        if all(v is not None for v in val):
+            ax.plot(rounds, val, color=color, ls="--", alpha=0.6, label=f"{arch} (val)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Accuracy per round per cohort")
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
+        fig.savefig(tmp.name)
+        plt.close(fig)
+        atomic_write_bytes(path, Path(tmp.name).read_bytes())

@@ -1,0 +1,229 @@
+"""The fedfuse ServerApp: one FedAvg strategy per cohort, all cohorts trained concurrently.
+
+``Strategy.start`` drives a single model, so the main loop below calls each cohort
+strategy's hooks itself: ``configure_train`` -> one ``grid.send_and_receive`` for all
+cohorts -> ``aggregate_train`` per cohort; likewise for federated evaluation; then the
+coordinator evaluates every cohort model on its held-out test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedfuse.config import FedfuseConfig
+from fedfuse.data import Dataset
+from fedfuse.errors import FedfuseError
+from fedfuse.models import build_model, get_architecture, set_standardization
+from fedfuse.stats import pooled_mean_std
+from fedfuse.strategies import CohortFedAvg
+from fedfuse.training import evaluate
+
+log = logging.getLogger("fedfuse.server")
+
+
+@dataclass(frozen=True)
+class Member:
+    """A client as the coordinator knows it after discovery (no data, only counts)."""
+
+    node_id: int
+    name: str
+    index: int
+    arch: str
+    num_train: int
+    num_val: int
+
+
+@dataclass
+class Cohort:
+    arch: str
+    strategy: CohortFedAvg
+    arrays: ArrayRecord
+    lr: float
+    members: list[Member] = field(default_factory=list)
+
+
+@dataclass
+class FederationResult:
+    cohorts: dict[str, Cohort]
+    members: list[Member]
+    history: list[dict[str, Any]]
+
+
+class RoundListener(Protocol):
+    """Receives progress from the coordinator (the run directory, the progress display)."""
+
+    def on_start(self, members: list[Member], rounds: int) -> None: ...
+
+    def on_round(self, record: dict[str, Any]) -> None: ...
+
+    def on_finish(self, result: FederationResult) -> None: ...
+
+
+def build_server_app(cfg: FedfuseConfig, test: Dataset, listener: RoundListener) -> ServerApp:
+    """A ServerApp running ``cfg``'s cohorts and evaluating them on ``test``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        Coordinator(cfg, test, listener).run(grid)
+
+    return app
+
+
+class Coordinator:
+    def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener) -> None:
+        self.cfg = cfg
+        self.test = test
+        self.listener = listener
+
+    # -- discovery ----------------------------------------------------------------------
+
+    def discover(self, grid: Grid) -> tuple[list[Member], list[Message]]:
+        """Ask every node for its architecture, example counts and feature sums."""
+        expected = self.cfg.num_clients
+        while len(node_ids := sorted(grid.get_node_ids())) < expected:
+            log.info("waiting for clients: %d of %d connected", len(node_ids), expected)
+            time.sleep(1.0)
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                   for n in node_ids]
+        members, replies = [], []
+        known = {c.arch for c in self.cfg.cohorts}
+        for reply in grid.send_and_receive(queries):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d dropped at discovery: %s", node, reply.error.reason)
+                continue
+            site, metrics = reply.content["site"], reply.content["metrics"]
+            reason = self._reject_reason(site, known)
+            if reason:
+                log.warning("node %d (%s) dropped at discovery: %s", node, site["name"], reason)
+                continue
+            members.append(Member(node, str(site["name"]), int(metrics["index"]),
+                                  str(site["arch"]), int(metrics["num-examples"]),
+                                  int(metrics["num-val"])))
+            replies.append(reply)
+        members.sort(key=lambda m: m.index)
+        return members, replies
+
+    def _reject_reason(self, site: ConfigRecord, known: set[str]) -> str | None:
+        schema = self.test.schema
+        if site["arch"] not in known:
+            return f"architecture {site['arch']!r} is not one of the scenario's cohorts"
+        if tuple(site["input-shape"]) != tuple(schema.input_shape):
+            return (f"input shape {tuple(site['input-shape'])} differs from the "
+                    f"coordinator's {tuple(schema.input_shape)}")
+        if int(site["num-classes"]) != schema.num_classes:
+            return f"{site['num-classes']} classes, the coordinator has {schema.num_classes}"
+        return None
+
+    def initial_cohorts(self, members: list[Member], replies: list[Message]) -> dict[str, Cohort]:
+        moments = [r.content["moments"] for r in replies]
+        mean, std = pooled_mean_std(
+            [int(r.content["metrics"]["num-examples"]) for r in replies],
+            [m["sum"].numpy() for m in moments], [m["sumsq"].numpy() for m in moments])
+        sim = self.cfg.simulation
+        cohorts: dict[str, Cohort] = {}
+        for i, cc in enumerate(self.cfg.cohorts):
+            mine = [m for m in members if m.arch == cc.arch]
+            if not mine:
+                raise FedfuseError(f"cohort {cc.arch!r} has no connected client")
+            model = build_model(cc.arch, self.test.schema, seed=self.cfg.seed * 1000 + i)
+            set_standardization(model, mean, std)
+            strategy = CohortFedAvg(cc.arch, [m.node_id for m in mine],
+                                    fraction_train=sim.fraction_train,
+                                    fraction_evaluate=sim.fraction_evaluate)
+            lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).default_lr
+            cohorts[cc.arch] = Cohort(cc.arch, strategy, ArrayRecord(model.state_dict()), lr,
+                                      mine)
+        return cohorts
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def train_config(self, cohort: Cohort, server_round: int) -> ConfigRecord:
+        t = self.cfg.train
+        return ConfigRecord({"lr": cohort.lr, "local-epochs": t.local_epochs,
+                             "batch-size": t.batch_size, "momentum": t.momentum,
+                             "weight-decay": t.weight_decay,
+                             "seed": self.cfg.seed * 100_003 + server_round})
+
+    def run(self, grid: Grid) -> FederationResult:
+        random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
+        members, replies = self.discover(grid)
+        if not members:
+            raise FedfuseError("no client answered the discovery query")
+        cohorts = self.initial_cohorts(members, replies)
+        self.listener.on_start(members, self.cfg.rounds)
+        history = []
+        for server_round in range(1, self.cfg.rounds + 1):
+            start = time.perf_counter()
+            record: dict[str, Any] = {"round": server_round, "cohorts": {}}
+            train_msgs = {a: list(c.strategy.configure_train(
+                server_round, c.arrays, self.train_config(c, server_round), grid))
+                for a, c in cohorts.items()}
+            train_replies = _exchange(grid, train_msgs)
+            for arch, cohort in cohorts.items():
+                arrays, metrics = cohort.strategy.aggregate_train(server_round,
+                                                                  train_replies[arch])
+                entry = record["cohorts"].setdefault(arch, {})
+                entry.update(_counts(train_msgs[arch], train_replies[arch], "train"))
+                if arrays is None:
+                    log.warning("round %d: cohort %s got no valid update; keeping its model",
+                                server_round, arch)
+                else:
+                    cohort.arrays = arrays
+                entry.update(_renamed(metrics))
+            eval_msgs = {a: list(c.strategy.configure_evaluate(
+                server_round, c.arrays, ConfigRecord(), grid)) for a, c in cohorts.items()}
+            eval_replies = _exchange(grid, eval_msgs)
+            for arch, cohort in cohorts.items():
+                metrics = cohort.strategy.aggregate_evaluate(server_round, eval_replies[arch])
+                record["cohorts"][arch].update(_renamed(metrics))
+                record["cohorts"][arch].update(self.central_evaluation(cohort))
+            record["wall_seconds"] = round(time.perf_counter() - start, 4)
+            history.append(record)
+            self.listener.on_round(record)
+        result = FederationResult(cohorts, members, history)
+        self.listener.on_finish(result)
+        return result
+
+    def central_evaluation(self, cohort: Cohort) -> dict[str, float]:
+        model = build_model(cohort.arch, self.test.schema)
+        model.load_state_dict(cohort.arrays.to_torch_state_dict())
+        res = evaluate(model, self.test.X, self.test.y)
+        return {"test_loss": res.loss, "test_accuracy": res.accuracy}
+
+
+def _exchange(grid: Grid, by_cohort: dict[str, list[Message]]) -> dict[str, list[Message]]:
+    """Send every cohort's messages in one batch; return the replies grouped by cohort."""
+    owner = {m.metadata.dst_node_id: arch for arch, msgs in by_cohort.items() for m in msgs}
+    everything = [m for msgs in by_cohort.values() for m in msgs]
+    grouped: dict[str, list[Message]] = {arch: [] for arch in by_cohort}
+    if everything:
+        for reply in grid.send_and_receive(everything):
+            arch = owner.get(reply.metadata.src_node_id)
+            if arch is not None:
+                grouped[arch].append(reply)
+    return grouped
+
+
+def _counts(sent: list[Message], replies: Iterable[Message], phase: str) -> dict[str, int]:
+    replies = list(replies)
+    ok = sum(1 for r in replies if not r.has_error())
+    return {f"{phase}_clients": ok, f"{phase}_failures": len(sent) - ok}
+
+
+def _renamed(metrics: Any) -> dict[str, float]:
+    """flwr metric names (``train-loss``) as run-record names (``train_loss``)."""
+    if metrics is None:
+        return {}
+    return {k.replace("-", "_"): float(np.asarray(v)) for k, v in metrics.items()}
+

@@ -1,0 +1,68 @@
+"""What each client holds: its architecture and its train/validation data.
+
+In simulation every client is a partition of the scenario's data set, derived
+deterministically from the config and the client's partition id, so no data crosses
+process boundaries. The derived split is cached per process (Ray actors live across
+rounds), keyed by the data-relevant part of the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from fedfuse.config import FedfuseConfig
+from fedfuse.data import Dataset, load_dataset
+from fedfuse.models import check_compatible
+from fedfuse.partition import Federation, build_federation
+
+
+@dataclass(frozen=True)
+class Site:
+    """One client's local view: never leaves the client."""
+
+    name: str
+    index: int
+    arch: str
+    train: Dataset
+    val: Dataset
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The scenario's data set and how it is split; the coordinator keeps only ``test``."""
+
+    dataset: Dataset
+    federation: Federation
+
+    @property
+    def test(self) -> Dataset:
+        return self.dataset.subset(self.federation.test)
+
+
+_PLANS: dict[str, Plan] = {}
+
+
+def plan_federation(cfg: FedfuseConfig) -> Plan:
+    """Load and split the data as ``cfg`` says; raises DataError/ConfigError on bad input."""
+    key = json.dumps([asdict(cfg.data), asdict(cfg.partition), cfg.num_clients, cfg.seed])
+    if key not in _PLANS:
+        dataset = load_dataset(cfg.data)
+        for i, cohort in enumerate(cfg.cohorts):
+            check_compatible(cohort.arch, dataset.schema, key=f"cohorts[{i}].arch")
+        p = cfg.partition
+        federation = build_federation(
+            dataset.y, cfg.num_clients, method=p.method, alpha=p.alpha,
+            min_samples=p.min_samples, test_fraction=cfg.data.test_fraction,
+            val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+        _PLANS[key] = Plan(dataset, federation)
+    return _PLANS[key]
+
+
+def simulated_site(cfg: FedfuseConfig, partition_id: int) -> Site:
+    """Client ``partition_id`` of the scenario: its cohort's architecture and its split."""
+    plan = plan_federation(cfg)
+    split = plan.federation.clients[partition_id]
+    return Site(name=f"client-{partition_id}", index=partition_id,
+                arch=cfg.cohort_of(partition_id).arch,
+                train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val))

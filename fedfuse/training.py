@@ -1,0 +1,74 @@
+"""Plain local training and evaluation loops (no federation, no privacy in here).
+
+Privacy wraps these loops from the outside (Opacus's ``PrivacyEngine`` replaces the
+model, optimiser and loader); the loops themselves stay ordinary PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def make_loader(X: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None,
+                shuffle: bool = True) -> DataLoader:
+    """A loader over in-memory tensors; ``seed`` fixes the shuffling order."""
+    ds = TensorDataset(torch.as_tensor(X), torch.as_tensor(y))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
+
+
+def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 epochs: int) -> LoopResult:
+    """Minimise cross-entropy for ``epochs`` passes; returns the mean loss/accuracy seen."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+    return LoopResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax class probabilities, shape (n, K)."""
+    model.eval()
+    out = [torch.softmax(model(torch.as_tensor(X[i:i + batch_size])), dim=1)
+           for i in range(0, len(X), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> LoopResult:
+    """Mean cross-entropy and accuracy of ``model`` on (X, y)."""
+    proba = predict_proba(model, X)
+    eps = 1e-12
+    loss = float(-np.log(proba[np.arange(len(y)), y] + eps).mean())
+    acc = float((proba.argmax(1) == y).mean())
+    return LoopResult(loss, acc, len(y))

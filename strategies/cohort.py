@@ -1,0 +1,88 @@
+"""Per-cohort FedAvg: flwr's own FedAvg, restricted to the nodes of one cohort.
+
+Clients of one architecture form a cohort with its own global model. The aggregation is
+flwr's ``FedAvg`` unchanged (``w = sum_i n_i w_i / sum_i n_i`` over the replies, with
+``n_i`` the reply's ``"num-examples"``); this module only narrows which nodes it samples
+and fixes the order in which replies are summed, so a seeded run is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+
+class CohortGrid(Grid):
+    """A view of a Grid whose ``get_node_ids`` yields only a cohort's connected members."""
+
+    def __init__(self, base: Grid, members: Sequence[int]) -> None:
+        self._base = base
+        self._members = list(members)
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._base.get_node_ids())
+        return [n for n in self._members if n in live]
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+        self._base.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._base.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._base.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._base.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._base.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._base.send_and_receive(messages, timeout=timeout)
+
+
+class CohortFedAvg(FedAvg):
+    """FedAvg over one cohort's nodes.
+
+    ``members`` is the cohort's node ids in a fixed order (for example by site index);
+    replies are aggregated in that order whatever order they arrive in.
+    """
+
+    def __init__(self, cohort: str, members: Sequence[int], **fedavg_kwargs) -> None:
+        fedavg_kwargs.setdefault("min_train_nodes", 1)
+        fedavg_kwargs.setdefault("min_evaluate_nodes", 1)
+        fedavg_kwargs.setdefault("min_available_nodes", 1)
+        super().__init__(**fedavg_kwargs)
+        self.cohort = cohort
+        self.members = list(members)
+        self._rank = {node: i for i, node in enumerate(self.members)}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round, arrays, config,
+                                       CohortGrid(grid, self.members))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, config,
+                                          CohortGrid(grid, self.members))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, self.in_member_order(replies))
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        return super().aggregate_evaluate(server_round, self.in_member_order(replies))
+
+    def in_member_order(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies from this cohort's members, sorted by member rank; others are dropped."""
+        mine = [m for m in replies if m.metadata.src_node_id in self._rank]
+        return sorted(mine, key=lambda m: self._rank[m.metadata.src_node_id])

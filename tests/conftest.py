@@ -1,0 +1,71 @@
+"""Shared helpers for the test suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import Message, Metadata, RecordDict
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDFUSE = [sys.executable, "-m", "fedfuse"]
+
+
+def reply_from(node_id: int, content: RecordDict, message_type: str = "train") -> Message:
+    """A reply Message as the coordinator receives it from ``node_id``."""
+    meta = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
+                    reply_to_message_id=f"q{node_id}", group_id="1", created_at=time.time(),
+                    ttl=60.0, message_type=message_type)
+    return Message(metadata=meta, content=content)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*FEDFUSE, *map(str, args)], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def scenario(tmp_path: Path):
+    """Write a small scenario file; keyword overrides replace whole tables/values."""
+
+    def write(text: str = "", name: str = "tiny") -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text or SMALL_SCENARIO)
+        return path
+
+    return write
+
+
+SMALL_SCENARIO = """
+name = "tiny"
+seed = 3
+rounds = 2
+
+[data]
+source = "digits"
+
+[partition]
+method = "dirichlet"
+alpha = 0.5
+min_samples = 20
+
+[[cohorts]]
+arch = "cnn"
+clients = 2
+
+[[cohorts]]
+arch = "mlp"
+clients = 2
+
+[[cohorts]]
+arch = "logreg"
+clients = 2
+
+[train]
+local_epochs = 1
+"""
