@@ -50,7 +50,7 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             loss = loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(yb)
+            total_loss += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
     return LoopResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
