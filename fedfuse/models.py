@@ -89,7 +89,7 @@ REGISTRY: dict[str, Architecture] = {
     a.name: a for a in (
         Architecture("logreg", "linear", LogisticRegression, default_lr=0.05),
         Architecture("mlp", "dense network", MLP, default_lr=0.05),
-        Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.02,
+        Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.04,
                      needs_image=True),
     )
 }
