@@ -10,6 +10,10 @@ Message layout (all keys fixed):
              train-accuracy}
 - evaluate <- ArrayRecord "arrays" -> MetricRecord "metrics" {num-examples, val-loss,
              val-accuracy}
+- query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}
+             -> ArrayRecord "stats" {A, b} (Brier sufficient statistics of the members on
+             the validation split, see ``fedfuse.fusion``), MetricRecord "metrics"
+             {num-examples}
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metric
                       RecordDict)
 from flwr.clientapp import ClientApp
 
+from fedfuse.fusion import brier_statistics
 from fedfuse.models import build_model
 from fedfuse.sites import Site
 from fedfuse.stats import local_moments
-from fedfuse.training import evaluate, make_loader, make_optimizer, train_epochs
+from fedfuse.training import evaluate, make_loader, make_optimizer, predict_proba, train_epochs
 
 SiteProvider = Callable[[Context], Site]
 
@@ -79,6 +84,20 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         content = RecordDict({"metrics": MetricRecord({
             "num-examples": result.num_examples, "val-loss": result.loss,
             "val-accuracy": result.accuracy})})
+        return Message(content=content, reply_to=msg)
+
+    @app.query("fusion")
+    def fusion_statistics(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
+        site = site_of(context)
+        probas = []
+        for arch in msg.content["fusion"]["members"]:
+            model = build_model(str(arch), site.train.schema)
+            model.load_state_dict(msg.content[f"member/{arch}"].to_torch_state_dict())
+            probas.append(predict_proba(model, site.val.X))
+        A, b = brier_statistics(probas, site.val.y)
+        content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),
+                              "metrics": MetricRecord({"num-examples": len(site.val)})})
         return Message(content=content, reply_to=msg)
 
     return app

@@ -9,6 +9,8 @@ Layout::
     clients.json           each client's name, cohort and example counts
     metrics.jsonl          one JSON line per round
     cohorts/<arch>.safetensors   final cohort models (arch and schema in the metadata)
+    fusion_stats.json      the sites' summed Brier statistics (A, b, N) and fitted weights
+    model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
     summary.json           the run's figures (see ``build_summary``)
 """
@@ -26,11 +28,13 @@ from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
 
+from fedfuse.artifact import Member, write_artifact
 from fedfuse.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.serverapp import FederationResult, Member
+from fedfuse.serverapp import FederationResult
+from fedfuse.serverapp import Member as Client
 
 
 class RunDirectory:
@@ -60,7 +64,7 @@ class RunDirectory:
 
     # RoundListener ------------------------------------------------------------------------
 
-    def on_start(self, members: list[Member], rounds: int) -> None:
+    def on_start(self, members: list[Client], rounds: int) -> None:
         atomic_write_json(self.path / "clients.json", [asdict(m) for m in members])
 
     def on_round(self, record: dict[str, Any]) -> None:
@@ -79,6 +83,9 @@ class RunDirectory:
                 metadata={**meta, "arch": arch})
             atomic_write_bytes(self.path / "cohorts" / f"{arch}.safetensors", data)
         plot_accuracy(result.history, self.path / "accuracy.png")
+        if result.fusion is not None:
+            write_fused_artifact(self.path, self.schema, result)
+
 
     # Summary ----------------------------------------------------------------------------
 
@@ -105,7 +112,12 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
         "partition": {"method": cfg.partition.method, "alpha": cfg.partition.alpha,
                       "label_skew": round(label_skew, 4)},
         "cohorts": cohorts,
-        "fused": None,
+        "fused": None if result.fusion is None else {
+            "method": result.fusion.method,
+            "test_accuracy": result.fusion.test_accuracy,
+            "weights": dict(zip(result.fusion.members, map(float, result.fusion.weights))),
+            "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
+        },
         "privacy": {"mode": "off", "max_epsilon": None, "delta": None},
         "secure_aggregation": False,
         "wall_seconds": round(wall_seconds, 2),
@@ -138,3 +150,25 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
         fig.savefig(tmp.name)
         plt.close(fig)
         atomic_write_bytes(path, Path(tmp.name).read_bytes())
+
+
+def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult) -> None:
+    """``model/`` and ``fusion_stats.json`` from a finished federation."""
+    fusion = result.fusion
+    assert fusion is not None
+    atomic_write_json(run_path / "fusion_stats.json", {
+        "method": fusion.method, "members": fusion.members,
+        "weights": fusion.weights.tolist(), "A": fusion.A.tolist(), "b": fusion.b.tolist(),
+        "num_examples": fusion.num_examples, "sites": fusion.sites,
+        "val_brier": fusion.val_brier, "test_accuracy": fusion.test_accuracy})
+    last = result.history[-1]["cohorts"]
+    members = [Member(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
+                      len(result.cohorts[arch].members), last[arch]["test_accuracy"])
+               for arch in fusion.members]
+    write_artifact(run_path / "model", members=members, weights=fusion.weights,
+                   method=fusion.method, schema=schema,
+                   fusion_fit={"objective": "brier", "sites": fusion.sites,
+                               "val_examples": fusion.num_examples,
+                               "val_brier": round(fusion.val_brier, 6)},
+                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                   fused_test_accuracy=fusion.test_accuracy)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,7 +26,8 @@ from fedfuse.errors import FedfuseError
 from fedfuse.models import build_model, get_architecture, set_standardization
 from fedfuse.stats import pooled_mean_std
 from fedfuse.strategies import CohortFedAvg
-from fedfuse.training import evaluate
+from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
+from fedfuse.training import evaluate, predict_proba
 
 log = logging.getLogger("fedfuse.server")
 
@@ -51,11 +53,27 @@ class Cohort:
     members: list[Member] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FusionResult:
+    """Soft-vote weights fitted from the sites' summed Brier statistics (A, b, N)."""
+
+    method: str
+    members: list[str]
+    weights: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+    num_examples: int
+    val_brier: float
+    test_accuracy: float
+    sites: int
+
+
 @dataclass
 class FederationResult:
     cohorts: dict[str, Cohort]
     members: list[Member]
     history: list[dict[str, Any]]
+    fusion: FusionResult | None = None
 
 
 class RoundListener(Protocol):
@@ -191,15 +209,47 @@ class Coordinator:
             record["wall_seconds"] = round(time.perf_counter() - start, 4)
             history.append(record)
             self.listener.on_round(record)
-        result = FederationResult(cohorts, members, history)
+        result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members))
         self.listener.on_finish(result)
         return result
 
-    def central_evaluation(self, cohort: Cohort) -> dict[str, float]:
+    def cohort_model(self, cohort: Cohort) -> torch.nn.Module:
         model = build_model(cohort.arch, self.test.schema)
         model.load_state_dict(cohort.arrays.to_torch_state_dict())
-        res = evaluate(model, self.test.X, self.test.y)
+        return model
+
+    def central_evaluation(self, cohort: Cohort) -> dict[str, float]:
+        res = evaluate(self.cohort_model(cohort), self.test.X, self.test.y)
         return {"test_loss": res.loss, "test_accuracy": res.accuracy}
+
+    # -- fusion ---------------------------------------------------------------------------
+
+    def fuse(self, grid: Grid, cohorts: dict[str, Cohort],
+             members: list[Member]) -> FusionResult | None:
+        """Every site scores every cohort model on its validation split and returns only
+        the Brier statistics (A, b, N); their sums give the soft-vote weights."""
+        archs = list(cohorts)
+        content = RecordDict({f"member/{a}": c.arrays for a, c in cohorts.items()})
+        content["fusion"] = ConfigRecord({"members": archs})
+        live = set(grid.get_node_ids())
+        msgs = [Message(content, dst_node_id=m.node_id, message_type="query.fusion")
+                for m in members if m.node_id in live]
+        rank = {m.node_id: m.index for m in members}
+        replies = sorted((r for r in grid.send_and_receive(msgs) if not r.has_error()),
+                         key=lambda r: rank.get(r.metadata.src_node_id, -1))
+        if not replies:
+            log.warning("fusion skipped: no site returned validation statistics")
+            return None
+        A = sum(r.content["stats"]["A"].numpy() for r in replies)
+        b = sum(r.content["stats"]["b"].numpy() for r in replies)
+        n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        weights = fit_simplex_weights(A, b)
+        probas = [predict_proba(self.cohort_model(cohorts[a]), self.test.X) for a in archs]
+        acc = float((fuse_proba(probas, weights).argmax(1) == self.test.y).mean())
+        log.info("fusion weights %s from %d sites (%d validation examples); test accuracy %.4f",
+                 {a: round(float(w), 3) for a, w in zip(archs, weights)}, len(replies), n, acc)
+        return FusionResult("soft_vote", archs, weights, A, b, n,
+                            brier_score(A, b, n, weights), acc, len(replies))
 
 
 def _exchange(grid: Grid, by_cohort: dict[str, list[Message]]) -> dict[str, list[Message]]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
+from fedfuse.artifact import FusedPredictor
 from fedfuse.config import load_config
 from fedfuse.data import DataSchema
 from fedfuse.models import build_model
@@ -42,9 +43,10 @@ def read_metrics(run: Path) -> list[dict]:
 def test_run_directory_contents(two_runs):
     scenario, (run, _) = two_runs
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    members = {f"{d}/{a}.safetensors" for d in ("cohorts", "model/members")
+               for a in ("cnn", "mlp", "logreg")}
     assert names == {"config.toml", "clients.json", "metrics.jsonl", "accuracy.png",
-                     "summary.json", "cohorts/cnn.safetensors", "cohorts/mlp.safetensors",
-                     "cohorts/logreg.safetensors"}
+                     "summary.json", "fusion_stats.json", "model/manifest.json"} | members
     assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tomllib.loads((run / "config.toml").read_text())["name"] == "tiny"
     clients = json.loads((run / "clients.json").read_text())
@@ -68,7 +70,7 @@ def test_summary_matches_the_saved_models(two_runs):
     scenario, (run, _) = two_runs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["clients"] == 6
-    assert summary["fused"] is None and summary["secure_aggregation"] is False
+    assert summary["secure_aggregation"] is False
     assert summary["privacy"] == {"mode": "off", "max_epsilon": None, "delta": None}
     assert summary["wall_seconds"] > 0
     cfg = load_config(run / "config.toml")
@@ -86,6 +88,27 @@ def test_summary_matches_the_saved_models(two_runs):
         assert acc == pytest.approx(last[arch]["test_accuracy"], abs=1e-9)
         assert acc > 0.2  # two short rounds already beat chance (0.1)
         assert summary["cohorts"][arch]["clients"] == 2
+
+
+def test_fused_artifact_loads_and_matches_the_summary(two_runs):
+    _, (run, _) = two_runs
+    summary = json.loads((run / "summary.json").read_text())
+    fused = summary["fused"]
+    assert fused["method"] == "soft_vote"
+    assert sum(fused["weights"].values()) == pytest.approx(1.0)
+    predictor = FusedPredictor.load(run / "model")
+    test = plan_federation(load_config(run / "config.toml")).test
+    labels = np.array(test.schema.class_labels)[test.y]
+    acc = float((predictor.predict(test.X) == labels).mean())
+    assert acc == pytest.approx(fused["test_accuracy"], abs=1e-9)
+    stats = json.loads((run / "fusion_stats.json").read_text())
+    assert stats["sites"] == 6
+    assert stats["num_examples"] == sum(c["num_val"] for c in
+                                        json.loads((run / "clients.json").read_text()))
+    manifest = predictor.manifest
+    assert manifest["fused_test_accuracy"] == fused["test_accuracy"]
+    assert {m["arch"]: m["test_accuracy"] for m in manifest["members"]} == {
+        a: c["test_accuracy"] for a, c in summary["cohorts"].items()}
 
 
 def test_same_seed_gives_same_metrics_and_models(two_runs):

@@ -1,0 +1,208 @@
+"""The fused model as a verifiable, versioned artifact, and the predictor that loads it.
+
+Layout of an artifact directory::
+
+    manifest.json                 canonical JSON (sorted keys, 2-space indent)
+    members/<arch>.safetensors    each member's weights (no pickle anywhere)
+
+The manifest lists the SHA-256 of every other file, and ``content_sha256`` hashes the
+manifest's own content (all keys but ``content_sha256`` and ``model_version``). The
+model version is ``<semver>+<first 12 hex of content_sha256>``. On load, every hash is
+recomputed, and the manifest must be byte-identical to its canonical form. A flipped
+byte anywhere is therefore refused: in a member file, in a manifest value, or in the
+manifest's layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from fedfuse.atomic import atomic_write_bytes
+from fedfuse.data import DataSchema
+from fedfuse.errors import FedfuseError
+from fedfuse.models import build_model, get_architecture
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(FedfuseError):
+    """An artifact is missing, incomplete or does not match its recorded hashes."""
+
+
+class InputError(FedfuseError):
+    """Input to a predictor does not match the artifact's data schema."""
+
+
+@dataclass(frozen=True)
+class Member:
+    arch: str
+    state: Mapping[str, torch.Tensor]
+    cohort_clients: int
+    test_accuracy: float | None
+
+
+class FusedModel(nn.Module):
+    """``q(x) = sum_m w_m softmax(f_m(x))``: the members' class probabilities, weighted."""
+
+    def __init__(self, members: list[nn.Module], weights: np.ndarray) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probas = torch.stack([torch.softmax(m(x), dim=1) for m in self.members])
+        return torch.einsum("m,mnk->nk", self.weights, probas)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_hash(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k not in ("content_sha256", "model_version")}
+    return sha256(canonical_json(body))
+
+
+def write_artifact(directory: Path, *, members: list[Member], weights: np.ndarray,
+                   method: str, schema: DataSchema, fusion_fit: dict[str, Any],
+                   privacy: dict[str, Any], fused_test_accuracy: float | None,
+                   semver: str = "1.0.0") -> dict[str, Any]:
+    """Write members and manifest into ``directory`` (member files first, manifest last)."""
+    (directory / "members").mkdir(parents=True, exist_ok=True)
+    files, entries = {}, []
+    for member in members:
+        rel = f"members/{member.arch}.safetensors"
+        data = safetensors_save({k: v.contiguous() for k, v in member.state.items()},
+                                metadata={"arch": member.arch})
+        atomic_write_bytes(directory / rel, data)
+        files[rel] = sha256(data)
+        entries.append({"arch": member.arch, "family": get_architecture(member.arch).family,
+                        "parameters": int(sum(v.numel() for k, v in member.state.items()
+                                              if not k.startswith("0."))),
+                        "cohort_clients": member.cohort_clients,
+                        "test_accuracy": member.test_accuracy, "file": rel})
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "members": entries,
+        "fusion": {"method": method,
+                   "weights": {m.arch: float(w) for m, w in zip(members, weights)},
+                   "fit": fusion_fit},
+        "fused_test_accuracy": fused_test_accuracy,
+        "privacy": privacy,
+        "schema": schema.to_dict(),
+        "files": files,
+    }
+    manifest["content_sha256"] = content_hash(manifest)
+    manifest["model_version"] = f"{semver}+{manifest['content_sha256'][:12]}"
+    atomic_write_bytes(directory / MANIFEST, canonical_json(manifest))
+    return manifest
+
+
+def read_verified_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of ``directory`` after checking every hash; raises ArtifactError."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: not an artifact ({MANIFEST} is missing)")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported artifact format "
+                            f"{manifest.get('format_version') if isinstance(manifest, dict) else '?'}"
+                            f" (this fedfuse reads format {FORMAT_VERSION})")
+    if canonical_json(manifest) != raw:
+        raise ArtifactError(f"{path}: the manifest was modified (not in its canonical form)")
+    expected = content_hash(manifest)
+    if manifest.get("content_sha256") != expected or \
+            not str(manifest.get("model_version", "")).endswith("+" + expected[:12]):
+        raise ArtifactError(f"{path}: content hash mismatch; the manifest was tampered with")
+    for rel, digest in manifest["files"].items():
+        file = directory / rel
+        if not file.is_file():
+            raise ArtifactError(f"{directory}: incomplete artifact, {rel} is missing")
+        if sha256(file.read_bytes()) != digest:
+            raise ArtifactError(f"{file}: SHA-256 does not match the manifest; file corrupted "
+                                "or tampered with")
+    return manifest
+
+
+class FusedPredictor:
+    """The fused ensemble behind a schema-checked ``predict`` / ``predict_proba``."""
+
+    def __init__(self, manifest: dict[str, Any], model: FusedModel) -> None:
+        self.manifest = manifest
+        self.model = model.eval()
+        self.schema = DataSchema.from_dict(manifest["schema"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> FusedPredictor:
+        """Load and verify an artifact directory; refuses tampered or incomplete ones."""
+        directory = Path(path)
+        manifest = read_verified_manifest(directory)
+        schema = DataSchema.from_dict(manifest["schema"])
+        members = []
+        for entry in manifest["members"]:
+            model = build_model(entry["arch"], schema)
+            model.load_state_dict(safetensors_load((directory / entry["file"]).read_bytes()))
+            members.append(model)
+        weights = np.array([manifest["fusion"]["weights"][e["arch"]]
+                            for e in manifest["members"]])
+        return cls(manifest, FusedModel(members, weights))
+
+    def check_input(self, X: Any) -> np.ndarray:
+        """``X`` as float32 of shape (n, *input_shape); raises InputError naming the problem."""
+        try:
+            arr = np.asarray(X)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input is not a rectangular array ({exc})") from None
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
+                                       or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"input dtype {arr.dtype} is not numeric; expected "
+                             f"{self.schema.dtype}")
+        shape = tuple(self.schema.input_shape)
+        if arr.ndim != len(shape) + 1 or tuple(arr.shape[1:]) != shape:
+            raise InputError(f"input shape {tuple(arr.shape)} does not match (n, "
+                             f"{', '.join(map(str, shape))}) from the artifact's schema")
+        if len(arr) == 0:
+            raise InputError("input holds no instances")
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+            raise InputError(f"input has NaN or infinite values in instance(s) "
+                             f"{bad[:10].tolist()}")
+        return arr
+
+    @torch.no_grad()
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Fused class probabilities, shape (n, K), columns in ``schema.class_labels`` order."""
+        return self.model(torch.as_tensor(self.check_input(X))).numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class label (from ``schema.class_labels``) for each instance."""
+        labels = np.array(self.schema.class_labels)
+        return labels[self.predict_proba(X).argmax(axis=1)]
+

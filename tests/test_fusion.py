@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedfuse.artifact import (ArtifactError, FusedPredictor, InputError, Member,
+                              write_artifact)
+from fedfuse.config import DataConfig
+from fedfuse.data import load_dataset
+from fedfuse.fusion import brier_score, brier_statistics, fit_simplex_weights, fuse_proba
+from fedfuse.models import build_model
+from fedfuse.training import predict_proba
+
+rng = np.random.default_rng(0)
+
+
+def random_proba(n, k):
+    p = rng.random((n, k)) + 1e-3
+    return p / p.sum(1, keepdims=True)
+
+
+def test_statistics_reproduce_the_brier_score_of_any_weighting():
+    y = rng.integers(0, 4, 50)
+    probas = [random_proba(50, 4) for _ in range(3)]
+    A, b = brier_statistics(probas, y)
+    for w in (np.array([1, 0, 0.0]), np.array([0.2, 0.3, 0.5])):
+        q = fuse_proba(probas, w)
+        direct = ((q - np.eye(4)[y]) ** 2).sum(1).mean()
+        assert brier_score(A, b, 50, w) == pytest.approx(direct, rel=1e-10)
+
+
+def test_site_statistics_add_up_to_the_pooled_statistics():
+    y = rng.integers(0, 3, 40)
+    probas = [random_proba(40, 3) for _ in range(2)]
+    A, b = brier_statistics(probas, y)
+    A1, b1 = brier_statistics([p[:15] for p in probas], y[:15])
+    A2, b2 = brier_statistics([p[15:] for p in probas], y[15:])
+    np.testing.assert_allclose(A1 + A2, A)
+    np.testing.assert_allclose(b1 + b2, b)
+
+
+def test_solver_puts_all_weight_on_a_perfect_member():
+    y = rng.integers(0, 3, 100)
+    perfect = np.eye(3)[y] * 0.98 + 0.01
+    probas = [random_proba(100, 3), perfect, random_proba(100, 3)]
+    w = fit_simplex_weights(*brier_statistics(probas, y))
+    assert w == pytest.approx([0, 1, 0], abs=1e-6)
+
+
+def test_solver_finds_the_interior_optimum_on_the_simplex():
+    # Members right on disjoint halves: the best mix is an even blend, beating both.
+    y = np.array([0] * 50 + [1] * 50)
+    a = np.where(y[:, None] == np.arange(2), 0.9, 0.1)
+    a[50:] = 0.5
+    b_ = np.where(y[:, None] == np.arange(2), 0.9, 0.1)
+    b_[:50] = 0.5
+    A, b = brier_statistics([a, b_], y)
+    w = fit_simplex_weights(A, b)
+    assert w == pytest.approx([0.5, 0.5], abs=1e-4)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    grid = [np.array([t, 1 - t]) for t in np.linspace(0, 1, 101)]
+    assert brier_score(A, b, 100, w) <= min(brier_score(A, b, 100, g) for g in grid) + 1e-9
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    schema = load_dataset(DataConfig()).schema
+    members = []
+    for i, arch in enumerate(("cnn", "mlp", "logreg")):
+        model = build_model(arch, schema, seed=i)
+        members.append(Member(arch, model.state_dict(), 3, 0.5 + i / 10))
+    weights = np.array([0.5, 0.3, 0.2])
+    path = tmp_path / "model"
+    write_artifact(path, members=members, weights=weights, method="soft_vote",
+                   schema=schema, fusion_fit={"objective": "brier"},
+                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                   fused_test_accuracy=0.9)
+    return path, members, weights, schema
+
+
+def test_fused_output_is_the_weighted_member_combination(artifact):
+    path, members, weights, schema = artifact
+    predictor = FusedPredictor.load(path)
+    X = load_dataset(DataConfig()).X[:64]
+    probas = []
+    for m in members:
+        model = build_model(m.arch, schema)
+        model.load_state_dict(m.state)
+        probas.append(predict_proba(model, X))
+    expected = fuse_proba(probas, weights)
+    got = predictor.predict_proba(X)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert list(predictor.predict(X)) == [schema.class_labels[i] for i in expected.argmax(1)]
+
+
+def test_save_load_round_trip_gives_identical_predictions(artifact):
+    path, *_ = artifact
+    X = load_dataset(DataConfig()).X[:100]
+    a, b = FusedPredictor.load(path), FusedPredictor.load(path)
+    assert np.array_equal(a.predict_proba(X), b.predict_proba(X))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model_version"].startswith("1.0.0+")
+    assert manifest["model_version"] == a.version
+    assert {m["arch"] for m in manifest["members"]} == {"cnn", "mlp", "logreg"}
+    assert set(manifest["files"]) == {f"members/{a}.safetensors" for a in ("cnn", "mlp", "logreg")}
+
+
+def test_a_flipped_byte_in_any_file_is_refused(artifact):
+    path, *_ = artifact
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    assert len(files) == 4
+    for file in files:
+        original = file.read_bytes()
+        for offset in (0, len(original) // 2, len(original) - 2):
+            data = bytearray(original)
+            data[offset] ^= 0x01
+            file.write_bytes(bytes(data))
+            with pytest.raises(ArtifactError):
+                FusedPredictor.load(path)
+        file.write_bytes(original)
+    FusedPredictor.load(path)
+
+
+def test_incomplete_artifact_is_refused(artifact):
+    path, *_ = artifact
+    (path / "members" / "mlp.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="incomplete artifact, members/mlp.safetensors"):
+        FusedPredictor.load(path)
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        FusedPredictor.load(path / "members")
+
+
+@pytest.mark.parametrize("X, needle", [
+    (np.zeros((2, 64), dtype=np.float32), "input shape (2, 64) does not match (n, 1, 8, 8)"),
+    (np.zeros((1, 8, 8)), "input shape (1, 8, 8)"),
+    (np.array([["a"] * 64]).reshape(1, 1, 8, 8), "not numeric"),
+    (np.full((3, 1, 8, 8), np.nan), "NaN or infinite values in instance(s) [0, 1, 2]"),
+    (np.zeros((0, 1, 8, 8)), "no instances"),
+    ([[1, 2], [3]], "not a rectangular array"),
+])
+def test_bad_input_gets_a_clear_error(artifact, X, needle):
+    predictor = FusedPredictor.load(artifact[0])
+    with pytest.raises(InputError) as err:
+        predictor.predict_proba(X)
+    assert needle in str(err.value)
+
+
+def test_integer_input_is_accepted(artifact):
+    predictor = FusedPredictor.load(artifact[0])
+    X = load_dataset(DataConfig()).X[:5]
+    np.testing.assert_allclose(predictor.predict_proba(X.astype(np.int64)),
+                               predictor.predict_proba(X), atol=1e-6)
+    assert isinstance(predictor.model(torch.zeros(1, 1, 8, 8)), torch.Tensor)
