@@ -1,3 +1,11 @@
 """fedfuse: private federated learning with ensemble fusion, on Flower."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: importing fedfuse stays cheap for the CLI
+    if name == "FusedPredictor":
+        from fedfuse.artifact import FusedPredictor
+
+        return FusedPredictor
+    raise AttributeError(name)

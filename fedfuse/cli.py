@@ -65,6 +65,11 @@ def simulate(
     table.add_column("test accuracy", justify="right")
     for arch, c in summary["cohorts"].items():
         table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}")
+    if summary["fused"]:
+        f = summary["fused"]
+        weights = ", ".join(f"{a} {w:.2f}" for a, w in f["weights"].items())
+        table.add_row(f"[bold]fused[/bold] ({f['method']}: {weights})", str(summary["clients"]),
+                      f"[bold]{f['test_accuracy']:.4f}[/bold]")
     console.print(table)
     console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
 
