@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from fedfuse.errors import FedfuseError
 
@@ -32,7 +33,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: FedfuseError) -> None:
-    console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False,
+                  soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -72,6 +74,49 @@ def simulate(
                       f"[bold]{f['test_accuracy']:.4f}[/bold]")
     console.print(table)
     console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    data: Annotated[str, typer.Option(help="labelled .npz/.csv file, or an embedded data set")],
+    label_column: Annotated[str, typer.Option(help="label column of a CSV file")] = "label",
+    png: Annotated[Path, typer.Option(help="where to write the confusion-matrix plot")] = Path(
+        "confusion_matrix.png"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
+    from fedfuse.artifact import FusedPredictor
+    from fedfuse.atomic import atomic_write_json
+    from fedfuse.config import DataConfig, resolve_source
+    from fedfuse.data import load_dataset
+    from fedfuse.evaluation import evaluate_artifact, plot_confusion
+
+    try:
+        predictor = FusedPredictor.load(artifact)
+        source = resolve_source(data, Path.cwd())
+        dataset = load_dataset(DataConfig(source=source, label_column=label_column))
+        report = evaluate_artifact(predictor, dataset)
+    except FedfuseError as exc:
+        _fail(exc)
+    table = Table(title=f"model {predictor.version} on {data}: accuracy {report.accuracy:.4f}")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for i, lab in enumerate(report.labels):
+        table.add_row(lab, f"{report.precision[i]:.3f}", f"{report.recall[i]:.3f}",
+                      f"{report.f1[i]:.3f}", str(report.support[i]))
+    console.print(table)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for lab in report.labels:
+        cm.add_column(lab, justify="right")
+    for lab, row in zip(report.labels, report.confusion):
+        cm.add_row(lab, *map(str, row))
+    console.print(cm)
+    plot_confusion(report, png, f"{predictor.version} — accuracy {report.accuracy:.4f}")
+    if json_out:
+        atomic_write_json(json_out, report.to_dict())
+    console.print(f"confusion matrix plot: {png}")
 
 
 def main() -> None:

@@ -69,3 +69,22 @@ clients = 2
 [train]
 local_epochs = 1
 """
+
+
+def make_artifact(path: Path, weights=(0.5, 0.3, 0.2)):
+    """A real fused artifact of three freshly initialised digits models."""
+    import numpy as np
+
+    from fedfuse.artifact import Member, write_artifact
+    from fedfuse.config import DataConfig
+    from fedfuse.data import load_dataset
+    from fedfuse.models import build_model
+
+    schema = load_dataset(DataConfig()).schema
+    members = [Member(arch, build_model(arch, schema, seed=i).state_dict(), 3, 0.5 + i / 10)
+               for i, arch in enumerate(("cnn", "mlp", "logreg"))]
+    write_artifact(path, members=members, weights=np.array(weights), method="soft_vote",
+                   schema=schema, fusion_fit={"objective": "brier"},
+                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                   fused_test_accuracy=0.9)
+    return members, np.array(weights), schema

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact import (ArtifactError, FusedPredictor, InputError, Member,
-                              write_artifact)
+from fedfuse.artifact import ArtifactError, FusedPredictor, InputError
 from fedfuse.config import DataConfig
 from fedfuse.data import load_dataset
 from fedfuse.fusion import brier_score, brier_statistics, fit_simplex_weights, fuse_proba
 from fedfuse.models import build_model
 from fedfuse.training import predict_proba
+from tests.conftest import make_artifact
 
 rng = np.random.default_rng(0)
 
@@ -65,17 +65,8 @@ def test_solver_finds_the_interior_optimum_on_the_simplex():
 
 @pytest.fixture
 def artifact(tmp_path):
-    schema = load_dataset(DataConfig()).schema
-    members = []
-    for i, arch in enumerate(("cnn", "mlp", "logreg")):
-        model = build_model(arch, schema, seed=i)
-        members.append(Member(arch, model.state_dict(), 3, 0.5 + i / 10))
-    weights = np.array([0.5, 0.3, 0.2])
     path = tmp_path / "model"
-    write_artifact(path, members=members, weights=weights, method="soft_vote",
-                   schema=schema, fusion_fit={"objective": "brier"},
-                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
-                   fused_test_accuracy=0.9)
+    members, weights, schema = make_artifact(path)
     return path, members, weights, schema
 
 
