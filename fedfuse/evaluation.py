@@ -39,7 +39,7 @@ def evaluate_artifact(predictor: FusedPredictor, data: Dataset) -> EvaluationRep
     """Score ``predictor`` on ``data``; the data's labels must be among the artifact's classes."""
     labels = list(predictor.schema.class_labels)
     truth = np.array(data.schema.class_labels)[data.y]
-    unknown = sorted(set(truth) - set(labels))
+    unknown = sorted(str(t) for t in set(truth) - set(labels))
     if unknown:
         raise DataError(f"labels {unknown[:5]} are not classes of this model "
                         f"(classes: {', '.join(labels)})")
