@@ -76,6 +76,24 @@ def simulate(
     console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
 
 
+@app.command()
+def fuse(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    version: Annotated[str, typer.Option(help="semantic version for the artifact")] = "1.0.0",
+) -> None:
+    """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
+    from fedfuse.refuse import fuse_run
+
+    try:
+        manifest = fuse_run(run_dir, version)
+    except FedfuseError as exc:
+        _fail(exc)
+    weights = ", ".join(f"{a} {w:.3f}" for a, w in manifest["fusion"]["weights"].items())
+    console.print(f"wrote {run_dir / 'model'}: version {manifest['model_version']}, "
+                  f"{manifest['fusion']['method']} ({weights}), fused test accuracy "
+                  f"{manifest['fused_test_accuracy']:.4f}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],

@@ -33,7 +33,7 @@ from fedfuse.atomic import atomic_write_bytes, atomic_write_json, atomic_write_t
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.serverapp import FederationResult
+from fedfuse.serverapp import FederationResult, FusionResult
 from fedfuse.serverapp import Member as Client
 
 
@@ -153,22 +153,23 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult) -> None:
-    """``model/`` and ``fusion_stats.json`` from a finished federation."""
-    fusion = result.fusion
-    assert fusion is not None
-    atomic_write_json(run_path / "fusion_stats.json", {
-        "method": fusion.method, "members": fusion.members,
-        "weights": fusion.weights.tolist(), "A": fusion.A.tolist(), "b": fusion.b.tolist(),
-        "num_examples": fusion.num_examples, "sites": fusion.sites,
-        "val_brier": fusion.val_brier, "test_accuracy": fusion.test_accuracy})
+    """``fusion_stats.json`` and ``model/`` from a finished federation."""
+    assert result.fusion is not None
+    atomic_write_json(run_path / "fusion_stats.json", result.fusion.to_dict())
     last = result.history[-1]["cohorts"]
     members = [Member(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
                       len(result.cohorts[arch].members), last[arch]["test_accuracy"])
-               for arch in fusion.members]
-    write_artifact(run_path / "model", members=members, weights=fusion.weights,
-                   method=fusion.method, schema=schema,
-                   fusion_fit={"objective": "brier", "sites": fusion.sites,
-                               "val_examples": fusion.num_examples,
-                               "val_brier": round(fusion.val_brier, 6)},
-                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
-                   fused_test_accuracy=fusion.test_accuracy)
+               for arch in result.fusion.members]
+    write_model(run_path / "model", schema, result.fusion, members)
+
+
+def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
+                members: list[Member], semver: str = "1.0.0") -> dict[str, Any]:
+    """The fused artifact for ``fusion``'s weights over ``members``."""
+    return write_artifact(directory, members=members, weights=fusion.weights,
+                          method=fusion.method, schema=schema,
+                          fusion_fit={"objective": "brier", "sites": fusion.sites,
+                                      "val_examples": fusion.num_examples,
+                                      "val_brier": round(fusion.val_brier, 6)},
+                          privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                          fused_test_accuracy=fusion.test_accuracy, semver=semver)

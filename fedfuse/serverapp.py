@@ -67,6 +67,18 @@ class FusionResult:
     test_accuracy: float
     sites: int
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "members": self.members,
+                "weights": self.weights.tolist(), "A": self.A.tolist(), "b": self.b.tolist(),
+                "num_examples": self.num_examples, "val_brier": self.val_brier,
+                "test_accuracy": self.test_accuracy, "sites": self.sites}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FusionResult:
+        return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
+                   np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
+                   float(d["val_brier"]), float(d["test_accuracy"]), int(d["sites"]))
+
 
 @dataclass
 class FederationResult:

@@ -119,3 +119,26 @@ def test_same_seed_gives_same_metrics_and_models(two_runs):
         sa = load_file(a / "cohorts" / f"{arch}.safetensors")
         sb = load_file(b / "cohorts" / f"{arch}.safetensors")
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fuse_rebuilds_the_artifact_from_the_run(two_runs, tmp_path):
+    import shutil
+
+    _, (run, _) = two_runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    original = FusedPredictor.load(run / "model")
+    shutil.rmtree(copy / "model")
+    proc = run_cli("fuse", copy, "--version", "2.0.0")
+    assert proc.returncode == 0, proc.stderr
+    rebuilt = FusedPredictor.load(copy / "model")
+    assert rebuilt.version.startswith("2.0.0+")
+    assert rebuilt.manifest["fusion"]["weights"] == pytest.approx(
+        original.manifest["fusion"]["weights"], abs=1e-9)
+    X = plan_federation(load_config(run / "config.toml")).test.X
+    np.testing.assert_allclose(rebuilt.predict_proba(X), original.predict_proba(X), atol=1e-6)
+    assert not [p for p in copy.iterdir() if p.name.startswith(".model")]
+    (copy / "fusion_stats.json").unlink()
+    proc = run_cli("fuse", copy)
+    assert proc.returncode == 2 and "missing fusion_stats.json" in proc.stderr
+    FusedPredictor.load(copy / "model")  # the previous artifact is untouched

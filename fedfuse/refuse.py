@@ -1,0 +1,72 @@
+"""``fedfuse fuse RUN_DIR``: rebuild a run's fused artifact from what the run kept.
+
+Inputs are the cohort models (``cohorts/*.safetensors``) and the sites' summed validation
+statistics (``fusion_stats.json``), so no site is contacted again. The weights are refitted
+from those sums, the fused model is re-scored on the coordinator's test split, and the new
+``model/`` replaces the old one only once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from fedfuse.artifact import Member
+from fedfuse.config import load_config
+from fedfuse.errors import FedfuseError
+from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
+from fedfuse.models import build_model
+from fedfuse.rundir import write_model
+from fedfuse.serverapp import FusionResult
+from fedfuse.sites import plan_federation
+from fedfuse.training import predict_proba
+
+
+def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
+    """Refit and rewrite ``run_dir/model``; returns the new manifest."""
+    needed = ["config.toml", "summary.json", "fusion_stats.json"]
+    missing = [n for n in needed if not (run_dir / n).is_file()]
+    if missing:
+        raise FedfuseError(f"{run_dir}: not a complete run directory (missing "
+                           f"{', '.join(missing)})")
+    cfg = load_config(run_dir / "config.toml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stats = FusionResult.from_dict(json.loads((run_dir / "fusion_stats.json").read_text()))
+    test = plan_federation(cfg).test
+    members, probas = [], []
+    for arch in stats.members:
+        path = run_dir / "cohorts" / f"{arch}.safetensors"
+        if not path.is_file():
+            raise FedfuseError(f"{run_dir}: cohort model {path.name} is missing")
+        state = load_file(path)
+        model = build_model(arch, test.schema)
+        model.load_state_dict(state)
+        probas.append(predict_proba(model, test.X))
+        cohort = summary["cohorts"][arch]
+        members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
+    weights = fit_simplex_weights(stats.A, stats.b)
+    accuracy = float((fuse_proba(probas, weights).argmax(1) == test.y).mean())
+    fusion = FusionResult(stats.method, stats.members, weights, stats.A, stats.b,
+                          stats.num_examples, brier_score(stats.A, stats.b,
+                                                          stats.num_examples, weights),
+                          accuracy, stats.sites)
+    partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
+    try:
+        manifest = write_model(partial, test.schema, fusion, members, semver)
+        old = run_dir / "model"
+        if old.exists():
+            retired = Path(tempfile.mkdtemp(prefix=".model.old-", dir=run_dir))
+            os.replace(old, retired / "model")
+            os.replace(partial, old)
+            shutil.rmtree(retired)
+        else:
+            os.replace(partial, old)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return manifest
