@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from fedfuse.artifact import FusedPredictor
-from fedfuse.atomic import atomic_write_bytes
+from fedfuse.atomic import atomic_write_figure
 from fedfuse.data import Dataset
 from fedfuse.errors import DataError
 
@@ -71,7 +70,4 @@ def plot_confusion(report: EvaluationReport, path: Path, title: str) -> None:
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
                         color="white" if v > peak / 2 else "black")
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name)
-        plt.close(fig)
-        atomic_write_bytes(path, Path(tmp.name).read_bytes())
+    atomic_write_figure(fig, path)

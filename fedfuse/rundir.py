@@ -29,7 +29,8 @@ from typing import Any
 from safetensors.torch import save as safetensors_bytes
 
 from fedfuse.artifact import Member, write_artifact
-from fedfuse.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_write_json,
+                             atomic_write_text)
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
@@ -146,10 +147,7 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Accuracy per round per cohort")
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name)
-        plt.close(fig)
-        atomic_write_bytes(path, Path(tmp.name).read_bytes())
+    atomic_write_figure(fig, path)
 
 
 def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult) -> None:
