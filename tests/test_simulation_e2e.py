@@ -142,3 +142,33 @@ def test_fuse_rebuilds_the_artifact_from_the_run(two_runs, tmp_path):
     proc = run_cli("fuse", copy)
     assert proc.returncode == 2 and "missing fusion_stats.json" in proc.stderr
     FusedPredictor.load(copy / "model")  # the previous artifact is untouched
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exports_reproduce_the_fused_model(two_runs, tmp_path, fmt):
+    from fedfuse.export import run_exported
+
+    _, (run, _) = two_runs
+    test = plan_federation(load_config(run / "config.toml")).test
+    reference = FusedPredictor.load(run / "model").predict_proba(test.X)
+    ref_acc = float((reference.argmax(1) == test.y).mean())
+    for int8 in (False, True):
+        out = tmp_path / f"model-{int8}.{fmt}"
+        proc = run_cli("export", run / "model", "--out", out, "--format", fmt,
+                       *(["--int8"] if int8 else []))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = run_exported(out, fmt, test.X)
+        assert got.shape == reference.shape
+        if int8:
+            acc = float((got.argmax(1) == test.y).mean())
+            assert acc >= ref_acc - 0.05, (acc, ref_acc)
+            assert out.stat().st_size < (tmp_path / f"model-False.{fmt}").stat().st_size
+        else:
+            np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_export_refuses_an_unknown_format(two_runs, tmp_path):
+    _, (run, _) = two_runs
+    proc = run_cli("export", run / "model", "--out", tmp_path / "m", "--format", "tflite")
+    assert proc.returncode == 2 and "expected 'onnx' or 'torchscript'" in proc.stderr
+    assert not (tmp_path / "m").exists()
