@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from fedfuse.artifact import Member
 from fedfuse.config import load_config
 from fedfuse.errors import FedfuseError
-from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
 from fedfuse.models import build_model
 from fedfuse.rundir import write_model
 from fedfuse.serverapp import FusionResult
@@ -50,12 +49,8 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
         probas.append(predict_proba(model, test.X))
         cohort = summary["cohorts"][arch]
         members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
-    weights = fit_simplex_weights(stats.A, stats.b)
-    accuracy = float((fuse_proba(probas, weights).argmax(1) == test.y).mean())
-    fusion = FusionResult(stats.method, stats.members, weights, stats.A, stats.b,
-                          stats.num_examples, brier_score(stats.A, stats.b,
-                                                          stats.num_examples, weights),
-                          accuracy, stats.sites)
+    fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
+                              stats.sites, probas, test.y)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
         manifest = write_model(partial, test.schema, fusion, members, semver)

@@ -74,6 +74,16 @@ class FusionResult:
                 "test_accuracy": self.test_accuracy, "sites": self.sites}
 
     @classmethod
+    def fit(cls, members: list[str], A: np.ndarray, b: np.ndarray, num_examples: int,
+            sites: int, test_probas: list[np.ndarray], test_y: np.ndarray) -> FusionResult:
+        """Soft-vote weights from the summed statistics, scored on the coordinator's test
+        split (``test_probas[m]``: member m's probabilities there)."""
+        weights = fit_simplex_weights(A, b)
+        acc = float((fuse_proba(test_probas, weights).argmax(1) == test_y).mean())
+        return cls("soft_vote", members, weights, A, b, num_examples,
+                   brier_score(A, b, num_examples, weights), acc, sites)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FusionResult:
         return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
                    np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
@@ -255,13 +265,12 @@ class Coordinator:
         A = sum(r.content["stats"]["A"].numpy() for r in replies)
         b = sum(r.content["stats"]["b"].numpy() for r in replies)
         n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
-        weights = fit_simplex_weights(A, b)
         probas = [predict_proba(self.cohort_model(cohorts[a]), self.test.X) for a in archs]
-        acc = float((fuse_proba(probas, weights).argmax(1) == self.test.y).mean())
+        fusion = FusionResult.fit(archs, A, b, n, len(replies), probas, self.test.y)
         log.info("fusion weights %s from %d sites (%d validation examples); test accuracy %.4f",
-                 {a: round(float(w), 3) for a, w in zip(archs, weights)}, len(replies), n, acc)
-        return FusionResult("soft_vote", archs, weights, A, b, n,
-                            brier_score(A, b, n, weights), acc, len(replies))
+                 {a: round(float(w), 3) for a, w in zip(archs, fusion.weights)}, fusion.sites,
+                 n, fusion.test_accuracy)
+        return fusion
 
 
 def _exchange(grid: Grid, by_cohort: dict[str, list[Message]]) -> dict[str, list[Message]]:
