@@ -32,7 +32,7 @@ from torch import nn
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.models import build_model, get_architecture
+from fedfuse.models import count_parameters, get_architecture, load_model
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -94,8 +94,8 @@ def write_artifact(directory: Path, *, members: list[Member], weights: np.ndarra
         atomic_write_bytes(directory / rel, data)
         files[rel] = sha256(data)
         entries.append({"arch": member.arch, "family": get_architecture(member.arch).family,
-                        "parameters": int(sum(v.numel() for k, v in member.state.items()
-                                              if not k.startswith("0."))),
+                        "parameters": count_parameters(load_model(member.arch, schema,
+                                                                  member.state)),
                         "cohort_clients": member.cohort_clients,
                         "test_accuracy": member.test_accuracy, "file": rel})
     manifest: dict[str, Any] = {
@@ -166,9 +166,8 @@ class FusedPredictor:
         schema = DataSchema.from_dict(manifest["schema"])
         members = []
         for entry in manifest["members"]:
-            model = build_model(entry["arch"], schema)
-            model.load_state_dict(safetensors_load((directory / entry["file"]).read_bytes()))
-            members.append(model)
+            state = safetensors_load((directory / entry["file"]).read_bytes())
+            members.append(load_model(entry["arch"], schema, state))
         weights = np.array([manifest["fusion"]["weights"][e["arch"]]
                             for e in manifest["members"]])
         return cls(manifest, FusedModel(members, weights))

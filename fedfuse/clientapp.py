@@ -26,7 +26,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metric
 from flwr.clientapp import ClientApp
 
 from fedfuse.fusion import brier_statistics
-from fedfuse.models import build_model
+from fedfuse.models import load_model
 from fedfuse.sites import Site
 from fedfuse.stats import local_moments
 from fedfuse.training import evaluate, make_loader, make_optimizer, predict_proba, train_epochs
@@ -58,8 +58,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         torch.set_num_threads(threads)
         site = site_of(context)
         cfg = msg.content["config"]
-        model = build_model(site.arch, site.train.schema)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = load_model(site.arch, site.train.schema,
+                           msg.content["arrays"].to_torch_state_dict())
         seed = int(cfg["seed"]) + 7919 * site.index
         torch.manual_seed(seed)
         loader = make_loader(site.train.X, site.train.y, int(cfg["batch-size"]), seed=seed)
@@ -78,8 +78,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
-        model = build_model(site.arch, site.train.schema)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = load_model(site.arch, site.train.schema,
+                           msg.content["arrays"].to_torch_state_dict())
         result = evaluate(model, site.val.X, site.val.y)
         content = RecordDict({"metrics": MetricRecord({
             "num-examples": result.num_examples, "val-loss": result.loss,
@@ -92,8 +92,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         site = site_of(context)
         probas = []
         for arch in msg.content["fusion"]["members"]:
-            model = build_model(str(arch), site.train.schema)
-            model.load_state_dict(msg.content[f"member/{arch}"].to_torch_state_dict())
+            model = load_model(str(arch), site.train.schema,
+                               msg.content[f"member/{arch}"].to_torch_state_dict())
             probas.append(predict_proba(model, site.val.X))
         A, b = brier_statistics(probas, site.val.y)
         content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),

@@ -7,7 +7,7 @@ models must stay compatible with per-sample gradient clipping (DP-SGD).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,9 +130,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+def load_model(name: str, schema: DataSchema, state: Mapping[str, torch.Tensor]) -> nn.Sequential:
+    """Architecture ``name`` for ``schema`` with the weights and buffers of ``state``."""
+    model = build_model(name, schema)
+    model.load_state_dict(state)
+    return model

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fedfuse.artifact import Member
 from fedfuse.config import load_config
 from fedfuse.errors import FedfuseError
-from fedfuse.models import build_model
+from fedfuse.models import load_model
 from fedfuse.rundir import write_model
 from fedfuse.serverapp import FusionResult
 from fedfuse.sites import plan_federation
@@ -44,9 +44,7 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
         if not path.is_file():
             raise FedfuseError(f"{run_dir}: cohort model {path.name} is missing")
         state = load_file(path)
-        model = build_model(arch, test.schema)
-        model.load_state_dict(state)
-        probas.append(predict_proba(model, test.X))
+        probas.append(predict_proba(load_model(arch, test.schema, state), test.X))
         cohort = summary["cohorts"][arch]
         members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,

@@ -38,6 +38,10 @@ from fedfuse.serverapp import FederationResult, FusionResult
 from fedfuse.serverapp import Member as Client
 
 
+PRIVACY_OFF: dict[str, Any] = {"mode": "off", "max_epsilon": None, "delta": None}
+"""The privacy summary of a run without DP (filled by the privacy work once it lands)."""
+
+
 class RunDirectory:
     """Writes a run's files into a partial directory, published atomically by ``commit``."""
 
@@ -87,7 +91,6 @@ class RunDirectory:
         if result.fusion is not None:
             write_fused_artifact(self.path, self.schema, result)
 
-
     # Summary ----------------------------------------------------------------------------
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -119,7 +122,7 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
             "weights": dict(zip(result.fusion.members, map(float, result.fusion.weights))),
             "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
         },
-        "privacy": {"mode": "off", "max_epsilon": None, "delta": None},
+        "privacy": dict(PRIVACY_OFF),
         "secure_aggregation": False,
         "wall_seconds": round(wall_seconds, 2),
     }
@@ -169,5 +172,5 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
                           fusion_fit={"objective": "brier", "sites": fusion.sites,
                                       "val_examples": fusion.num_examples,
                                       "val_brier": round(fusion.val_brier, 6)},
-                          privacy={"mode": "off", "max_epsilon": None, "delta": None},
-                          fused_test_accuracy=fusion.test_accuracy, semver=semver)
+                          privacy=PRIVACY_OFF, fused_test_accuracy=fusion.test_accuracy,
+                          semver=semver)

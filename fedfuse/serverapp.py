@@ -23,10 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset
 from fedfuse.errors import FedfuseError
-from fedfuse.models import build_model, get_architecture, set_standardization
+from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.stats import pooled_mean_std
-from fedfuse.strategies import CohortFedAvg
 from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
+from fedfuse.strategies import CohortFedAvg
 from fedfuse.training import evaluate, predict_proba
 
 log = logging.getLogger("fedfuse.server")
@@ -236,9 +236,7 @@ class Coordinator:
         return result
 
     def cohort_model(self, cohort: Cohort) -> torch.nn.Module:
-        model = build_model(cohort.arch, self.test.schema)
-        model.load_state_dict(cohort.arrays.to_torch_state_dict())
-        return model
+        return load_model(cohort.arch, self.test.schema, cohort.arrays.to_torch_state_dict())
 
     def central_evaluation(self, cohort: Cohort) -> dict[str, float]:
         res = evaluate(self.cohort_model(cohort), self.test.X, self.test.y)

@@ -95,6 +95,8 @@ def test_save_load_round_trip_gives_identical_predictions(artifact):
     assert manifest["model_version"].startswith("1.0.0+")
     assert manifest["model_version"] == a.version
     assert {m["arch"] for m in manifest["members"]} == {"cnn", "mlp", "logreg"}
+    for entry, model in zip(manifest["members"], a.model.members):
+        assert entry["parameters"] == sum(p.numel() for p in model.parameters()) > 0
     assert set(manifest["files"]) == {f"members/{a}.safetensors" for a in ("cnn", "mlp", "logreg")}
 
 
