@@ -6,8 +6,12 @@ Message layout (all keys fixed):
              ArrayRecord "moments" {sum, sumsq} (feature sums of the training split)
 - train   <- ArrayRecord "arrays", ConfigRecord "config" {lr, local-epochs, batch-size,
              momentum, weight-decay, seed, server-round}
+             (+ dp-* keys under DP, see ``fedfuse.privacy.PrivacyRequest``)
           -> ArrayRecord "arrays", MetricRecord "metrics" {num-examples, train-loss,
-             train-accuracy}
+             train-accuracy}; under DP also ConfigRecord "privacy" {status, epsilon,
+             delta, noise-multiplier, sample-rate, steps, accountant, budget}. A site
+             whose next round would exceed its ε budget answers with only the "privacy"
+             record, status "budget-exhausted".
 - evaluate <- ArrayRecord "arrays" -> MetricRecord "metrics" {num-examples, val-loss,
              val-accuracy}
 - query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}
@@ -27,9 +31,12 @@ from flwr.clientapp import ClientApp
 
 from fedfuse.fusion import brier_statistics
 from fedfuse.models import load_model
+from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
+                             open_ledger, plan_round, report)
 from fedfuse.sites import Site
 from fedfuse.stats import local_moments
-from fedfuse.training import evaluate, make_loader, make_optimizer, predict_proba, train_epochs
+from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
+                              train_epochs)
 
 SiteProvider = Callable[[Context], Site]
 
@@ -62,17 +69,33 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
                            msg.content["arrays"].to_torch_state_dict())
         seed = int(cfg["seed"]) + 7919 * site.index
         torch.manual_seed(seed)
-        loader = make_loader(site.train.X, site.train.y, int(cfg["batch-size"]), seed=seed)
+        batch_size, epochs = int(cfg["batch-size"]), int(cfg["local-epochs"])
+        loader = make_loader(site.train.X, site.train.y, batch_size, seed=seed)
         optimizer = make_optimizer(model, float(cfg["lr"]), float(cfg["momentum"]),
                                    float(cfg["weight-decay"]))
-        result = train_epochs(model, loader, optimizer, int(cfg["local-epochs"]))
-        content = RecordDict({
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": len(site.train),
-                                     "train-loss": result.loss,
-                                     "train-accuracy": result.accuracy}),
-        })
-        return Message(content=content, reply_to=msg)
+        request = PrivacyRequest.from_config(cfg)
+        if request is None:
+            result = train_epochs(model, loader, optimizer, epochs)
+            return _train_reply(msg, model, result, len(site.train))
+        store = ledger_store_for(context)
+        ledger = open_ledger(store, request, len(site.train))
+        plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
+        if plan.exhausted:
+            ledger.refused_rounds.append(int(cfg["server-round"]))
+            store.save(ledger)
+            return Message(RecordDict({"privacy": ConfigRecord(
+                report(ledger, "budget-exhausted"))}), reply_to=msg)
+        generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
+        dp_model, dp_optimizer, dp_loader, engine = make_private(
+            model, optimizer, loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=request.max_grad_norm, accountant=ledger.accountant,
+            history=ledger.history, generator=generator)
+        result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
+        ledger.history = [tuple(h) for h in engine.accountant.history]
+        store.save(ledger)  # spent before the update leaves the site
+        reply = _train_reply(msg, model, result, len(site.train))
+        reply.content["privacy"] = ConfigRecord(report(ledger, "trained"))
+        return reply
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
@@ -101,4 +124,13 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _train_reply(msg: Message, model: torch.nn.Module, result: LoopResult,
+                 num_examples: int) -> Message:
+    return Message(RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": result.loss,
+                                 "train-accuracy": result.accuracy}),
+    }), reply_to=msg)
 

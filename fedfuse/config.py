@@ -8,6 +8,7 @@ runs, and every message names the offending key by its dotted path
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -74,16 +75,30 @@ class CohortConfig:
 class TrainConfig:
     """Local training on each client."""
 
-    local_epochs: int = 2
-    batch_size: int = 16
-    momentum: float = 0.9
+    local_epochs: int | None = None
+    """Passes over the local data per round; default 2, or 1 under DP."""
+    batch_size: int | None = None
+    """Default 16, or 32 under DP (the expected Poisson batch)."""
+    momentum: float | None = None
+    """SGD momentum; default 0.9, or 0 under DP."""
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        _check(self.local_epochs is None or self.local_epochs >= 1, "local_epochs",
+               "must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.momentum is None or 0.0 <= self.momentum < 1.0, "momentum",
+               "must be in [0, 1)")
         _check(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+
+    def resolved(self, private: bool) -> TrainConfig:
+        """These settings with every unset field replaced by its tuned default, which
+        differs between plain SGD and DP-SGD (``private``)."""
+        return TrainConfig(
+            local_epochs=self.local_epochs or (1 if private else 2),
+            batch_size=self.batch_size or (32 if private else 16),
+            momentum=self.momentum if self.momentum is not None else (0.0 if private else 0.9),
+            weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -111,6 +126,53 @@ class SimulationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy of the clients' training data (see docs/privacy.md)."""
+
+    mode: Literal["off", "sample", "user"] = "off"
+    """``sample``: record-level DP-SGD at each client (Opacus); ``user``: client-level DP
+    by the coordinator clipping each update and noising the cohort average (Flower's
+    DP strategy wrapper); ``off``: no DP."""
+    target_epsilon: float | None = None
+    """Calibrate the noise so the planned rounds spend exactly this ε; also the budget."""
+    noise_multiplier: float | None = None
+    """A fixed noise multiplier σ instead of ``target_epsilon``."""
+    budget_epsilon: float | None = None
+    """Hard ε cap per client (defaults to ``target_epsilon``); a client at its cap stops
+    training."""
+    delta: float | None = None
+    """δ of the (ε, δ) guarantee; default: a power of ten below 1/(10·n) for n records."""
+    max_grad_norm: float = 1.0
+    """Clipping bound: per example (``sample``) or per client update (``user``)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    def __post_init__(self) -> None:
+        for key in ("target_epsilon", "noise_multiplier", "budget_epsilon"):
+            value = getattr(self, key)
+            _check(value is None or (math.isfinite(value) and value > 0.0), key,
+                   f"must be a finite number > 0, got {value}")
+        _check(self.delta is None or 0.0 < self.delta < 1.0, "delta",
+               f"must be in (0, 1), got {self.delta}")
+        _check(self.max_grad_norm > 0.0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
+               f"must be a finite number > 0, got {self.max_grad_norm}")
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ConfigError("noise_multiplier", "set either target_epsilon or "
+                              "noise_multiplier, not both (target_epsilon calibrates σ)")
+        if self.mode != "off" and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ConfigError("target_epsilon", f"mode {self.mode!r} needs target_epsilon "
+                              "(recommended) or noise_multiplier")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def budget(self) -> float | None:
+        """The ε cap: ``budget_epsilon``, else ``target_epsilon``, else none."""
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+
+@dataclass
 class FedfuseConfig:
     """A whole scenario: data, partition, cohorts, training and engine settings."""
 
@@ -122,6 +184,7 @@ class FedfuseConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")

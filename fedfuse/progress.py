@@ -31,6 +31,7 @@ class ProgressDisplay:
 
     def on_round(self, record: dict[str, Any]) -> None:
         parts = [f"{arch} test {c['test_accuracy']:.3f} val {c.get('val_accuracy', float('nan')):.3f}"
+                 + (f" ε {c['max_epsilon']:.2f}" if "max_epsilon" in c else "")
                  for arch, c in record["cohorts"].items()]
         self.progress.console.print(f"round {record['round']:>3}  " + "  |  ".join(parts)
                                     + f"  ({record['wall_seconds']:.1f} s)")

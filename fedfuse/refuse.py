@@ -51,7 +51,8 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
                               stats.sites, probas, test.y)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
-        manifest = write_model(partial, test.schema, fusion, members, semver)
+        manifest = write_model(partial, test.schema, fusion, members,
+                               summary["privacy"], semver)
         old = run_dir / "model"
         if old.exists():
             retired = Path(tempfile.mkdtemp(prefix=".model.old-", dir=run_dir))

@@ -8,6 +8,7 @@ Layout::
     config.toml            the resolved scenario
     clients.json           each client's name, cohort and example counts
     metrics.jsonl          one JSON line per round
+    privacy.json           each client's ε, δ, σ, sample rate, steps (runs with DP)
     cohorts/<arch>.safetensors   final cohort models (arch and schema in the metadata)
     fusion_stats.json      the sites' summed Brier statistics (A, b, N) and fitted weights
     model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
@@ -39,7 +40,35 @@ from fedfuse.serverapp import Member as Client
 
 
 PRIVACY_OFF: dict[str, Any] = {"mode": "off", "max_epsilon": None, "delta": None}
-"""The privacy summary of a run without DP (filled by the privacy work once it lands)."""
+"""The privacy summary of a run without DP."""
+
+
+def privacy_entries(result: FederationResult) -> list[dict[str, Any]]:
+    """``privacy.json``'s per-client entries, from each site's last report."""
+    entries = []
+    for m in result.members:
+        r = result.privacy.get(m.node_id)
+        if r is None:
+            continue
+        entries.append({"client_id": m.name, "cohort": m.arch, "epsilon": float(r["epsilon"]),
+                        "delta": float(r["delta"]),
+                        "noise_multiplier": float(r["noise-multiplier"]),
+                        "sample_rate": float(r["sample-rate"]), "steps": int(r["steps"]),
+                        "accountant": str(r["accountant"]),
+                        "budget": None if float(r["budget"]) < 0 else float(r["budget"]),
+                        "status": str(r["status"])})
+    return entries
+
+
+def privacy_summary(cfg: FedfuseConfig, result: FederationResult) -> dict[str, Any]:
+    """``summary.json``'s privacy block: the worst (largest) ε and δ over all clients."""
+    entries = privacy_entries(result)
+    if not cfg.privacy.enabled or not entries:
+        return dict(PRIVACY_OFF)
+    return {"mode": cfg.privacy.mode, "max_epsilon": max(e["epsilon"] for e in entries),
+            "delta": max(e["delta"] for e in entries), "budget": cfg.privacy.budget,
+            "accountant": cfg.privacy.accountant,
+            "clients_at_budget": sum(e["status"] == "budget-exhausted" for e in entries)}
 
 
 class RunDirectory:
@@ -88,8 +117,12 @@ class RunDirectory:
                 metadata={**meta, "arch": arch})
             atomic_write_bytes(self.path / "cohorts" / f"{arch}.safetensors", data)
         plot_accuracy(result.history, self.path / "accuracy.png")
+        if self.cfg.privacy.enabled:
+            atomic_write_json(self.path / "privacy.json",
+                              {"mode": self.cfg.privacy.mode, "clients": privacy_entries(result)})
         if result.fusion is not None:
-            write_fused_artifact(self.path, self.schema, result)
+            write_fused_artifact(self.path, self.schema, result,
+                                 privacy_summary(self.cfg, result))
 
     # Summary ----------------------------------------------------------------------------
 
@@ -122,7 +155,7 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
             "weights": dict(zip(result.fusion.members, map(float, result.fusion.weights))),
             "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
         },
-        "privacy": dict(PRIVACY_OFF),
+        "privacy": privacy_summary(cfg, result),
         "secure_aggregation": False,
         "wall_seconds": round(wall_seconds, 2),
     }
@@ -153,7 +186,8 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write_figure(fig, path)
 
 
-def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult) -> None:
+def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult,
+                         privacy: dict[str, Any]) -> None:
     """``fusion_stats.json`` and ``model/`` from a finished federation."""
     assert result.fusion is not None
     atomic_write_json(run_path / "fusion_stats.json", result.fusion.to_dict())
@@ -161,16 +195,17 @@ def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationR
     members = [Member(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
                       len(result.cohorts[arch].members), last[arch]["test_accuracy"])
                for arch in result.fusion.members]
-    write_model(run_path / "model", schema, result.fusion, members)
+    write_model(run_path / "model", schema, result.fusion, members, privacy)
 
 
 def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
-                members: list[Member], semver: str = "1.0.0") -> dict[str, Any]:
+                members: list[Member], privacy: dict[str, Any],
+                semver: str = "1.0.0") -> dict[str, Any]:
     """The fused artifact for ``fusion``'s weights over ``members``."""
     return write_artifact(directory, members=members, weights=fusion.weights,
                           method=fusion.method, schema=schema,
                           fusion_fit={"objective": "brier", "sites": fusion.sites,
                                       "val_examples": fusion.num_examples,
                                       "val_brier": round(fusion.val_brier, 6)},
-                          privacy=PRIVACY_OFF, fused_test_accuracy=fusion.test_accuracy,
+                          privacy=privacy, fused_test_accuracy=fusion.test_accuracy,
                           semver=semver)

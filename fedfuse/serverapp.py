@@ -24,6 +24,7 @@ from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset
 from fedfuse.errors import FedfuseError
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
+from fedfuse.privacy import PrivacyRequest
 from fedfuse.stats import pooled_mean_std
 from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
 from fedfuse.strategies import CohortFedAvg
@@ -96,6 +97,8 @@ class FederationResult:
     members: list[Member]
     history: list[dict[str, Any]]
     fusion: FusionResult | None = None
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Each site's last privacy report, by node id (empty without DP)."""
 
 
 class RoundListener(Protocol):
@@ -124,6 +127,8 @@ class Coordinator:
         self.cfg = cfg
         self.test = test
         self.listener = listener
+        self.privacy: dict[int, dict[str, Any]] = {}
+        """The latest privacy report of each site (node id -> figures)."""
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -181,19 +186,51 @@ class Coordinator:
             strategy = CohortFedAvg(cc.arch, [m.node_id for m in mine],
                                     fraction_train=sim.fraction_train,
                                     fraction_evaluate=sim.fraction_evaluate)
-            lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).default_lr
+            lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(self.local_dp)
             cohorts[cc.arch] = Cohort(cc.arch, strategy, ArrayRecord(model.state_dict()), lr,
                                       mine)
         return cohorts
 
     # -- rounds -------------------------------------------------------------------------
 
+    @property
+    def local_dp(self) -> bool:
+        """Record-level DP-SGD at the sites (``privacy.mode = "sample"``)."""
+        return self.cfg.privacy.mode == "sample"
+
     def train_config(self, cohort: Cohort, server_round: int) -> ConfigRecord:
-        t = self.cfg.train
-        return ConfigRecord({"lr": cohort.lr, "local-epochs": t.local_epochs,
-                             "batch-size": t.batch_size, "momentum": t.momentum,
-                             "weight-decay": t.weight_decay,
-                             "seed": self.cfg.seed * 100_003 + server_round})
+        t = self.cfg.train.resolved(self.local_dp)
+        items = {"lr": cohort.lr, "local-epochs": t.local_epochs, "batch-size": t.batch_size,
+                 "momentum": t.momentum, "weight-decay": t.weight_decay,
+                 "seed": self.cfg.seed * 100_003 + server_round}
+        if self.local_dp:
+            p = self.cfg.privacy
+            items.update(PrivacyRequest(
+                mode=p.mode, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
+                planned_rounds=self.cfg.rounds, target_epsilon=p.target_epsilon,
+                noise_multiplier=p.noise_multiplier, budget=p.budget, delta=p.delta,
+            ).to_config())
+        return ConfigRecord(items)
+
+    def collect_privacy(self, cohort: Cohort, replies: list[Message],
+                        server_round: int) -> list[Message]:
+        """Record each site's privacy report; drop (and stop sampling) sites whose
+        budget is exhausted. Returns the replies that carry an update."""
+        names = {m.node_id: m.name for m in cohort.members}
+        updates = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if not reply.has_error() and "privacy" in reply.content:
+                self.privacy[node] = dict(reply.content["privacy"])
+                if self.privacy[node]["status"] == "budget-exhausted":
+                    cohort.strategy.retire(node)
+                    log.warning("round %d: %s stops training: its next round would exceed "
+                                "its privacy budget (ε %.3f of %.3f spent)", server_round,
+                                names.get(node, node), self.privacy[node]["epsilon"],
+                                self.privacy[node]["budget"])
+                    continue
+            updates.append(reply)
+        return updates
 
     def run(self, grid: Grid) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
@@ -211,10 +248,15 @@ class Coordinator:
                 for a, c in cohorts.items()}
             train_replies = _exchange(grid, train_msgs)
             for arch, cohort in cohorts.items():
-                arrays, metrics = cohort.strategy.aggregate_train(server_round,
-                                                                  train_replies[arch])
+                updates = self.collect_privacy(cohort, train_replies[arch], server_round)
+                arrays, metrics = cohort.strategy.aggregate_train(server_round, updates)
                 entry = record["cohorts"].setdefault(arch, {})
                 entry.update(_counts(train_msgs[arch], train_replies[arch], "train"))
+                entry["budget_exhausted"] = len(train_replies[arch]) - len(updates)
+                if self.privacy:
+                    entry["max_epsilon"] = max(
+                        (self.privacy[m.node_id]["epsilon"] for m in cohort.members
+                         if m.node_id in self.privacy), default=0.0)
                 if arrays is None:
                     log.warning("round %d: cohort %s got no valid update; keeping its model",
                                 server_round, arch)
@@ -231,7 +273,12 @@ class Coordinator:
             record["wall_seconds"] = round(time.perf_counter() - start, 4)
             history.append(record)
             self.listener.on_round(record)
-        result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members))
+            if not any(c.strategy.trainers for c in cohorts.values()):
+                log.warning("every site has spent its privacy budget; the run stops after "
+                            "round %d of %d", server_round, self.cfg.rounds)
+                break
+        result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members),
+                                  dict(self.privacy))
         self.listener.on_finish(result)
         return result
 

@@ -8,6 +8,7 @@ rounds), keyed by the data-relevant part of the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,8 @@ class Site:
     arch: str
     train: Dataset
     val: Dataset
+    secret: bytes
+    """Seeds the site's DP sampling and noise; never leaves the site."""
 
 
 @dataclass(frozen=True)
@@ -65,4 +68,13 @@ def simulated_site(cfg: FedfuseConfig, partition_id: int) -> Site:
     split = plan.federation.clients[partition_id]
     return Site(name=f"client-{partition_id}", index=partition_id,
                 arch=cfg.cohort_of(partition_id).arch,
-                train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val))
+                train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
+                secret=simulated_secret(cfg.seed, partition_id))
+
+
+def simulated_secret(seed: int, partition_id: int) -> bytes:
+    """A simulated site's secret, derived from the scenario seed so reruns are identical.
+
+    In simulation every site lives in one trust domain, so this is no weaker than the
+    simulation itself; a deployed site draws its secret at random (``secrets``)."""
+    return hashlib.sha256(f"fedfuse-simulated-site:{seed}:{partition_id}".encode()).digest()

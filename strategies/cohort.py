@@ -62,12 +62,22 @@ class CohortFedAvg(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.cohort = cohort
         self.members = list(members)
+        self.trainers = list(members)
+        """Members still sampled for training."""
         self._rank = {node: i for i, node in enumerate(self.members)}
+
+    def retire(self, node_id: int) -> None:
+        """Stop sampling ``node_id`` for training (for example: its privacy budget is
+        spent); it still takes part in evaluation."""
+        if node_id in self.trainers:
+            self.trainers.remove(node_id)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if not self.trainers:
+            return []
         return super().configure_train(server_round, arrays, config,
-                                       CohortGrid(grid, self.members))
+                                       CohortGrid(grid, self.trainers))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -24,7 +24,17 @@ def test_default_scenario_loads_with_typed_values():
 
 def test_defaults_fill_missing_tables():
     cfg = build()
-    assert cfg.rounds == 20 and cfg.train.batch_size == 16 and cfg.data.source == "digits"
+    assert cfg.rounds == 20 and cfg.data.source == "digits" and cfg.privacy.mode == "off"
+    plain = cfg.train.resolved(private=False)
+    assert (plain.batch_size, plain.local_epochs, plain.momentum) == (16, 2, 0.9)
+
+
+def test_train_defaults_follow_privacy_but_explicit_values_win():
+    dp = build().train.resolved(private=True)
+    assert (dp.batch_size, dp.local_epochs, dp.momentum) == (32, 1, 0.0)
+    cfg = build(train={"batch_size": 8, "momentum": 0.5})
+    assert cfg.train.resolved(private=True).batch_size == 8
+    assert cfg.train.resolved(private=True).momentum == 0.5
 
 
 @pytest.mark.parametrize("raw, key", [
