@@ -330,3 +330,21 @@ def ledger_store_for(context: Any) -> LedgerStore:
     if state_dir:
         return FileLedgerStore(Path(str(state_dir)) / "privacy-ledger.json")
     return RecordLedgerStore(context.state)
+
+
+def check_privacy_settings(cfg: Any, train_sizes: list[int], schema: Any) -> None:
+    """Refuse, before anything runs, settings that no site could honour: a δ not below
+    1/n for some site's n training records, or a cohort model DP-SGD cannot train."""
+    p = cfg.privacy
+    if p.mode != "sample":
+        return
+    from fedfuse.models import build_model
+
+    smallest = min(train_sizes)
+    if p.delta is not None and p.delta >= 1.0 / smallest:
+        raise ConfigError("privacy.delta", f"must be below 1/n for every client; the "
+                          f"smallest client has n = {smallest} training records, so δ must "
+                          f"be < {1.0 / smallest:.3g} (got {p.delta:g}); leave it unset "
+                          "for the default 1/(10·n) rule")
+    for cohort in cfg.cohorts:
+        check_dp_compatible(build_model(cohort.arch, schema), cohort.arch)

@@ -15,6 +15,7 @@ from rich.console import Console
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import FedfuseConfig
 from fedfuse.partition import label_skew
+from fedfuse.privacy import check_privacy_settings
 from fedfuse.progress import Fanout, ProgressDisplay
 from fedfuse.rundir import RunDirectory, build_summary
 from fedfuse.serverapp import build_server_app
@@ -54,6 +55,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None,
     started = time.perf_counter()
     console = console or Console(stderr=True)
     plan = plan_federation(cfg)
+    check_privacy_settings(cfg, [len(c.train) for c in plan.federation.clients],
+                           plan.dataset.schema)
     out = out or default_run_dir(cfg)
     train_parts = [c.train for c in plan.federation.clients]
     display = ProgressDisplay(console)

@@ -23,6 +23,14 @@ def reply_from(node_id: int, content: RecordDict, message_type: str = "train") -
     return Message(metadata=meta, content=content)
 
 
+def incoming(content: RecordDict, message_type: str = "train", node_id: int = 7) -> Message:
+    """A message from the coordinator as a ClientApp receives it on ``node_id``."""
+    meta = Metadata(run_id=1, message_id=f"in{time.monotonic_ns()}", src_node_id=0,
+                    dst_node_id=node_id, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=60.0, message_type=message_type)
+    return Message(metadata=meta, content=content)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([*FEDFUSE, *map(str, args)], cwd=cwd or ROOT, capture_output=True,
