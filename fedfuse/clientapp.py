@@ -84,7 +84,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
             ledger.refused_rounds.append(int(cfg["server-round"]))
             store.save(ledger)
             return Message(RecordDict({"privacy": ConfigRecord(
-                report(ledger, "budget-exhausted"))}), reply_to=msg)
+                report(ledger, plan, "budget-exhausted"))}), reply_to=msg)
         generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
         dp_model, dp_optimizer, dp_loader, engine = make_private(
             model, optimizer, loader, noise_multiplier=plan.noise_multiplier,
@@ -94,7 +94,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         ledger.history = [tuple(h) for h in engine.accountant.history]
         store.save(ledger)  # spent before the update leaves the site
         reply = _train_reply(msg, model, result, len(site.train))
-        reply.content["privacy"] = ConfigRecord(report(ledger, "trained"))
+        reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
         return reply
 
     @app.evaluate()

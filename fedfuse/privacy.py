@@ -314,11 +314,13 @@ def plan_round(ledger: PrivacyLedger, request: PrivacyRequest, n: int, batch_siz
     return PrivateRound(sigma, q, steps, ledger.would_exceed(sigma, q, steps))
 
 
-def report(ledger: PrivacyLedger, status: str) -> dict[str, Any]:
-    """A site's privacy figures as sent to the coordinator after each round."""
+def report(ledger: PrivacyLedger, plan: PrivateRound, status: str) -> dict[str, Any]:
+    """A site's privacy figures as sent to the coordinator after each round (the sample
+    rate is the planned one when no step has been spent yet)."""
     return {"status": status, "epsilon": ledger.epsilon(), "delta": ledger.delta,
-            "noise-multiplier": float(ledger.noise_multiplier or 0.0),
-            "sample-rate": float(ledger.sample_rate or 0.0), "steps": ledger.steps,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": float(ledger.sample_rate or plan.sample_rate),
+            "steps": ledger.steps,
             "accountant": ledger.accountant,
             "budget": -1.0 if ledger.budget is None else float(ledger.budget)}
 

@@ -251,8 +251,9 @@ class Coordinator:
                 updates = self.collect_privacy(cohort, train_replies[arch], server_round)
                 arrays, metrics = cohort.strategy.aggregate_train(server_round, updates)
                 entry = record["cohorts"].setdefault(arch, {})
-                entry.update(_counts(train_msgs[arch], train_replies[arch], "train"))
-                entry["budget_exhausted"] = len(train_replies[arch]) - len(updates)
+                refused = len(train_replies[arch]) - len(updates)
+                entry.update(_counts(train_msgs[arch], updates, "train", refused))
+                entry["budget_exhausted"] = refused
                 if self.privacy:
                     entry["max_epsilon"] = max(
                         (self.privacy[m.node_id]["epsilon"] for m in cohort.members
@@ -331,10 +332,12 @@ def _exchange(grid: Grid, by_cohort: dict[str, list[Message]]) -> dict[str, list
     return grouped
 
 
-def _counts(sent: list[Message], replies: Iterable[Message], phase: str) -> dict[str, int]:
-    replies = list(replies)
+def _counts(sent: list[Message], replies: Iterable[Message], phase: str,
+            declined: int = 0) -> dict[str, int]:
+    """Clients that answered, and failures (errors or no answer) among the ``sent``
+    messages; ``declined`` answers (a site at its privacy budget) are neither."""
     ok = sum(1 for r in replies if not r.has_error())
-    return {f"{phase}_clients": ok, f"{phase}_failures": len(sent) - ok}
+    return {f"{phase}_clients": ok, f"{phase}_failures": len(sent) - ok - declined}
 
 
 def _renamed(metrics: Any) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""DP-SGD through Flower's real simulation engine: the ledger as the run records it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedfuse.artifact import FusedPredictor
+from fedfuse.privacy import default_delta, epsilon_of, steps_per_epoch
+from tests.conftest import SMALL_SCENARIO, run_cli
+
+pytestmark = pytest.mark.slow
+
+TARGET = 4.0
+
+
+def simulate(root: Path, name: str, privacy: str, rounds: int) -> Path:
+    scenario = root / f"{name}.toml"
+    scenario.write_text(SMALL_SCENARIO.replace("rounds = 2", f"rounds = {rounds}")
+                        .replace("[train]\nlocal_epochs = 1\n", "") + privacy)
+    proc = run_cli("simulate", scenario, "--out", root / name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory) -> Path:
+    return simulate(tmp_path_factory.mktemp("dp"), "dp",
+                    f'\n[privacy]\nmode = "sample"\ntarget_epsilon = {TARGET}\n', rounds=3)
+
+
+def load(run: Path, name: str):
+    text = (run / name).read_text()
+    return [json.loads(x) for x in text.splitlines()] if name.endswith("l") else json.loads(text)
+
+
+def test_reported_epsilon_equals_opacus_accountant(dp_run):
+    clients = {c["name"]: c for c in load(dp_run, "clients.json")}
+    entries = load(dp_run, "privacy.json")["clients"]
+    assert sorted(e["client_id"] for e in entries) == sorted(clients)
+    for e in entries:
+        n = clients[e["client_id"]]["num_train"]
+        per_round = steps_per_epoch(n, 32)  # DP defaults: batch 32, one local epoch
+        assert e["sample_rate"] == pytest.approx(1 / per_round)
+        assert e["steps"] <= 3 * per_round and e["steps"] >= 3 * per_round - 1
+        assert e["delta"] == default_delta(n)
+        reference = RDPAccountant()
+        reference.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])]
+        assert e["epsilon"] == pytest.approx(reference.get_epsilon(e["delta"]), rel=0.01)
+        # σ was calibrated so the three planned rounds spend the target, no more
+        assert 0.9 * TARGET < e["epsilon"] <= TARGET
+        assert e["status"] == "trained" and e["accountant"] == "rdp"
+
+
+def test_epsilon_grows_every_round(dp_run):
+    for arch in ("cnn", "mlp", "logreg"):
+        spent = [r["cohorts"][arch]["max_epsilon"] for r in load(dp_run, "metrics.jsonl")]
+        assert len(spent) == 3 and spent[0] > 0
+        assert all(b > a for a, b in zip(spent, spent[1:]))
+
+
+def test_summary_and_artifact_carry_the_privacy_figures(dp_run):
+    entries = load(dp_run, "privacy.json")["clients"]
+    privacy = load(dp_run, "summary.json")["privacy"]
+    assert privacy["mode"] == "sample" and privacy["budget"] == TARGET
+    assert privacy["max_epsilon"] == max(e["epsilon"] for e in entries)
+    assert privacy["delta"] == max(e["delta"] for e in entries)
+    assert FusedPredictor.load(dp_run / "model").manifest["privacy"] == privacy
+
+
+def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
+    budget = 4.0
+    run = simulate(tmp_path, "capped", f'\n[privacy]\nmode = "sample"\nnoise_multiplier = 1.0'
+                   f"\nbudget_epsilon = {budget}\n", rounds=6)
+    entries = load(run, "privacy.json")["clients"]
+    for e in entries:
+        assert e["status"] == "budget-exhausted" and e["epsilon"] <= budget
+        one_more = round(1 / e["sample_rate"])
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"] + one_more)]
+        assert epsilon_of(history, e["delta"]) > budget  # it stopped only when it had to
+    rounds = load(run, "metrics.jsonl")
+    assert len(rounds) < 6  # every site at its budget: the coordinator stopped early
+    refused = sum(c["budget_exhausted"] for r in rounds for c in r["cohorts"].values())
+    assert refused == len(entries) == 6  # each site refused once, then was not sampled
+    assert all(c["train_clients"] == 0 for c in rounds[-1]["cohorts"].values())
+    assert load(run, "summary.json")["privacy"]["clients_at_budget"] == 6
