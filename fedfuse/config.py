@@ -130,9 +130,8 @@ class PrivacyConfig:
     """Differential privacy of the clients' training data (see docs/privacy.md)."""
 
     mode: Literal["off", "sample", "user"] = "off"
-    """``sample``: record-level DP-SGD at each client (Opacus); ``user``: client-level DP
-    by the coordinator clipping each update and noising the cohort average (Flower's
-    DP strategy wrapper); ``off``: no DP."""
+    """``sample``: record-level DP-SGD at each client (Opacus); ``off``: no DP.
+    ``user`` (client-level DP) is reserved and refused until it is implemented."""
     target_epsilon: float | None = None
     """Calibrate the noise so the planned rounds spend exactly this ε; also the budget."""
     noise_multiplier: float | None = None
@@ -155,6 +154,10 @@ class PrivacyConfig:
                f"must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0.0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
                f"must be a finite number > 0, got {self.max_grad_norm}")
+        if self.mode == "user":
+            raise ConfigError("mode", "\"user\" (client-level DP with server-side clipping) "
+                              "is not implemented yet; use \"sample\" (record-level DP-SGD "
+                              "at every site)")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ConfigError("noise_multiplier", "set either target_epsilon or "
                               "noise_multiplier, not both (target_epsilon calibrates σ)")

@@ -1,0 +1,150 @@
+"""Privacy benchmark: test accuracy against ε, and the cost of DP-SGD per local epoch.
+
+    python simulations/bench/privacy.py [--scenario simulations/digits.toml] [--seeds 7]
+
+1. Runs the scenario (default: the default scenario) once per ε in {1, 3, 8, ∞} (∞: DP
+   off, with the plain-SGD defaults) and collects every cohort's and the fused model's
+   test accuracy.
+2. Times one local epoch of each architecture on the scenario's whole training pool,
+   plain and wrapped by Opacus (same model, data, batch size), alternating the two,
+   and reports the median DP/plain ratio.
+
+Writes ``simulations/bench/results/privacy.json`` and the table between the
+``bench:privacy`` markers in docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from fedfuse.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from fedfuse.config import load_config  # noqa: E402
+from fedfuse.models import build_model, get_architecture  # noqa: E402
+from fedfuse.privacy import make_private  # noqa: E402
+from fedfuse.sites import plan_federation  # noqa: E402
+from fedfuse.training import make_loader, make_optimizer, train_epochs  # noqa: E402
+
+EPSILONS = (1.0, 3.0, 8.0, None)
+MARKERS = ("<!-- bench:privacy:start -->", "<!-- bench:privacy:end -->")
+
+
+def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path) -> dict:
+    privacy = (["privacy.mode=\"off\""] if epsilon is None
+               else [f"privacy.target_epsilon={epsilon}"])
+    out = workdir / f"eps-{epsilon}-seed-{seed}"
+    cmd = [sys.executable, "-m", "fedfuse", "simulate", str(scenario), "--out", str(out),
+           "--set", f"seed={seed}"] + [a for p in privacy for a in ("--set", p)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"simulation failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"epsilon": epsilon, "seed": seed,
+            "max_epsilon": summary["privacy"]["max_epsilon"],
+            "cohorts": {a: c["test_accuracy"] for a, c in summary["cohorts"].items()},
+            "fused": summary["fused"]["test_accuracy"] if summary["fused"] else None,
+            "wall_seconds": summary["wall_seconds"]}
+
+
+def time_epochs(scenario: Path, repeats: int) -> dict:
+    """Median seconds per local epoch, plain vs DP-SGD, per architecture."""
+    cfg = load_config(scenario)
+    plan = plan_federation(cfg)
+    train = plan.dataset.subset(np.concatenate([c.train for c in plan.federation.clients]))
+    batch = cfg.train.resolved(private=True).batch_size
+    torch.set_num_threads(1)
+    out = {}
+    for cohort in cfg.cohorts:
+        lr = get_architecture(cohort.arch).dp_lr
+        plain, private = [], []
+        for r in range(repeats + 1):  # the first pair warms up
+            model = build_model(cohort.arch, train.schema, seed=r)
+            loader = make_loader(train.X, train.y, batch, seed=r)
+            opt = make_optimizer(model, lr, 0.0, 0.0)
+            t0 = time.perf_counter()
+            train_epochs(model, loader, opt, 1)
+            t_plain = time.perf_counter() - t0
+            model = build_model(cohort.arch, train.schema, seed=r)
+            opt = make_optimizer(model, lr, 0.0, 0.0)
+            t0 = time.perf_counter()
+            m, o, dl, _ = make_private(model, opt, loader, noise_multiplier=1.0,
+                                       max_grad_norm=1.0, accountant="rdp", history=[],
+                                       generator=torch.Generator().manual_seed(r))
+            t_setup = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            train_epochs(m, dl, o, 1)
+            t_dp = time.perf_counter() - t0
+            if r:
+                plain.append(t_plain)
+                private.append((t_dp, t_setup))
+        p = statistics.median(plain)
+        d = statistics.median(t for t, _ in private)
+        s = statistics.median(t for _, t in private)
+        out[cohort.arch] = {"examples": len(train), "batch_size": batch,
+                            "plain_epoch_s": p, "dp_epoch_s": d, "dp_setup_s": s,
+                            "ratio": d / p, "ratio_with_setup": (d + s) / p}
+    return out
+
+
+def table(runs: list[dict], timing: dict, machine: str) -> str:
+    archs = list(runs[0]["cohorts"])
+    lines = ["| ε per client | " + " | ".join(archs) + " | fused | max ε spent |",
+             "|---" * (len(archs) + 3) + "|"]
+    for r in runs:
+        eps = "∞ (DP off)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        spent = "—" if r["max_epsilon"] is None else f"{r['max_epsilon']:.3f}"
+        lines.append(f"| {eps} | " + " | ".join(f"{r['cohorts'][a]:.4f}" for a in archs)
+                     + f" | {r['fused']:.4f} | {spent} |")
+    lines += ["", "| model | plain epoch | DP-SGD epoch | DP / plain | DP / plain with setup |",
+              "|---|---|---|---|---|"]
+    for arch, t in timing.items():
+        lines.append(f"| {arch} | {t['plain_epoch_s'] * 1e3:.1f} ms | "
+                     f"{t['dp_epoch_s'] * 1e3:.1f} ms | {t['ratio']:.2f}x | "
+                     f"{t['ratio_with_setup']:.2f}x |")
+    lines += ["", f"Measured on {machine}; one local epoch over the {t['examples']} training "
+              f"examples, expected batch {t['batch_size']}, one torch thread, median of the "
+              "repeats."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", type=Path, default=ROOT / "simulations" / "digits.toml")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "privacy.md")
+    args = ap.parse_args()
+    machine = f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} cores, CPU"
+    timing = time_epochs(args.scenario, args.repeats)
+    print(json.dumps(timing, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for eps in EPSILONS:
+            runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp)))
+            print(json.dumps(runs[-1]), flush=True)
+    results = {"scenario": str(args.scenario.relative_to(ROOT)), "machine": machine,
+               "runs": runs, "epoch_timing": timing}
+    out = ROOT / "simulations" / "bench" / "results" / "privacy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    text = args.docs.read_text(encoding="utf-8")
+    start, end = text.index(MARKERS[0]), text.index(MARKERS[1])
+    atomic_write_text(args.docs, text[:start + len(MARKERS[0])] + "\n"
+                      + table(runs, timing, machine) + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    main()
