@@ -92,7 +92,7 @@ class Architecture:
 REGISTRY: dict[str, Architecture] = {
     a.name: a for a in (
         Architecture("logreg", "linear", LogisticRegression, default_lr=0.05, dp_lr=0.5),
-        Architecture("mlp", "dense network", MLP, default_lr=0.05, dp_lr=0.5),
+        Architecture("mlp", "dense network", MLP, default_lr=0.05, dp_lr=1.0),
         Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.05, dp_lr=1.0,
                      needs_image=True),
     )
