@@ -142,7 +142,7 @@ class PrivacyConfig:
     delta: float | None = None
     """δ of the (ε, δ) guarantee; default: a power of ten below 1/(10·n) for n records."""
     max_grad_norm: float = 1.0
-    """Clipping bound: per example (``sample``) or per client update (``user``)."""
+    """Per-example gradient clipping bound of DP-SGD."""
     accountant: Literal["rdp", "prv"] = "rdp"
 
     def __post_init__(self) -> None:

@@ -29,7 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedfuse.atomic import atomic_write_json
+from fedfuse.config import FedfuseConfig
+from fedfuse.data import DataSchema
 from fedfuse.errors import ConfigError, FedfuseError
+from fedfuse.models import build_model
 
 HistoryEntry = tuple[float, float, int]
 """One accountant entry: (noise multiplier σ, sample rate q, number of steps)."""
@@ -214,8 +217,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
                  ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Any]:
     """Opacus's ``PrivacyEngine.make_private`` with the accountant resumed from ``history``.
 
-    Per-sample gradients come from PyTorch's ExpandedWeights (``grad_sample_mode="ew"``),
-    which measured 10-25 % faster per epoch than Opacus's hooks on fedfuse's models.
+    Per-sample gradients come from PyTorch's ExpandedWeights (``grad_sample_mode="ew"``);
+    ``simulations/bench/privacy.py`` measures the DP epoch against a plain one.
 
     Returns the wrapped (model, optimiser, Poisson loader) and the engine, whose
     ``accountant.history`` is the updated history after training.
@@ -293,7 +296,8 @@ def open_ledger(store: LedgerStore, request: PrivacyRequest, n: int) -> PrivacyL
 
 @dataclass(frozen=True)
 class PrivateRound:
-    """One site's round under DP-SGD: the plan, and what it spent."""
+    """One site's planned round under DP-SGD: σ, q, steps, and whether they would take
+    ε over the budget."""
 
     noise_multiplier: float
     sample_rate: float
@@ -337,14 +341,13 @@ def ledger_store_for(context: Any) -> LedgerStore:
     return RecordLedgerStore(context.state)
 
 
-def check_privacy_settings(cfg: Any, train_sizes: list[int], schema: Any) -> None:
+def check_privacy_settings(cfg: FedfuseConfig, train_sizes: list[int],
+                           schema: DataSchema) -> None:
     """Refuse, before anything runs, settings that no site could honour: a δ not below
     1/n for some site's n training records, or a cohort model DP-SGD cannot train."""
     p = cfg.privacy
     if p.mode != "sample":
         return
-    from fedfuse.models import build_model
-
     smallest = min(train_sizes)
     if p.delta is not None and p.delta >= 1.0 / smallest:
         raise ConfigError("privacy.delta", f"must be below 1/n for every client; the "

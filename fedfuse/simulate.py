@@ -55,10 +55,9 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None,
     started = time.perf_counter()
     console = console or Console(stderr=True)
     plan = plan_federation(cfg)
-    check_privacy_settings(cfg, [len(c.train) for c in plan.federation.clients],
-                           plan.dataset.schema)
-    out = out or default_run_dir(cfg)
     train_parts = [c.train for c in plan.federation.clients]
+    check_privacy_settings(cfg, [len(p) for p in train_parts], plan.dataset.schema)
+    out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with RunDirectory(out, cfg, plan.dataset.schema) as run:
         server_app = build_server_app(cfg, plan.test, Fanout(run, display))
