@@ -24,12 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
                       RecordDict)
 from flwr.clientapp import ClientApp
 
 from fedfuse.fusion import brier_statistics
+from fedfuse.secagg import Quantizer, encode_update
+from fedfuse.secagg import client as secagg
 from fedfuse.models import load_model
 from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
                              open_ledger, plan_round, report)
@@ -76,7 +79,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         request = PrivacyRequest.from_config(cfg)
         if request is None:
             result = train_epochs(model, loader, optimizer, epochs)
-            return _train_reply(msg, model, result, len(site.train))
+            return _train_reply(msg, context, site, model, result, seed)
         store = ledger_store_for(context)
         ledger = open_ledger(store, request, len(site.train))
         plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
@@ -93,7 +96,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
         result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
         ledger.history = [tuple(h) for h in engine.accountant.history]
         store.save(ledger)  # spent before the update leaves the site
-        reply = _train_reply(msg, model, result, len(site.train))
+        reply = _train_reply(msg, context, site, model, result, seed)
         reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
         return reply
 
@@ -123,14 +126,47 @@ def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
                               "metrics": MetricRecord({"num-examples": len(site.val)})})
         return Message(content=content, reply_to=msg)
 
+    @app.query("secagg_setup")
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return _secagg_reply(msg, secagg.setup(context.state, msg.content[secagg.RECORD]))
+
+    @app.query("secagg_share")
+    def secagg_share(msg: Message, context: Context) -> Message:
+        return _secagg_reply(msg, secagg.share(context.state, msg.content[secagg.RECORD],
+                                               str(context.node_id)))
+
+    @app.query("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return _secagg_reply(msg, secagg.unmask(context.state, msg.content[secagg.RECORD],
+                                                str(context.node_id)))
+
     return app
 
 
-def _train_reply(msg: Message, model: torch.nn.Module, result: LoopResult,
-                 num_examples: int) -> Message:
-    return Message(RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": result.loss,
-                                 "train-accuracy": result.accuracy}),
-    }), reply_to=msg)
+def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
+    return Message(RecordDict({secagg.RECORD: record}), reply_to=msg)
+
+
+def _train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Module,
+                 result: LoopResult, seed: int) -> Message:
+    """The trained weights and metrics; under secure aggregation only the masked vector
+    of (weights - received weights, example count, metrics)."""
+    n = len(site.train)
+    if secagg.RECORD not in msg.content:
+        return Message(RecordDict({
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": result.loss,
+                                     "train-accuracy": result.accuracy}),
+        }), reply_to=msg)
+    request = msg.content[secagg.RECORD]
+    received = msg.content["arrays"]
+    trained = model.state_dict()
+    delta = [trained[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
+             for k, a in received.items()]
+    quantizer = Quantizer(float(request["clip-range"]), int(request["quantization-bits"]))
+    rng = np.random.default_rng([noise_seed(site.secret, seed), 1])  # rounding, not DP noise
+    vector = encode_update(delta, n, result.loss, result.accuracy, quantizer, rng)
+    masked = secagg.mask(context.state, request, str(context.node_id), vector)
+    return Message(RecordDict({secagg.MASKED: ArrayRecord({"vector": Array(masked)})}),
+                   reply_to=msg)
 

@@ -176,6 +176,33 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """Secure aggregation of each cohort's updates (see docs/secure-aggregation.md)."""
+
+    enabled: bool = True
+    """Mask every update so that the coordinator learns only each cohort's sum."""
+    threshold: float = 0.6
+    """Share of a round's sampled cohort members needed to unmask the sum: t =
+    max(2, ceil(threshold * n)). Up to n - t members may drop out after sharing keys.
+    Must be > 0.5, so that no two disjoint groups of clients can each rebuild secrets."""
+    clip_range: float = 2.0
+    """Each coordinate of a client's update (new minus received weights) is clipped to
+    [-clip_range, clip_range] before quantisation; clipped coordinates are counted."""
+    quantization_bits: int = 24
+    """Levels of the stochastic quantiser, 2^bits - 1; its step 2 clip_range / (2^bits - 1)
+    bounds the error of an aggregated coordinate."""
+
+    def __post_init__(self) -> None:
+        _check(0.5 < self.threshold <= 1.0, "threshold",
+               f"must be in (0.5, 1], got {self.threshold}: with half or fewer, two disjoint "
+               "halves of a cohort could each rebuild the secrets of the other")
+        _check(math.isfinite(self.clip_range) and self.clip_range > 0.0, "clip_range",
+               f"must be a finite number > 0, got {self.clip_range}")
+        _check(8 <= self.quantization_bits <= 40, "quantization_bits",
+               f"must be in 8..40, got {self.quantization_bits}")
+
+
+@dataclass
 class FedfuseConfig:
     """A whole scenario: data, partition, cohorts, training and engine settings."""
 
@@ -188,6 +215,8 @@ class FedfuseConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(
+        default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
@@ -199,6 +228,14 @@ class FedfuseConfig:
                 raise ConfigError(f"cohorts[{i}].arch", f"architecture {cohort.arch!r} "
                                   "appears in two cohorts; merge them into one")
             seen.add(cohort.arch)
+            sampled = max(1, int(self.simulation.fraction_train * cohort.clients))  # as FedAvg
+            if self.secure_aggregation.enabled and sampled < 2:
+                raise ConfigError(f"cohorts[{i}].clients", f"secure aggregation needs at "
+                                  f"least 2 clients per cohort and round, and cohort "
+                                  f"{cohort.arch!r} trains {sampled} (a sum over one client "
+                                  "is its update); add clients, raise "
+                                  "simulation.fraction_train, or set "
+                                  "secure_aggregation.enabled = false")
 
     @property
     def num_clients(self) -> int:

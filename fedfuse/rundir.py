@@ -132,7 +132,8 @@ class RunDirectory:
 
 def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: float,
                   label_skew: float) -> dict[str, Any]:
-    """The stable summary keys; privacy, secure aggregation and fusion fill theirs later."""
+    """The run's headline figures. ``secure_aggregation`` is true only when every cohort
+    update the coordinator applied came out of a secure sum (and at least one did)."""
     last = result.history[-1]["cohorts"]
     cohorts = {
         arch: {"clients": len(c.members), "test_accuracy": last[arch]["test_accuracy"],
@@ -156,7 +157,8 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
             "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
         },
         "privacy": privacy_summary(cfg, result),
-        "secure_aggregation": False,
+        "secure_aggregation": cfg.secure_aggregation.enabled and result.secure_sums > 0,
+        "secure_sums": result.secure_sums,
         "wall_seconds": round(wall_seconds, 2),
     }
 

@@ -17,14 +17,20 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+                      MetricRecord, RecordDict)
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.config import FedfuseConfig
+from fedfuse.config import FedfuseConfig, SecureAggregationConfig
 from fedfuse.data import Dataset
 from fedfuse.errors import FedfuseError
+from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyRequest
+from fedfuse.secagg import Quantizer, SecAggSession, UpdateSum, decode_sum
+from fedfuse.secagg.encoding import payload_length
+from fedfuse.secagg.messages import RECORD as SECAGG_RECORD
+from fedfuse.secagg.rounds import close_sessions, collect_masked, open_sessions
 from fedfuse.stats import pooled_mean_std
 from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
 from fedfuse.strategies import CohortFedAvg
@@ -99,6 +105,8 @@ class FederationResult:
     fusion: FusionResult | None = None
     privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Each site's last privacy report, by node id (empty without DP)."""
+    secure_sums: int = 0
+    """Cohort rounds whose update was aggregated by secure aggregation."""
 
 
 class RoundListener(Protocol):
@@ -129,6 +137,8 @@ class Coordinator:
         self.listener = listener
         self.privacy: dict[int, dict[str, Any]] = {}
         """The latest privacy report of each site (node id -> figures)."""
+        self.secure_sums = 0
+        """Cohort rounds aggregated by secure aggregation."""
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -232,6 +242,86 @@ class Coordinator:
             updates.append(reply)
         return updates
 
+    def train_round(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
+                    record: dict[str, Any]) -> None:
+        """One round of training in every cohort; with secure aggregation the coordinator
+        sees only each cohort's masked sum (``fedfuse.secagg``)."""
+        train_msgs = {a: list(c.strategy.configure_train(
+            server_round, c.arrays, self.train_config(c, server_round), grid))
+            for a, c in cohorts.items()}
+        secure = self.cfg.secure_aggregation
+        sessions: dict[str, SecAggSession] = {}
+        failed: dict[str, str] = {}
+        if secure.enabled:
+            sessions, failed = open_sessions(
+                grid, {a: [m.metadata.dst_node_id for m in msgs] for a, msgs in train_msgs.items()},
+                secure.threshold, {a: payload_length(_sizes(c.arrays)) for a, c in cohorts.items()},
+                tag=f"round {server_round}")
+            train_msgs = {a: _with_session(msgs, sessions.get(a), secure)
+                          for a, msgs in train_msgs.items()}
+        train_replies = exchange(grid, train_msgs)
+        updates: dict[str, list[Message]] = {}
+        for arch, cohort in cohorts.items():
+            updates[arch] = self.collect_privacy(cohort, train_replies[arch], server_round)
+            entry = record["cohorts"].setdefault(arch, {})
+            refused = len(train_replies[arch]) - len(updates[arch])
+            entry.update(_counts(train_msgs[arch], updates[arch], "train", refused))
+            entry["budget_exhausted"] = refused
+            if self.privacy:
+                entry["max_epsilon"] = max(
+                    (self.privacy[m.node_id]["epsilon"] for m in cohort.members
+                     if m.node_id in self.privacy), default=0.0)
+        if secure.enabled:
+            updates = self.unmask(grid, cohorts, sessions, failed, train_msgs, train_replies,
+                                  updates, record)
+        for arch, cohort in cohorts.items():
+            arrays, metrics = cohort.strategy.aggregate_train(server_round, updates[arch])
+            if arrays is None:
+                log.warning("round %d: cohort %s got no valid update; keeping its model",
+                            server_round, arch)
+            else:
+                cohort.arrays = arrays
+            record["cohorts"][arch].update(_renamed(metrics))
+
+    def unmask(self, grid: Grid, cohorts: dict[str, Cohort], sessions: dict[str, SecAggSession],
+               failed: dict[str, str], train_msgs: dict[str, list[Message]],
+               train_replies: dict[str, list[Message]], updates: dict[str, list[Message]],
+               record: dict[str, Any]) -> dict[str, list[Message]]:
+        """Stages 3-4 of secure aggregation: each cohort's sum of masked vectors, unmasked
+        and decoded into one FedAvg update carrying the cohort's total example count (as
+        Flower's SecAgg+ workflow hands its strategy a single aggregated result)."""
+        declined = {a: {r.metadata.src_node_id for r in train_replies[a]}
+                    - {r.metadata.src_node_id for r in updates[a]} for a in cohorts}
+        collect_masked(sessions, failed, train_replies, declined)
+        sums = close_sessions(grid, sessions, failed)
+        quantizer = self.quantizer
+        secure_updates: dict[str, list[Message]] = {}
+        for arch, cohort in cohorts.items():
+            entry = record["cohorts"][arch]
+            entry["secagg_failed"] = arch in failed
+            secure_updates[arch] = []
+            if arch in sums:
+                session = sessions[arch]
+                entry["secagg_clients"] = len(session.u3)
+                entry["secagg_dropped"] = len(session.dropped)
+                total = decode_sum(sums[arch], [a.numpy().shape for a in cohort.arrays.values()],
+                                   quantizer)
+                entry["secagg_clipped"] = total.clipped
+                if total.clipped:
+                    log.warning("cohort %s: %d update coordinates exceeded "
+                                "secure_aggregation.clip_range and were clipped", arch,
+                                total.clipped)
+                like = next(m for m in train_msgs[arch]
+                            if str(m.metadata.dst_node_id) in session.u3)
+                secure_updates[arch] = [_aggregate_reply(cohort.arrays, total, like)]
+                self.secure_sums += 1
+        return secure_updates
+
+    @property
+    def quantizer(self) -> Quantizer:
+        s = self.cfg.secure_aggregation
+        return Quantizer(s.clip_range, s.quantization_bits)
+
     def run(self, grid: Grid) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
         members, replies = self.discover(grid)
@@ -243,30 +333,10 @@ class Coordinator:
         for server_round in range(1, self.cfg.rounds + 1):
             start = time.perf_counter()
             record: dict[str, Any] = {"round": server_round, "cohorts": {}}
-            train_msgs = {a: list(c.strategy.configure_train(
-                server_round, c.arrays, self.train_config(c, server_round), grid))
-                for a, c in cohorts.items()}
-            train_replies = _exchange(grid, train_msgs)
-            for arch, cohort in cohorts.items():
-                updates = self.collect_privacy(cohort, train_replies[arch], server_round)
-                arrays, metrics = cohort.strategy.aggregate_train(server_round, updates)
-                entry = record["cohorts"].setdefault(arch, {})
-                refused = len(train_replies[arch]) - len(updates)
-                entry.update(_counts(train_msgs[arch], updates, "train", refused))
-                entry["budget_exhausted"] = refused
-                if self.privacy:
-                    entry["max_epsilon"] = max(
-                        (self.privacy[m.node_id]["epsilon"] for m in cohort.members
-                         if m.node_id in self.privacy), default=0.0)
-                if arrays is None:
-                    log.warning("round %d: cohort %s got no valid update; keeping its model",
-                                server_round, arch)
-                else:
-                    cohort.arrays = arrays
-                entry.update(_renamed(metrics))
+            self.train_round(grid, cohorts, server_round, record)
             eval_msgs = {a: list(c.strategy.configure_evaluate(
                 server_round, c.arrays, ConfigRecord(), grid)) for a, c in cohorts.items()}
-            eval_replies = _exchange(grid, eval_msgs)
+            eval_replies = exchange(grid, eval_msgs)
             for arch, cohort in cohorts.items():
                 metrics = cohort.strategy.aggregate_evaluate(server_round, eval_replies[arch])
                 record["cohorts"][arch].update(_renamed(metrics))
@@ -279,7 +349,7 @@ class Coordinator:
                             "round %d of %d", server_round, self.cfg.rounds)
                 break
         result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members),
-                                  dict(self.privacy))
+                                  dict(self.privacy), self.secure_sums)
         self.listener.on_finish(result)
         return result
 
@@ -319,25 +389,38 @@ class Coordinator:
         return fusion
 
 
-def _exchange(grid: Grid, by_cohort: dict[str, list[Message]]) -> dict[str, list[Message]]:
-    """Send every cohort's messages in one batch; return the replies grouped by cohort."""
-    owner = {m.metadata.dst_node_id: arch for arch, msgs in by_cohort.items() for m in msgs}
-    everything = [m for msgs in by_cohort.values() for m in msgs]
-    grouped: dict[str, list[Message]] = {arch: [] for arch in by_cohort}
-    if everything:
-        for reply in grid.send_and_receive(everything):
-            arch = owner.get(reply.metadata.src_node_id)
-            if arch is not None:
-                grouped[arch].append(reply)
-    return grouped
-
-
 def _counts(sent: list[Message], replies: Iterable[Message], phase: str,
             declined: int = 0) -> dict[str, int]:
     """Clients that answered, and failures (errors or no answer) among the ``sent``
     messages; ``declined`` answers (a site at its privacy budget) are neither."""
     ok = sum(1 for r in replies if not r.has_error())
     return {f"{phase}_clients": ok, f"{phase}_failures": len(sent) - ok - declined}
+
+
+def _sizes(arrays: ArrayRecord) -> list[int]:
+    return [int(np.prod(a.shape)) for a in arrays.values()]
+
+
+def _with_session(msgs: list[Message], session: SecAggSession | None,
+                  settings: SecureAggregationConfig) -> list[Message]:
+    """The train messages of a session's U2 members, carrying its masking request."""
+    if session is None:
+        return []
+    request = session.mask_request(**{"clip-range": settings.clip_range,
+                                      "quantization-bits": settings.quantization_bits})
+    keep = [m for m in msgs if str(m.metadata.dst_node_id) in session.u2]
+    for m in keep:
+        m.content[SECAGG_RECORD] = request
+    return keep
+
+
+def _aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Message:
+    """A reply carrying w_global + mean delta and the cohort's summed example count."""
+    new = ArrayRecord({k: Array((a.numpy() + d).astype(a.numpy().dtype))
+                       for (k, a), d in zip(arrays.items(), total.mean_delta)})
+    return Message(RecordDict({"arrays": new, "metrics": MetricRecord({
+        "num-examples": total.num_examples, "train-loss": total.loss,
+        "train-accuracy": total.accuracy})}), reply_to=like)
 
 
 def _renamed(metrics: Any) -> dict[str, float]:

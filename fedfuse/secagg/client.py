@@ -1,0 +1,158 @@
+"""The client's half of the protocol: four handlers over the node's persistent state.
+
+Round of one group (a cohort's sampled clients), as the client sees it:
+1. setup: draw two X25519 key pairs, (c, c_pk) to encrypt shares and (s, s_pk) to agree
+   pairwise masks; answer both public keys.
+2. share: get every member's public keys (U1). Draw the self-mask seed b; Shamir-share b
+   and s among U1 with threshold t; seal each member's two shares to it with the key
+   agreed from c; answer the sealed shares and a commitment to every share and to b.
+3. mask (inside the train handler): get the members that shared (U2); answer
+   y = x + PRG(b) + sum_{v in U2, v after u} PRG(s_uv) - sum_{v before u} PRG(s_uv) mod 2^64.
+4. unmask: get the survivors U3 (who sent y) and the dropped U2 \\ U3 with the sealed
+   shares addressed to this client; answer the shares of b for survivors and of s for the
+   dropped, never both for one member; then forget the round's keys.
+A request that contradicts what the client already saw raises SecAggError, so the client
+drops out instead of helping to unmask anyone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from fedfuse.errors import FedfuseError
+from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg.messages import (MASKED, PAIR_MASK_LABEL, RECORD, SELF_MASK_LABEL,
+                                     SHARE_KEY_LABEL, associated_data, share_commitment)
+
+__all__ = ["MASKED", "RECORD", "SecAggError", "mask", "setup", "share", "unmask"]
+
+
+class SecAggError(FedfuseError):
+    """A protocol request this client refuses to answer."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SecAggError(f"secure aggregation: {message}")
+
+
+def _state(state: RecordDict, session: bytes) -> ConfigRecord:
+    _require(RECORD in state and state[RECORD]["session"] == session,
+             "request for a session this client did not set up (or already finished)")
+    return state[RECORD]
+
+
+def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
+    """Stage 1: fresh key pairs for this session; answer their public halves."""
+    session = bytes(request["session"])
+    c, s = crypto.new_private_key(), crypto.new_private_key()
+    state[RECORD] = ConfigRecord({"session": session, "c": c, "s": s})
+    return ConfigRecord({"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)})
+
+
+def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
+    """Stage 2: share b and s among the members in ``request["nodes"]``, sealed to each."""
+    session = bytes(request["session"])
+    st = _state(state, session)
+    nodes = list(request["nodes"])
+    c_pk, s_pk = list(request["c-pk"]), list(request["s-pk"])
+    t = int(request["threshold"])
+    _require(len(nodes) == len(set(nodes)) == len(c_pk) == len(s_pk),
+             "the member list and key lists disagree")
+    _require(me in nodes, "this client is not in the member list")
+    mine = nodes.index(me)
+    _require(c_pk[mine] == crypto.public_key(st["c"]) and
+             s_pk[mine] == crypto.public_key(st["s"]),
+             "the coordinator relayed other public keys for this client")
+    _require(len(set(c_pk)) == len(c_pk) and len(set(s_pk)) == len(s_pk),
+             "two members advertise the same public key")
+    _require(2 <= t <= len(nodes), f"threshold {t} is outside 2..{len(nodes)}")
+    b = os.urandom(shamir.SECRET_BYTES)
+    b_shares = shamir.split_secret(b, t, len(nodes))
+    s_shares = shamir.split_secret(bytes(st["s"]), t, len(nodes))
+    to, sealed = [], []
+    for j, node in enumerate(nodes):
+        if j != mine:
+            key = crypto.agree(st["c"], c_pk[j], SHARE_KEY_LABEL + session)
+            sealed.append(crypto.seal(key, b_shares[j] + s_shares[j],
+                                      associated_data(session, me, node)))
+            to.append(node)
+    st.update({"threshold": t, "nodes": nodes, "c-pk": c_pk, "s-pk": s_pk, "b": b,
+               "own-b": b_shares[mine], "own-s": s_shares[mine]})
+    state[RECORD] = st
+    return ConfigRecord({
+        "to": to, "ciphertexts": sealed, "b-hash": crypto.digest(b),
+        "commit-b": [share_commitment(session, b"b", me, j + 1, x)
+                     for j, x in enumerate(b_shares)],
+        "commit-s": [share_commitment(session, b"s", me, j + 1, x)
+                     for j, x in enumerate(s_shares)],
+    })
+
+
+def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) -> np.ndarray:
+    """Stage 3: ``vector`` (uint64) masked with PRG(b) and the pairwise masks of U2."""
+    session = bytes(request["session"])
+    st = _state(state, session)
+    _require("b" in st, "masking requested before shares were made")
+    _require("masked-with" not in st, "a second masked vector requested in one session")
+    nodes, u2 = list(st["nodes"]), list(request["nodes"])
+    _require(me in u2 and set(u2) <= set(nodes) and len(u2) == len(set(u2)),
+             "the members that shared are not a subset of the members")
+    _require(len(u2) >= int(st["threshold"]),
+             f"only {len(u2)} members shared, fewer than the threshold {st['threshold']}")
+    out = vector.astype(np.uint64) + crypto.mask_words(
+        crypto.derive(st["b"], SELF_MASK_LABEL + session), vector.size)
+    mine = nodes.index(me)
+    for node in u2:
+        j = nodes.index(node)
+        if j == mine:
+            continue
+        words = crypto.mask_words(
+            crypto.agree(st["s"], st["s-pk"][j], PAIR_MASK_LABEL + session), vector.size)
+        out = out + words if mine < j else out - words
+    st["masked-with"] = u2
+    state[RECORD] = st
+    return out
+
+
+def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
+    """Stage 4: shares of b for the survivors and of s for the dropped; then forget."""
+    session = bytes(request["session"])
+    st = _state(state, session)
+    _require("masked-with" in st, "unmasking requested before this client masked")
+    u2 = set(st["masked-with"])
+    survivors, dropped = list(request["survivors"]), list(request["dropped"])
+    _require(not set(survivors) & set(dropped), "a member is listed as survivor and dropped")
+    _require(set(survivors) | set(dropped) == u2 and len(survivors) + len(dropped) == len(u2),
+             "survivors and dropped do not make up the members that shared")
+    _require(me in survivors, "this client is listed as dropped")
+    _require(len(survivors) >= int(st["threshold"]),
+             f"only {len(survivors)} survivors, fewer than the threshold {st['threshold']}")
+    nodes = list(st["nodes"])
+    b_from, b_shares, s_from, s_shares, unreadable = [me], [st["own-b"]], [], [], []
+    for src, blob in zip(request["from"], request["ciphertexts"]):
+        if src not in u2 or src == me:
+            unreadable.append(src)
+            continue
+        key = crypto.agree(st["c"], st["c-pk"][nodes.index(src)], SHARE_KEY_LABEL + session)
+        try:
+            plain = crypto.unseal(key, bytes(blob), associated_data(session, src, me))
+        except crypto.CryptoError:
+            unreadable.append(src)
+            continue
+        half = shamir.SHARE_BYTES
+        if len(plain) != 2 * half:
+            unreadable.append(src)
+            continue
+        if src in survivors:
+            b_from.append(src)
+            b_shares.append(plain[:half])
+        else:
+            s_from.append(src)
+            s_shares.append(plain[half:])
+    del state[RECORD]
+    return ConfigRecord({"b-from": b_from, "b-shares": b_shares, "s-from": s_from,
+                         "s-shares": s_shares, "unreadable": unreadable})

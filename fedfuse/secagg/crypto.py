@@ -1,0 +1,89 @@
+"""The protocol's primitives, all from the ``cryptography`` package.
+
+- key agreement: X25519, the shared secret stretched by HKDF-SHA256 with a context label;
+- authenticated encryption of shares: ChaCha20-Poly1305 with a random 96-bit nonce and
+  associated data that binds a ciphertext to its session, sender and recipient;
+- masks: the ChaCha20 keystream of a 256-bit key, read as little-endian uint64 words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat
+from cryptography.hazmat.primitives.serialization import NoEncryption
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+class CryptoError(ValueError):
+    """A key, ciphertext or share that does not verify."""
+
+
+def new_private_key() -> bytes:
+    """A fresh X25519 private key (32 raw bytes)."""
+    return X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw,
+                                                     NoEncryption())
+
+
+def public_key(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw)
+
+
+def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
+    """K = HKDF-SHA256(X25519(private, peer_public), info=label), 32 bytes; symmetric:
+    agree(a, B, l) == agree(b, A, l). Raises CryptoError for an invalid public key."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:
+        raise CryptoError(f"unusable public key: {exc}") from None
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label).derive(shared)
+
+
+def derive(key: bytes, label: bytes) -> bytes:
+    """A 32-byte subkey HKDF-SHA256(key, info=label)."""
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label).derive(key)
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """nonce || ChaCha20-Poly1305(key, nonce, plaintext, associated)."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated)
+
+
+def unseal(key: bytes, blob: bytes, associated: bytes) -> bytes:
+    """The plaintext of ``seal``; CryptoError if the blob was altered, is foreign to this
+    key, or belongs to another session, sender or recipient (``associated``)."""
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise CryptoError(f"ciphertext of {len(blob)} bytes is too short")
+    try:
+        return ChaCha20Poly1305(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated)
+    except InvalidTag:
+        raise CryptoError("ciphertext does not authenticate") from None
+
+
+def mask_words(key: bytes, length: int) -> np.ndarray:
+    """PRG(key): ``length`` uint64 words of the ChaCha20 keystream under ``key``."""
+    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    return np.frombuffer(encryptor.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
+
+
+def digest(*parts: bytes) -> bytes:
+    """SHA-256 over length-prefixed parts (so no two part lists hash alike)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big"))
+        h.update(p)
+    return h.digest()

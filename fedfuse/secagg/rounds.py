@@ -1,0 +1,57 @@
+"""Running the sessions of several groups (cohorts) side by side, one batch per stage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedfuse.grid import exchange
+from fedfuse.secagg.server import SecAggAbort, SecAggSession
+
+log = logging.getLogger("fedfuse.secagg")
+
+
+def open_sessions(grid: Grid, nodes: dict[str, Sequence[int]], threshold: float,
+                  lengths: dict[str, int], tag: str) -> tuple[dict[str, SecAggSession],
+                                                             dict[str, str]]:
+    """Stages 1 and 2 (keys, sealed shares) for every group with nodes. Returns the
+    sessions ready for masked input, and why the others failed."""
+    sessions = {g: SecAggSession(f"{tag}/{g}", n, threshold, lengths[g])
+                for g, n in nodes.items() if n}
+    failed: dict[str, str] = {}
+    replies = exchange(grid, {g: s.setup_messages() for g, s in sessions.items()})
+    _advance(sessions, failed, lambda g, s: s.receive_keys(replies[g]))
+    replies = exchange(grid, {g: s.share_messages() for g, s in sessions.items()})
+    _advance(sessions, failed, lambda g, s: s.receive_shares(replies[g]))
+    return sessions, failed
+
+
+def close_sessions(grid: Grid, sessions: dict[str, SecAggSession],
+                   failed: dict[str, str]) -> dict[str, np.ndarray]:
+    """Stage 4 for every session: the unmasked sums, by group (failures go to ``failed``)."""
+    replies = exchange(grid, {g: s.unmask_messages() for g, s in sessions.items()})
+    sums: dict[str, np.ndarray] = {}
+    _advance(sessions, failed, lambda g, s: sums.__setitem__(g, s.receive_unmask(replies[g])))
+    return sums
+
+
+def _advance(sessions: dict[str, SecAggSession], failed: dict[str, str], step) -> None:
+    """Apply ``step(group, session)``; a session that aborts is removed and logged."""
+    for group in list(sessions):
+        try:
+            step(group, sessions[group])
+        except SecAggAbort as exc:
+            log.warning("secure aggregation of %s failed this round: %s", group, exc)
+            failed[group] = str(exc)
+            del sessions[group]
+
+
+def collect_masked(sessions: dict[str, SecAggSession], failed: dict[str, str],
+                   replies: dict[str, list[Message]], declined: dict[str, set[int]]) -> None:
+    """Stage 3: the masked vectors from each group's train replies."""
+    _advance(sessions, failed,
+             lambda g, s: s.receive_masked(replies[g], declined.get(g, set())))

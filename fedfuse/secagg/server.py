@@ -1,0 +1,290 @@
+"""The coordinator's half of the protocol: one ``SecAggSession`` per group per round.
+
+The coordinator relays keys and sealed shares, collects masked vectors and, from the
+survivors' shares, rebuilds exactly the secrets it needs: the self-mask seed b of every
+survivor and the masking key s of every member that dropped after sharing. Every reply is
+checked before it is used; a malformed one (wrong lengths, unknown node ids, shares that
+do not match their sharer's commitment) drops that client from the session with a
+logged reason, and the session goes on while at least ``threshold`` clients remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedfuse.errors import FedfuseError
+from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg.messages import (CIPHERTEXT_BYTES, COMMIT_BYTES, MASKED, PAIR_MASK_LABEL,
+                                     PUBLIC_KEY_BYTES, RECORD, SELF_MASK_LABEL, SESSION_BYTES,
+                                     SETUP, SHARE, UNMASK, share_commitment)
+
+log = logging.getLogger("fedfuse.secagg")
+
+
+class SecAggAbort(FedfuseError):
+    """The session cannot produce a sum (too few clients left, or a sharer's shares do
+    not rebuild its committed secret); the group's round fails without revealing anyone's
+    update."""
+
+
+def threshold_for(fraction: float, selected: int) -> int:
+    """t = max(2, ceil(fraction * n)) for n selected clients, at most n."""
+    return min(selected, max(2, math.ceil(fraction * selected - 1e-9)))
+
+
+class SecAggSession:
+    """A secure sum over ``nodes`` of vectors with ``length`` uint64 entries."""
+
+    def __init__(self, group: str, nodes: Sequence[int], threshold_fraction: float,
+                 length: int) -> None:
+        self.group = group
+        self.session = os.urandom(SESSION_BYTES)
+        self.selected = [str(n) for n in nodes]
+        self.threshold = threshold_for(threshold_fraction, len(self.selected))
+        self.length = length
+        self.dropped: dict[str, str] = {}
+        """Node id -> why it left the session."""
+        self.keys: dict[str, tuple[bytes, bytes]] = {}
+        """U1: node -> (c_pk, s_pk)."""
+        self.sealed: dict[str, dict[str, bytes]] = {}
+        """U2: sharer -> recipient -> sealed shares."""
+        self.commitments: dict[str, dict[str, Any]] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        """U3: node -> masked vector."""
+
+    # -- stage 1 ------------------------------------------------------------------------
+
+    def setup_messages(self) -> list[Message]:
+        content = RecordDict({RECORD: ConfigRecord({"session": self.session,
+                                                    "group": self.group})})
+        return [Message(content, dst_node_id=int(n), message_type=SETUP)
+                for n in self.selected]
+
+    def receive_keys(self, replies: Iterable[Message]) -> None:
+        seen: set[bytes] = set()
+        for node, rec in self._records(replies, self.selected, "setup"):
+            c_pk, s_pk = rec.get("c-pk"), rec.get("s-pk")
+            if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in (c_pk, s_pk)):
+                self._drop(node, "setup: public keys are not two 32-byte X25519 keys")
+            elif c_pk in seen or s_pk in seen or c_pk == s_pk:
+                self._drop(node, "setup: a public key already advertised in this session")
+            else:
+                seen.update((c_pk, s_pk))
+                self.keys[node] = (c_pk, s_pk)
+        self._require(len(self.keys), "advertised keys")
+
+    # -- stage 2 ------------------------------------------------------------------------
+
+    @property
+    def u1(self) -> list[str]:
+        return [n for n in self.selected if n in self.keys]
+
+    def share_messages(self) -> list[Message]:
+        u1 = self.u1
+        content = RecordDict({RECORD: ConfigRecord({
+            "session": self.session, "threshold": self.threshold, "nodes": u1,
+            "c-pk": [self.keys[n][0] for n in u1], "s-pk": [self.keys[n][1] for n in u1]})})
+        return [Message(content, dst_node_id=int(n), message_type=SHARE) for n in u1]
+
+    def receive_shares(self, replies: Iterable[Message]) -> None:
+        u1 = self.u1
+        for node, rec in self._records(replies, u1, "share"):
+            others = [n for n in u1 if n != node]
+            to, sealed = list(rec.get("to", [])), list(rec.get("ciphertexts", []))
+            commits = [list(rec.get("commit-b", [])), list(rec.get("commit-s", []))]
+            if sorted(to) != sorted(others) or len(sealed) != len(to):
+                self._drop(node, "share: sealed shares are not addressed to exactly the "
+                                 "other members")
+            elif any(not isinstance(x, bytes) or len(x) != CIPHERTEXT_BYTES for x in sealed):
+                self._drop(node, f"share: a sealed share is not {CIPHERTEXT_BYTES} bytes")
+            elif any(len(c) != len(u1) or any(not isinstance(x, bytes) or len(x) != COMMIT_BYTES
+                                              for x in c) for c in commits) \
+                    or not isinstance(rec.get("b-hash"), bytes) \
+                    or len(rec["b-hash"]) != COMMIT_BYTES:
+                self._drop(node, "share: commitments are missing or malformed")
+            else:
+                self.sealed[node] = dict(zip(to, sealed))
+                self.commitments[node] = {"b": commits[0], "s": commits[1],
+                                          "b-hash": rec["b-hash"]}
+        self._require(len(self.sealed), "shared their keys")
+
+    # -- stage 3 ------------------------------------------------------------------------
+
+    @property
+    def u2(self) -> list[str]:
+        return [n for n in self.u1 if n in self.sealed]
+
+    def mask_request(self, **settings: Any) -> ConfigRecord:
+        """The record to attach to each U2 member's train message."""
+        return ConfigRecord({"session": self.session, "nodes": self.u2, **settings})
+
+    def receive_masked(self, replies: Iterable[Message],
+                       declined: Iterable[int] = ()) -> None:
+        """Masked vectors from the train replies; ``declined`` nodes answered without one
+        on purpose (for example: privacy budget spent)."""
+        declined = {str(n) for n in declined}
+        u2 = self.u2
+        answered = set()
+        for reply in replies:
+            node = str(reply.metadata.src_node_id)
+            if node not in u2:
+                log.warning("%s: masked input from node %s, which is not in the session",
+                            self.group, node)
+                continue
+            answered.add(node)
+            if reply.has_error():
+                self._drop(node, f"mask: failed ({reply.error.reason.splitlines()[0][:200]})")
+            elif node in declined:
+                self._drop(node, "mask: declined to train")
+            elif MASKED not in reply.content or "vector" not in reply.content[MASKED]:
+                self._drop(node, "mask: the reply has no masked vector")
+            else:
+                vec = reply.content[MASKED]["vector"].numpy()
+                if vec.dtype != np.uint64 or vec.shape != (self.length,):
+                    self._drop(node, f"mask: vector is {vec.dtype}{list(vec.shape)}, expected "
+                                     f"uint64[{self.length}]")
+                else:
+                    self.vectors[node] = vec
+        for node in set(u2) - answered:
+            self._drop(node, "mask: no answer")
+        self._require(len(self.vectors), "sent a masked vector")
+
+    # -- stage 4 ------------------------------------------------------------------------
+
+    @property
+    def u3(self) -> list[str]:
+        return [n for n in self.u2 if n in self.vectors]
+
+    def unmask_messages(self) -> list[Message]:
+        u2, u3 = self.u2, self.u3
+        dropped = [n for n in u2 if n not in self.vectors]
+        out = []
+        for node in u3:
+            senders = [s for s in u2 if s != node]
+            content = RecordDict({RECORD: ConfigRecord({
+                "session": self.session, "survivors": u3, "dropped": dropped,
+                "from": senders, "ciphertexts": [self.sealed[s][node] for s in senders]})})
+            out.append(Message(content, dst_node_id=int(node), message_type=UNMASK))
+        return out
+
+    def receive_unmask(self, replies: Iterable[Message]) -> np.ndarray:
+        """The unmasked sum over U3 of the clients' vectors (mod 2^64)."""
+        u2, u3 = self.u2, self.u3
+        dropped = [n for n in u2 if n not in self.vectors]
+        index = {n: i + 1 for i, n in enumerate(self.u1)}
+        b_shares: dict[str, dict[int, bytes]] = {n: {} for n in u3}
+        s_shares: dict[str, dict[int, bytes]] = {n: {} for n in dropped}
+        responders = 0
+        for node, rec in self._records(replies, u3, "unmask", drop=False):
+            got = self._verified_shares(node, rec, index, set(u3), set(dropped))
+            if got is None:
+                continue
+            responders += 1
+            for kind, src, share in got:
+                (b_shares if kind == b"b" else s_shares)[src][index[node]] = share
+        if responders < self.threshold:
+            raise SecAggAbort(f"{self.group}: {responders} clients returned valid shares, "
+                              f"the threshold is {self.threshold}")
+        total = np.zeros(self.length, dtype=np.uint64)
+        for node in u3:
+            total = total + self.vectors[node]
+            b = self._rebuild(node, b_shares[node], "b")
+            if crypto.digest(b) != self.commitments[node]["b-hash"]:
+                raise SecAggAbort(f"{self.group}: node {node}'s shares do not rebuild the "
+                                  "mask seed it committed to")
+            total = total - crypto.mask_words(
+                crypto.derive(b, SELF_MASK_LABEL + self.session), self.length)
+        order = {n: i for i, n in enumerate(self.u1)}
+        for gone in dropped:
+            s = self._rebuild(gone, s_shares[gone], "s")
+            if crypto.public_key(s) != self.keys[gone][1]:
+                raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
+                                  "masking key it advertised")
+            for node in u3:
+                words = crypto.mask_words(
+                    crypto.agree(s, self.keys[node][1], PAIR_MASK_LABEL + self.session),
+                    self.length)
+                # node added +words if it comes before `gone`, else -words
+                total = total - words if order[node] < order[gone] else total + words
+        return total
+
+    def _verified_shares(self, node: str, rec: ConfigRecord, index: dict[str, int],
+                         survivors: set[str], dropped: set[str]
+                         ) -> list[tuple[bytes, str, bytes]] | None:
+        """A responder's shares, each checked against its sharer's commitment; None (and
+        the responder's shares discarded) if any is malformed, foreign or forged."""
+        out = []
+        for kind, wanted, key in ((b"b", survivors, "b"), (b"s", dropped, "s")):
+            sources = list(rec.get(f"{key}-from", []))
+            shares = list(rec.get(f"{key}-shares", []))
+            if len(sources) != len(shares) or len(set(sources)) != len(sources):
+                log.warning("%s: node %s's %s-shares are malformed; ignored", self.group,
+                            node, key)
+                return None
+            for src, share in zip(sources, shares):
+                if src not in wanted:
+                    log.warning("%s: node %s returned a %s-share of %s, which was not asked "
+                                "for; its shares are ignored", self.group, node, key, src)
+                    return None
+                expected = self.commitments[src][key][index[node] - 1]
+                if not isinstance(share, bytes) or share_commitment(
+                        self.session, kind, src, index[node], share) != expected:
+                    log.warning("%s: node %s returned a %s-share of %s that does not match "
+                                "the sharer's commitment; its shares are ignored",
+                                self.group, node, key, src)
+                    return None
+                out.append((kind, src, share))
+        return out
+
+    def _rebuild(self, node: str, shares: dict[int, bytes], what: str) -> bytes:
+        if len(shares) < self.threshold:
+            raise SecAggAbort(f"{self.group}: {len(shares)} shares of node {node}'s {what}, "
+                              f"the threshold is {self.threshold}")
+        first = dict(sorted(shares.items())[: self.threshold])
+        try:
+            return shamir.combine_shares(first)
+        except ValueError as exc:
+            raise SecAggAbort(f"{self.group}: node {node}'s {what}: {exc}") from None
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _records(self, replies: Iterable[Message], expected: list[str], stage: str,
+                 drop: bool = True) -> Iterable[tuple[str, ConfigRecord]]:
+        """(node, record) of the well-formed replies from ``expected`` nodes; the others
+        are dropped (or only logged, ``drop=False``) with the reason."""
+        expected_set = set(expected)
+        answered = set()
+        for reply in replies:
+            node = str(reply.metadata.src_node_id)
+            if node not in expected_set:
+                log.warning("%s: %s reply from node %s, which is not in the session; ignored",
+                            self.group, stage, node)
+                continue
+            answered.add(node)
+            if reply.has_error():
+                reason = f"{stage}: failed ({reply.error.reason.splitlines()[0][:200]})"
+            elif RECORD not in reply.content:
+                reason = f"{stage}: the reply has no {RECORD!r} record"
+            else:
+                yield node, reply.content[RECORD]
+                continue
+            self._drop(node, reason) if drop else log.warning("%s: node %s: %s", self.group,
+                                                              node, reason)
+        for node in expected_set - answered:
+            self._drop(node, f"{stage}: no answer") if drop else None
+
+    def _drop(self, node: str, reason: str) -> None:
+        self.dropped.setdefault(node, reason)
+        log.warning("%s: node %s leaves the secure aggregation: %s", self.group, node, reason)
+
+    def _require(self, remaining: int, what: str) -> None:
+        if remaining < self.threshold:
+            raise SecAggAbort(f"{self.group}: only {remaining} clients {what}, the "
+                              f"threshold is {self.threshold}")
