@@ -29,6 +29,7 @@ import torch
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
                       RecordDict)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedfuse.fusion import brier_statistics
 from fedfuse.secagg import Quantizer, encode_update
@@ -44,9 +45,11 @@ from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer,
 SiteProvider = Callable[[Context], Site]
 
 
-def build_client_app(site_of: SiteProvider, threads: int = 1) -> ClientApp:
-    """A ClientApp whose local data and architecture come from ``site_of(context)``."""
-    app = ClientApp()
+def build_client_app(site_of: SiteProvider, threads: int = 1,
+                     mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose local data and architecture come from ``site_of(context)``;
+    ``mods`` are Flower client mods wrapped around every handler."""
+    app = ClientApp(mods=mods)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -70,7 +70,8 @@ def test_summary_matches_the_saved_models(two_runs):
     scenario, (run, _) = two_runs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["clients"] == 6
-    assert summary["secure_aggregation"] is False
+    assert summary["secure_aggregation"] is True  # on by default
+    assert summary["secure_sums"] == 3 * 2  # every cohort, every round
     assert summary["privacy"] == {"mode": "off", "max_epsilon": None, "delta": None}
     assert summary["wall_seconds"] > 0
     cfg = load_config(run / "config.toml")
