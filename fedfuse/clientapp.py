@@ -12,6 +12,12 @@ Message layout (all keys fixed):
              delta, noise-multiplier, sample-rate, steps, accountant, budget}. A site
              whose next round would exceed its ε budget answers with only the "privacy"
              record, status "budget-exhausted".
+          With secure aggregation the train message also carries ConfigRecord "secagg"
+          {session, nodes, clip-range, quantization-bits}, and the reply carries
+          ArrayRecord "masked" {vector} (uint64) instead of "arrays" and "metrics":
+          see ``fedfuse.secagg.encoding`` for the vector's layout.
+- query.secagg_setup / query.secagg_share / query.secagg_unmask <-> ConfigRecord
+          "secagg": the protocol stages of ``fedfuse.secagg.client``.
 - evaluate <- ArrayRecord "arrays" -> MetricRecord "metrics" {num-examples, val-loss,
              val-accuracy}
 - query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}

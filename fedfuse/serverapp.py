@@ -28,7 +28,7 @@ from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, UpdateSum, decode_sum
-from fedfuse.secagg.encoding import payload_length
+from fedfuse.secagg.encoding import check_ring, payload_length
 from fedfuse.secagg.messages import RECORD as SECAGG_RECORD
 from fedfuse.secagg.rounds import close_sessions, collect_masked, open_sessions
 from fedfuse.stats import pooled_mean_std
@@ -186,6 +186,9 @@ class Coordinator:
             [int(r.content["metrics"]["num-examples"]) for r in replies],
             [m["sum"].numpy() for m in moments], [m["sumsq"].numpy() for m in moments])
         sim = self.cfg.simulation
+        if self.cfg.secure_aggregation.enabled:
+            check_ring(self.cfg.secure_aggregation.quantization_bits,
+                       sum(m.num_train for m in members))
         cohorts: dict[str, Cohort] = {}
         for i, cc in enumerate(self.cfg.cohorts):
             mine = [m for m in members if m.arch == cc.arch]
@@ -246,10 +249,16 @@ class Coordinator:
                     record: dict[str, Any]) -> None:
         """One round of training in every cohort; with secure aggregation the coordinator
         sees only each cohort's masked sum (``fedfuse.secagg``)."""
+        secure = self.cfg.secure_aggregation
+        for arch, cohort in cohorts.items():
+            if secure.enabled and len(cohort.strategy.trainers) == 1:
+                log.warning("round %d: cohort %s has one site left that may train; secure "
+                            "aggregation cannot hide a lone update, so the cohort stops "
+                            "training", server_round, arch)
+                cohort.strategy.retire(cohort.strategy.trainers[0])
         train_msgs = {a: list(c.strategy.configure_train(
             server_round, c.arrays, self.train_config(c, server_round), grid))
             for a, c in cohorts.items()}
-        secure = self.cfg.secure_aggregation
         sessions: dict[str, SecAggSession] = {}
         failed: dict[str, str] = {}
         if secure.enabled:

@@ -17,6 +17,7 @@ from fedfuse.config import FedfuseConfig
 from fedfuse.partition import label_skew
 from fedfuse.privacy import check_privacy_settings
 from fedfuse.progress import Fanout, ProgressDisplay
+from fedfuse.secagg.encoding import check_ring
 from fedfuse.rundir import RunDirectory, build_summary
 from fedfuse.serverapp import build_server_app
 from fedfuse.sites import Site, plan_federation, simulated_site
@@ -57,6 +58,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None,
     plan = plan_federation(cfg)
     train_parts = [c.train for c in plan.federation.clients]
     check_privacy_settings(cfg, [len(p) for p in train_parts], plan.dataset.schema)
+    if cfg.secure_aggregation.enabled:
+        check_ring(cfg.secure_aggregation.quantization_bits, sum(len(p) for p in train_parts))
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with RunDirectory(out, cfg, plan.dataset.schema) as run:

@@ -70,7 +70,7 @@ def test_wrong_type_is_named(raw, key):
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
     ({"cohorts": [{"arch": "mlp", "clients": 0}]}, "cohorts[0].clients"),
     ({"cohorts": []}, "cohorts"),
-    ({"cohorts": [{"arch": "mlp", "clients": 1}, {"arch": "mlp", "clients": 1}]},
+    ({"cohorts": [{"arch": "mlp", "clients": 2}, {"arch": "mlp", "clients": 2}]},
      "cohorts[1].arch"),
     ({"simulation": {"cpus_per_client": 4.0}}, "simulation.cpus_per_client"),
 ])

@@ -72,9 +72,12 @@ def test_summary_and_artifact_carry_the_privacy_figures(dp_run):
 
 
 def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
+    # without secure aggregation: with it, a cohort of two stops training when its first
+    # site is at its budget (test_lone_site_stops_training_under_secure_aggregation)
     budget = 4.0
     run = simulate(tmp_path, "capped", f'\n[privacy]\nmode = "sample"\nnoise_multiplier = 1.0'
-                   f"\nbudget_epsilon = {budget}\n", rounds=6)
+                   f"\nbudget_epsilon = {budget}\n[secure_aggregation]\nenabled = false\n",
+                   rounds=6)
     entries = load(run, "privacy.json")["clients"]
     for e in entries:
         assert e["status"] == "budget-exhausted" and e["epsilon"] <= budget
@@ -87,3 +90,20 @@ def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
     assert refused == len(entries) == 6  # each site refused once, then was not sampled
     assert all(c["train_clients"] == 0 for c in rounds[-1]["cohorts"].values())
     assert load(run, "summary.json")["privacy"]["clients_at_budget"] == 6
+
+
+def test_lone_site_stops_training_under_secure_aggregation(tmp_path):
+    budget = 4.0
+    run = simulate(tmp_path, "capped-secure", f'\n[privacy]\nmode = "sample"\n'
+                   f"noise_multiplier = 1.0\nbudget_epsilon = {budget}\n", rounds=6)
+    entries = load(run, "privacy.json")["clients"]
+    assert all(e["epsilon"] <= budget for e in entries)
+    by_cohort: dict[str, list[str]] = {}
+    for e in entries:
+        by_cohort.setdefault(e["cohort"], []).append(e["status"])
+    # in each cohort of two, the first site at its budget ends the cohort's training
+    assert all("budget-exhausted" in s for s in by_cohort.values())
+    rounds = load(run, "metrics.jsonl")
+    assert len(rounds) < 6
+    assert all(c["train_clients"] == 0 for c in rounds[-1]["cohorts"].values())
+    assert load(run, "summary.json")["secure_aggregation"] is True

@@ -382,3 +382,11 @@ def test_a_cohort_of_one_is_refused_under_secure_aggregation():
     assert err.value.key == "cohorts[0].clients"
     raw["secure_aggregation"] = {"enabled": False}
     assert config_from_dict(raw).num_clients == 1
+
+
+def test_ring_overflow_is_refused_with_the_bits_named():
+    from fedfuse.secagg.encoding import check_ring
+    check_ring(24, 1_000_000)
+    with pytest.raises(ConfigError, match="at most 22 bits") as err:
+        check_ring(40, 2_000_000_000)
+    assert err.value.key == "secure_aggregation.quantization_bits"

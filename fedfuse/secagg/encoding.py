@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedfuse.errors import ConfigError
+
 FIXED_POINT_BITS = 24
 EXTRAS = 4
 """Entries after the weights: n, n*loss, n*accuracy, clipped coordinates."""
@@ -48,6 +50,16 @@ class Quantizer:
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """x = q * 2c / L - c (q may be a mean of quantised values)."""
         return q * (2.0 * self.clip_range / self.levels) - self.clip_range
+
+
+def check_ring(bits: int, total_examples: int) -> None:
+    """Refuse settings whose sums could wrap around: sum_i n_i q_i < N * 2^bits must stay
+    below 2^64 (and below 2^63 for the signed fixed-point extras)."""
+    if total_examples * (1 << bits) >= 1 << 63:
+        raise ConfigError("secure_aggregation.quantization_bits",
+                          f"{bits} bits with {total_examples} training examples could overflow "
+                          f"the 64-bit ring; use at most "
+                          f"{63 - max(1, total_examples).bit_length()} bits")
 
 
 def payload_length(sizes: list[int]) -> int:

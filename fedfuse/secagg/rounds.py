@@ -20,9 +20,12 @@ def open_sessions(grid: Grid, nodes: dict[str, Sequence[int]], threshold: float,
                                                              dict[str, str]]:
     """Stages 1 and 2 (keys, sealed shares) for every group with nodes. Returns the
     sessions ready for masked input, and why the others failed."""
+    failed = {g: f"{tag}/{g}: {len(n)} client sampled; a sum over one client is its update"
+              for g, n in nodes.items() if len(n) == 1}
+    for reason in failed.values():
+        log.warning("secure aggregation skipped: %s", reason)
     sessions = {g: SecAggSession(f"{tag}/{g}", n, threshold, lengths[g])
-                for g, n in nodes.items() if n}
-    failed: dict[str, str] = {}
+                for g, n in nodes.items() if len(n) >= 2}
     replies = exchange(grid, {g: s.setup_messages() for g, s in sessions.items()})
     _advance(sessions, failed, lambda g, s: s.receive_keys(replies[g]))
     replies = exchange(grid, {g: s.share_messages() for g, s in sessions.items()})

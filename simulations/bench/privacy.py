@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, machine, publish, read_json, simulate
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from fedfuse.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedfuse.config import load_config  # noqa: E402
 from fedfuse.models import build_model, get_architecture  # noqa: E402
 from fedfuse.privacy import make_private  # noqa: E402
@@ -39,19 +33,14 @@ from fedfuse.sites import plan_federation  # noqa: E402
 from fedfuse.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, None)
-MARKERS = ("<!-- bench:privacy:start -->", "<!-- bench:privacy:end -->")
 
 
 def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path) -> dict:
     privacy = (["privacy.mode=\"off\""] if epsilon is None
                else [f"privacy.target_epsilon={epsilon}"])
-    out = workdir / f"eps-{epsilon}-seed-{seed}"
-    cmd = [sys.executable, "-m", "fedfuse", "simulate", str(scenario), "--out", str(out),
-           "--set", f"seed={seed}"] + [a for p in privacy for a in ("--set", p)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"simulation failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    out = simulate(scenario, workdir / f"eps-{epsilon}-seed-{seed}",
+                   [f"seed={seed}", *privacy])
+    summary = read_json(out / "summary.json")
     return {"epsilon": epsilon, "seed": seed,
             "max_epsilon": summary["privacy"]["max_epsilon"],
             "cohorts": {a: c["test_accuracy"] for a, c in summary["cohorts"].items()},
@@ -127,7 +116,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "privacy.md")
     args = ap.parse_args()
-    machine = f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} cores, CPU"
+    where = machine()
     timing = time_epochs(args.scenario, args.repeats)
     print(json.dumps(timing, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,15 +124,9 @@ def main() -> None:
         for eps in EPSILONS:
             runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp)))
             print(json.dumps(runs[-1]), flush=True)
-    results = {"scenario": str(args.scenario.relative_to(ROOT)), "machine": machine,
+    results = {"scenario": str(args.scenario.relative_to(ROOT)), "machine": where,
                "runs": runs, "epoch_timing": timing}
-    out = ROOT / "simulations" / "bench" / "results" / "privacy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, results)
-    text = args.docs.read_text(encoding="utf-8")
-    start, end = text.index(MARKERS[0]), text.index(MARKERS[1])
-    atomic_write_text(args.docs, text[:start + len(MARKERS[0])] + "\n"
-                      + table(runs, timing, machine) + "\n" + text[end:])
+    publish("privacy", results, args.docs, table(runs, timing, where))
 
 
 if __name__ == "__main__":
