@@ -387,6 +387,6 @@ def test_a_cohort_of_one_is_refused_under_secure_aggregation():
 def test_ring_overflow_is_refused_with_the_bits_named():
     from fedfuse.secagg.encoding import check_ring
     check_ring(24, 1_000_000)
-    with pytest.raises(ConfigError, match="at most 22 bits") as err:
+    with pytest.raises(ConfigError, match="at most 32 bits") as err:
         check_ring(40, 2_000_000_000)
     assert err.value.key == "secure_aggregation.quantization_bits"
