@@ -17,20 +17,19 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
-                      MetricRecord, RecordDict)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.config import FedfuseConfig, SecureAggregationConfig
+from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset
 from fedfuse.errors import FedfuseError
 from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyRequest
-from fedfuse.secagg import Quantizer, SecAggSession, UpdateSum, decode_sum
+from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import check_ring, payload_length
-from fedfuse.secagg.messages import RECORD as SECAGG_RECORD
-from fedfuse.secagg.rounds import close_sessions, collect_masked, open_sessions
+from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_masked,
+                                   open_sessions, sizes, with_session)
 from fedfuse.stats import pooled_mean_std
 from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
 from fedfuse.strategies import CohortFedAvg
@@ -264,9 +263,10 @@ class Coordinator:
         if secure.enabled:
             sessions, failed = open_sessions(
                 grid, {a: [m.metadata.dst_node_id for m in msgs] for a, msgs in train_msgs.items()},
-                secure.threshold, {a: payload_length(_sizes(c.arrays)) for a, c in cohorts.items()},
+                secure.threshold, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
                 tag=f"round {server_round}")
-            train_msgs = {a: _with_session(msgs, sessions.get(a), secure)
+            train_msgs = {a: with_session(msgs, sessions.get(a), secure.clip_range,
+                                        secure.quantization_bits)
                           for a, msgs in train_msgs.items()}
         train_replies = exchange(grid, train_msgs)
         updates: dict[str, list[Message]] = {}
@@ -322,7 +322,7 @@ class Coordinator:
                                 total.clipped)
                 like = next(m for m in train_msgs[arch]
                             if str(m.metadata.dst_node_id) in session.u3)
-                secure_updates[arch] = [_aggregate_reply(cohort.arrays, total, like)]
+                secure_updates[arch] = [aggregate_reply(cohort.arrays, total, like)]
                 self.secure_sums += 1
         return secure_updates
 
@@ -404,32 +404,6 @@ def _counts(sent: list[Message], replies: Iterable[Message], phase: str,
     messages; ``declined`` answers (a site at its privacy budget) are neither."""
     ok = sum(1 for r in replies if not r.has_error())
     return {f"{phase}_clients": ok, f"{phase}_failures": len(sent) - ok - declined}
-
-
-def _sizes(arrays: ArrayRecord) -> list[int]:
-    return [int(np.prod(a.shape)) for a in arrays.values()]
-
-
-def _with_session(msgs: list[Message], session: SecAggSession | None,
-                  settings: SecureAggregationConfig) -> list[Message]:
-    """The train messages of a session's U2 members, carrying its masking request."""
-    if session is None:
-        return []
-    request = session.mask_request(**{"clip-range": settings.clip_range,
-                                      "quantization-bits": settings.quantization_bits})
-    keep = [m for m in msgs if str(m.metadata.dst_node_id) in session.u2]
-    for m in keep:
-        m.content[SECAGG_RECORD] = request
-    return keep
-
-
-def _aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Message:
-    """A reply carrying w_global + mean delta and the cohort's summed example count."""
-    new = ArrayRecord({k: Array((a.numpy() + d).astype(a.numpy().dtype))
-                       for (k, a), d in zip(arrays.items(), total.mean_delta)})
-    return Message(RecordDict({"arrays": new, "metrics": MetricRecord({
-        "num-examples": total.num_examples, "train-loss": total.loss,
-        "train-accuracy": total.accuracy})}), reply_to=like)
 
 
 def _renamed(metrics: Any) -> dict[str, float]:

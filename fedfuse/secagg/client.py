@@ -74,13 +74,14 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     b_shares = shamir.split_secret(b, t, len(nodes))
     s_shares = shamir.split_secret(bytes(st["s"]), t, len(nodes))
     to, sealed = [], []
+    keys = [crypto.agree(st["c"], pk, SHARE_KEY_LABEL + session) if j != mine else b""
+            for j, pk in enumerate(c_pk)]  # K_uv both ways: seals now, opens at unmask
     for j, node in enumerate(nodes):
         if j != mine:
-            key = crypto.agree(st["c"], c_pk[j], SHARE_KEY_LABEL + session)
-            sealed.append(crypto.seal(key, b_shares[j] + s_shares[j],
+            sealed.append(crypto.seal(keys[j], b_shares[j] + s_shares[j],
                                       associated_data(session, me, node)))
             to.append(node)
-    st.update({"threshold": t, "nodes": nodes, "c-pk": c_pk, "s-pk": s_pk, "b": b,
+    st.update({"threshold": t, "nodes": nodes, "share-keys": keys, "s-pk": s_pk, "b": b,
                "own-b": b_shares[mine], "own-s": s_shares[mine]})
     state[RECORD] = st
     return ConfigRecord({
@@ -137,7 +138,7 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
         if src not in u2 or src == me:
             unreadable.append(src)
             continue
-        key = crypto.agree(st["c"], st["c-pk"][nodes.index(src)], SHARE_KEY_LABEL + session)
+        key = st["share-keys"][nodes.index(src)]
         try:
             plain = crypto.unseal(key, bytes(blob), associated_data(session, src, me))
         except crypto.CryptoError:

@@ -1,4 +1,5 @@
-"""Running the sessions of several groups (cohorts) side by side, one batch per stage."""
+"""Running the sessions of several groups (cohorts) side by side, one batch per stage,
+and turning a group's unmasked sum into the update its FedAvg strategy applies."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedfuse.grid import exchange
+from fedfuse.secagg.encoding import UpdateSum
+from fedfuse.secagg.messages import RECORD
 from fedfuse.secagg.server import SecAggAbort, SecAggSession
 
 log = logging.getLogger("fedfuse.secagg")
@@ -40,6 +43,33 @@ def close_sessions(grid: Grid, sessions: dict[str, SecAggSession],
     sums: dict[str, np.ndarray] = {}
     _advance(sessions, failed, lambda g, s: sums.__setitem__(g, s.receive_unmask(replies[g])))
     return sums
+
+
+def sizes(arrays: ArrayRecord) -> list[int]:
+    """Element counts of a model's arrays, in record order (the vector's layout)."""
+    return [int(np.prod(a.shape)) for a in arrays.values()]
+
+
+def with_session(msgs: list[Message], session: SecAggSession | None, clip_range: float,
+                 bits: int) -> list[Message]:
+    """The train messages of a session's U2 members, carrying its masking request."""
+    if session is None:
+        return []
+    request = session.mask_request(**{"clip-range": clip_range, "quantization-bits": bits})
+    keep = [m for m in msgs if str(m.metadata.dst_node_id) in session.u2]
+    for m in keep:
+        m.content[RECORD] = request
+    return keep
+
+
+def aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Message:
+    """A train reply carrying w_global + mean delta and the group's total example count,
+    as FedAvg's ``aggregate_train`` expects (``like``: a train message of a survivor)."""
+    new = ArrayRecord({k: Array((a.numpy() + d).astype(a.numpy().dtype))
+                       for (k, a), d in zip(arrays.items(), total.mean_delta)})
+    return Message(RecordDict({"arrays": new, "metrics": MetricRecord({
+        "num-examples": total.num_examples, "train-loss": total.loss,
+        "train-accuracy": total.accuracy})}), reply_to=like)
 
 
 def _advance(sessions: dict[str, SecAggSession], failed: dict[str, str], step) -> None:

@@ -8,6 +8,11 @@ same invocation. A round's time is the coordinator's wall time for training, agg
 and evaluation (``wall_seconds`` in metrics.jsonl); the first round (engine warm-up) is
 left out and the median of the rest is reported, with the ratio on/off.
 
+It also times the protocol's own computation, without any messaging: all four stages for
+n clients run in this process (the test suite's in-process harness, real handlers), for a
+vector the size of the ``logreg`` model. Per stage it reports the clients' time (summed
+over all clients) and the coordinator's.
+
 Writes ``simulations/bench/results/secagg.json`` and the table between the
 ``bench:secagg`` markers in docs/benchmarks.md.
 """
@@ -21,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, machine, publish, simulate
+
+from fedfuse.secagg.encoding import payload_length
 
 SCENARIO = """
 name = "secagg-bench"
@@ -48,6 +55,51 @@ def round_times(workdir: Path, clients: int, rounds: int, secure: bool) -> list[
     return [json.loads(line)["wall_seconds"] for line in lines]
 
 
+def logreg_payload() -> int:
+    """Entries of a masked vector for the bench's model (logreg on digits)."""
+    from flwr.app import ArrayRecord
+
+    from fedfuse.data import load_dataset
+    from fedfuse.config import DataConfig
+    from fedfuse.models import build_model
+    from fedfuse.secagg.rounds import sizes
+
+    model = build_model("logreg", load_dataset(DataConfig()).schema)
+    return payload_length(sizes(ArrayRecord(model.state_dict())))
+
+
+def protocol_compute(clients: int, length: int, repeats: int = 3) -> dict[str, float]:
+    """Median seconds per stage of one session, clients' time summed over all clients."""
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedfuse.secagg import client
+    from tests.test_secagg import Harness
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    runs = []
+    for _ in range(repeats):
+        h = Harness(clients, length=length)
+        marks = [time.perf_counter()]
+        h.keys()
+        marks.append(time.perf_counter())
+        replies = h.answer(h.session.share_messages(), client.share)
+        marks.append(time.perf_counter())
+        h.session.receive_shares(replies)
+        marks.append(time.perf_counter())
+        h.masked()
+        marks.append(time.perf_counter())
+        replies = h.answer(h.session.unmask_messages(), client.unmask)
+        marks.append(time.perf_counter())
+        h.session.receive_unmask(replies)
+        marks.append(time.perf_counter())
+        runs.append([b - a for a, b in zip(marks, marks[1:])])
+    med = [statistics.median(col) for col in zip(*runs)]
+    return {"setup_s": med[0], "share_clients_s": med[1], "share_coordinator_s": med[2],
+            "mask_clients_s": med[3], "unmask_clients_s": med[4], "unmask_coordinator_s": med[5]}
+
+
 def table(rows: list[dict], where: str, rounds: int) -> str:
     lines = ["| clients in the cohort | round without | round with secure aggregation | "
              "with / without |", "|---|---|---|---|"]
@@ -56,7 +108,19 @@ def table(rows: list[dict], where: str, rounds: int) -> str:
                      f"{r['ratio']:.2f}x |")
     lines += ["", f"Measured on {where}; median round of rounds 2..{rounds} (train, "
               "aggregate, evaluate), `logreg` on digits, IID, DP off, Flower's simulation "
-              "engine with 2 CPUs."]
+              "engine with 2 CPUs. A round with secure aggregation exchanges five batches "
+              "of messages (setup, share, train, unmask, evaluate), one without it two.", "",
+              "Protocol computation per session, in process (no messaging), "
+              f"{rows[0]['vector_length']}-entry vector:", "",
+              "| clients | clients' work, all stages, per client | coordinator, all stages |",
+              "|---|---|---|"]
+    for r in rows:
+        c = r["compute"]
+        per_client = (c["setup_s"] + c["share_clients_s"] + c["mask_clients_s"]
+                      + c["unmask_clients_s"]) / r["clients"]
+        coordinator = c["share_coordinator_s"] + c["unmask_coordinator_s"]
+        lines.append(f"| {r['clients']} | {per_client * 1e3:.1f} ms | "
+                     f"{coordinator * 1e3:.1f} ms |")
     return "\n".join(lines)
 
 
@@ -72,8 +136,10 @@ def main() -> None:
             plain = round_times(Path(tmp), n, args.rounds, secure=False)
             secure = round_times(Path(tmp), n, args.rounds, secure=True)
             p, s = statistics.median(plain[1:]), statistics.median(secure[1:])
+            length = logreg_payload()
             rows.append({"clients": n, "plain_rounds_s": plain, "secure_rounds_s": secure,
-                         "plain_s": p, "secure_s": s, "ratio": s / p})
+                         "plain_s": p, "secure_s": s, "ratio": s / p, "vector_length": length,
+                         "compute": protocol_compute(n, length)})
             print(json.dumps(rows[-1]), flush=True)
     where = machine()
     publish("secagg", {"machine": where, "rounds": args.rounds, "rows": rows}, args.docs,
