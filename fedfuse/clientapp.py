@@ -23,7 +23,8 @@ Message layout (all keys fixed):
 - query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}
              -> ArrayRecord "stats" {A, b} (Brier sufficient statistics of the members on
              the validation split, see ``fedfuse.fusion``), MetricRecord "metrics"
-             {num-examples}
+             {num-examples}; under secure aggregation (a "secagg" record in the
+             message) only "masked" {vector}: fixed-point [A, b, num-examples]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from flwr.clientapp.typing import Mod
 from fedfuse.fusion import brier_statistics
 from fedfuse.secagg import Quantizer, encode_update
 from fedfuse.secagg import client as secagg
+from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.models import load_model
 from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
                              open_ledger, plan_round, report)
@@ -131,6 +133,9 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
                                msg.content[f"member/{arch}"].to_torch_state_dict())
             probas.append(predict_proba(model, site.val.X))
         A, b = brier_statistics(probas, site.val.y)
+        if secagg.RECORD in msg.content:
+            return _masked_reply(msg, context, encode_fixed(
+                np.concatenate([A.ravel(), b, [len(site.val)]])))
         content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),
                               "metrics": MetricRecord({"num-examples": len(site.val)})})
         return Message(content=content, reply_to=msg)
@@ -174,8 +179,14 @@ def _train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Mod
              for k, a in received.items()]
     quantizer = Quantizer(float(request["clip-range"]), int(request["quantization-bits"]))
     rng = np.random.default_rng([noise_seed(site.secret, seed), 1])  # rounding, not DP noise
-    vector = encode_update(delta, n, result.loss, result.accuracy, quantizer, rng)
-    masked = secagg.mask(context.state, request, str(context.node_id), vector)
+    return _masked_reply(msg, context,
+                         encode_update(delta, n, result.loss, result.accuracy, quantizer, rng))
+
+
+def _masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
+    """``vector`` under this node's masks for the session named in the message."""
+    masked = secagg.mask(context.state, msg.content[secagg.RECORD], str(context.node_id),
+                         vector)
     return Message(RecordDict({secagg.MASKED: ArrayRecord({"vector": Array(masked)})}),
                    reply_to=msg)
 

@@ -27,7 +27,7 @@ from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
-from fedfuse.secagg.encoding import check_ring, payload_length
+from fedfuse.secagg.encoding import check_ring, decode_fixed, payload_length
 from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_masked,
                                    open_sessions, sizes, with_session)
 from fedfuse.stats import pooled_mean_std
@@ -265,8 +265,8 @@ class Coordinator:
                 grid, {a: [m.metadata.dst_node_id for m in msgs] for a, msgs in train_msgs.items()},
                 secure.threshold, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
                 tag=f"round {server_round}")
-            train_msgs = {a: with_session(msgs, sessions.get(a), secure.clip_range,
-                                        secure.quantization_bits)
+            train_msgs = {a: with_session(msgs, sessions.get(a), **{
+                "clip-range": secure.clip_range, "quantization-bits": secure.quantization_bits})
                           for a, msgs in train_msgs.items()}
         train_replies = exchange(grid, train_msgs)
         updates: dict[str, list[Message]] = {}
@@ -379,23 +379,55 @@ class Coordinator:
         content = RecordDict({f"member/{a}": c.arrays for a, c in cohorts.items()})
         content["fusion"] = ConfigRecord({"members": archs})
         live = set(grid.get_node_ids())
-        msgs = [Message(content, dst_node_id=m.node_id, message_type="query.fusion")
-                for m in members if m.node_id in live]
-        rank = {m.node_id: m.index for m in members}
-        replies = sorted((r for r in grid.send_and_receive(msgs) if not r.has_error()),
-                         key=lambda r: rank.get(r.metadata.src_node_id, -1))
-        if not replies:
-            log.warning("fusion skipped: no site returned validation statistics")
+        nodes = [m.node_id for m in members if m.node_id in live]
+        msgs = [Message(content, dst_node_id=n, message_type="query.fusion") for n in nodes]
+        collect = (self.secure_fusion_statistics if self.cfg.secure_aggregation.enabled
+                   else self.fusion_statistics)
+        stats = collect(grid, msgs, members, len(archs))
+        if stats is None:
+            log.warning("fusion skipped: no validation statistics came back")
             return None
-        A = sum(r.content["stats"]["A"].numpy() for r in replies)
-        b = sum(r.content["stats"]["b"].numpy() for r in replies)
-        n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        A, b, n, sites = stats
         probas = [predict_proba(self.cohort_model(cohorts[a]), self.test.X) for a in archs]
-        fusion = FusionResult.fit(archs, A, b, n, len(replies), probas, self.test.y)
+        fusion = FusionResult.fit(archs, A, b, n, sites, probas, self.test.y)
         log.info("fusion weights %s from %d sites (%d validation examples); test accuracy %.4f",
                  {a: round(float(w), 3) for a, w in zip(archs, fusion.weights)}, fusion.sites,
                  n, fusion.test_accuracy)
         return fusion
+
+    def fusion_statistics(self, grid: Grid, msgs: list[Message], members: list[Member],
+                          num_members: int) -> Statistics | None:
+        """The sites' statistics in plaintext, summed in member order."""
+        rank = {m.node_id: m.index for m in members}
+        replies = sorted((r for r in grid.send_and_receive(msgs) if not r.has_error()),
+                         key=lambda r: rank.get(r.metadata.src_node_id, -1))
+        if not replies:
+            return None
+        A = sum(r.content["stats"]["A"].numpy() for r in replies)
+        b = sum(r.content["stats"]["b"].numpy() for r in replies)
+        n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        return A, b, n, len(replies)
+
+    def secure_fusion_statistics(self, grid: Grid, msgs: list[Message], members: list[Member],
+                                 num_members: int) -> Statistics | None:
+        """The same sums through one secure-aggregation session over all sites: each
+        site masks the fixed-point vector [A, b, n] and only the total is unmasked."""
+        m = num_members
+        nodes = {"fusion": [msg.metadata.dst_node_id for msg in msgs]}
+        sessions, failed = open_sessions(grid, nodes, self.cfg.secure_aggregation.threshold,
+                                         {"fusion": m * m + m + 1}, tag="fusion")
+        replies = exchange(grid, {"fusion": with_session(msgs, sessions.get("fusion"))})
+        collect_masked(sessions, failed, replies, {})
+        sums = close_sessions(grid, sessions, failed)
+        if "fusion" not in sums:
+            return None
+        flat = decode_fixed(sums["fusion"])
+        return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
+                len(sessions["fusion"].u3))
+
+
+Statistics = tuple[np.ndarray, np.ndarray, int, int]
+"""Summed Brier statistics A, b, the validation examples and the sites behind them."""
 
 
 def _counts(sent: list[Message], replies: Iterable[Message], phase: str,

@@ -125,6 +125,13 @@ def test_coordinates_beyond_the_clip_range_are_clipped_and_counted():
     assert got.mean_delta[0][1:] == pytest.approx([0.5, -0.5], abs=q.step)
 
 
+def test_fixed_point_sums_keep_their_sign():
+    from fedfuse.secagg.encoding import decode_fixed, encode_fixed
+    parts = [np.array([1.5, -2.25, 0.0]), np.array([-3.0, 0.125, 1e-7])]
+    total = encode_fixed(parts[0]) + encode_fixed(parts[1])  # wraps mod 2^64
+    np.testing.assert_allclose(decode_fixed(total), parts[0] + parts[1], atol=2**-23)
+
+
 def test_non_finite_update_is_refused_before_masking():
     q = Quantizer(clip_range=1.0, bits=16)
     with pytest.raises(ValueError, match="non-finite"):

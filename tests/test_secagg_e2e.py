@@ -90,6 +90,16 @@ def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
         assert ca["test_accuracy"] == pytest.approx(cb["test_accuracy"], abs=0.003)
 
 
+def test_fusion_statistics_come_out_of_a_secure_sum(both):
+    secure, plain = both
+    fs, fp = secure.fusion, plain.fusion
+    assert fs is not None and fp is not None
+    assert fs.sites == fp.sites == 5 and fs.num_examples == fp.num_examples
+    # the cohort models differ by quantisation only, so the statistics nearly agree
+    np.testing.assert_allclose(fs.A, fp.A, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(fs.b, fp.b, rtol=1e-4, atol=1e-3)
+
+
 def test_too_many_dropouts_fail_the_round_cleanly_and_the_run_goes_on():
     # t = 3 of 3: site 1 failing leaves fewer survivors than the threshold
     result = run(secure=True, clients=3, threshold=1.0)

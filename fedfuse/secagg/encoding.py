@@ -67,8 +67,18 @@ def payload_length(sizes: list[int]) -> int:
     return sum(sizes) + EXTRAS
 
 
-def _fixed(value: float) -> np.uint64:
-    return np.int64(round(value * (1 << FIXED_POINT_BITS))).view(np.uint64)
+def encode_fixed(values: np.ndarray) -> np.ndarray:
+    """Fixed point in the ring: round(v * 2^24) as int64, read as uint64 (two's
+    complement, so sums of negative values come out right)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("fixed-point values must be finite")
+    return np.round(values * (1 << FIXED_POINT_BITS)).astype(np.int64).view(np.uint64)
+
+
+def decode_fixed(total: np.ndarray) -> np.ndarray:
+    """The float values of a sum of ``encode_fixed`` vectors: int64(total) / 2^24."""
+    return total.view(np.int64).astype(np.float64) / (1 << FIXED_POINT_BITS)
 
 
 def encode_update(delta: list[np.ndarray], num_examples: int, loss: float, accuracy: float,
@@ -79,8 +89,8 @@ def encode_update(delta: list[np.ndarray], num_examples: int, loss: float, accur
         raise ValueError("the update has non-finite values")
     clipped = int(np.count_nonzero(np.abs(flat) > quantizer.clip_range))
     n = np.uint64(num_examples)
-    extras = np.array([n, _fixed(num_examples * loss), _fixed(num_examples * accuracy),
-                       np.uint64(clipped)], dtype=np.uint64)
+    extras = np.concatenate([[n], encode_fixed([num_examples * loss, num_examples * accuracy]),
+                             [np.uint64(clipped)]]).astype(np.uint64)
     return np.concatenate([quantizer.quantize(flat, rng) * n, extras])
 
 
@@ -110,6 +120,6 @@ def decode_sum(total: np.ndarray, shapes: list[tuple[int, ...]],
         raise ValueError("the sum holds no training examples")
     mean = quantizer.dequantize(total[:-EXTRAS].astype(np.float64) / n)
     parts = np.split(mean, np.cumsum(sizes)[:-1]) if sizes else []
-    signed = total[-EXTRAS + 1:-1].view(np.int64).astype(np.float64) / (1 << FIXED_POINT_BITS)
+    signed = decode_fixed(total[-EXTRAS + 1:-1])
     return UpdateSum([p.reshape(s) for p, s in zip(parts, shapes)], n,
                      float(signed[0] / n), float(signed[1] / n), int(total[-1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -50,12 +51,13 @@ def sizes(arrays: ArrayRecord) -> list[int]:
     return [int(np.prod(a.shape)) for a in arrays.values()]
 
 
-def with_session(msgs: list[Message], session: SecAggSession | None, clip_range: float,
-                 bits: int) -> list[Message]:
-    """The train messages of a session's U2 members, carrying its masking request."""
+def with_session(msgs: list[Message], session: SecAggSession | None,
+                 **settings: Any) -> list[Message]:
+    """The messages to a session's U2 members, carrying its masking request (plus
+    ``settings`` for the client, such as the quantiser's)."""
     if session is None:
         return []
-    request = session.mask_request(**{"clip-range": clip_range, "quantization-bits": bits})
+    request = session.mask_request(**settings)
     keep = [m for m in msgs if str(m.metadata.dst_node_id) in session.u2]
     for m in keep:
         m.content[RECORD] = request
