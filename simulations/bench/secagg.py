@@ -81,20 +81,23 @@ def protocol_compute(clients: int, length: int, repeats: int = 3) -> dict[str, f
     runs = []
     for _ in range(repeats):
         h = Harness(clients, length=length)
-        marks = [time.perf_counter()]
-        h.keys()
-        marks.append(time.perf_counter())
-        replies = h.answer(h.session.share_messages(), client.share)
-        marks.append(time.perf_counter())
-        h.session.receive_shares(replies)
-        marks.append(time.perf_counter())
-        h.masked()
-        marks.append(time.perf_counter())
-        replies = h.answer(h.session.unmask_messages(), client.unmask)
-        marks.append(time.perf_counter())
-        h.session.receive_unmask(replies)
-        marks.append(time.perf_counter())
-        runs.append([b - a for a, b in zip(marks, marks[1:])])
+        held: dict[str, list] = {}
+        steps = [
+            h.keys,
+            lambda: held.__setitem__("shares", h.answer(h.session.share_messages(),
+                                                          client.share)),
+            lambda: h.session.receive_shares(held["shares"]),
+            h.masked,
+            lambda: held.__setitem__("unmask", h.answer(h.session.unmask_messages(),
+                                                          client.unmask)),
+            lambda: h.session.receive_unmask(held["unmask"]),
+        ]
+        times = []
+        for step in steps:
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        runs.append(times)
     med = [statistics.median(col) for col in zip(*runs)]
     return {"setup_s": med[0], "share_clients_s": med[1], "share_coordinator_s": med[2],
             "mask_clients_s": med[3], "unmask_clients_s": med[4], "unmask_coordinator_s": med[5]}
