@@ -309,21 +309,32 @@ class Coordinator:
             entry = record["cohorts"][arch]
             entry["secagg_failed"] = arch in failed
             secure_updates[arch] = []
-            if arch in sums:
-                session = sessions[arch]
-                entry["secagg_clients"] = len(session.u3)
-                entry["secagg_dropped"] = len(session.dropped)
+            if arch not in sums:
+                continue
+            session = sessions[arch]
+            entry["secagg_clients"] = len(session.u3)
+            entry["secagg_dropped"] = len(session.dropped)
+            expected = sum(m.num_train for m in cohort.members if str(m.node_id) in session.u3)
+            try:
                 total = decode_sum(sums[arch], [a.numpy().shape for a in cohort.arrays.values()],
                                    quantizer)
-                entry["secagg_clipped"] = total.clipped
-                if total.clipped:
-                    log.warning("cohort %s: %d update coordinates exceeded "
-                                "secure_aggregation.clip_range and were clipped", arch,
-                                total.clipped)
-                like = next(m for m in train_msgs[arch]
-                            if str(m.metadata.dst_node_id) in session.u3)
-                secure_updates[arch] = [aggregate_reply(cohort.arrays, total, like)]
-                self.secure_sums += 1
+                if total.num_examples != expected:
+                    raise ValueError(f"it counts {total.num_examples} training examples, the "
+                                     f"{len(session.u3)} clients in it reported {expected}")
+            except ValueError as exc:
+                log.warning("round %d: cohort %s: the secure sum is rejected (%s): a client "
+                            "sent a dishonest or malformed vector; the cohort keeps its model",
+                            record["round"], arch, exc)
+                entry["secagg_failed"] = True
+                continue
+            entry["secagg_clipped"] = total.clipped
+            if total.clipped:
+                log.warning("cohort %s: %d update coordinates exceeded "
+                            "secure_aggregation.clip_range and were clipped", arch,
+                            total.clipped)
+            like = next(m for m in train_msgs[arch] if str(m.metadata.dst_node_id) in session.u3)
+            secure_updates[arch] = [aggregate_reply(cohort.arrays, total, like)]
+            self.secure_sums += 1
         return secure_updates
 
     @property

@@ -7,11 +7,12 @@ from functools import partial
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.simulation import run_simulation
 
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import config_from_dict
+from fedfuse.secagg.messages import MASKED
 from fedfuse.serverapp import FederationResult, build_server_app
 from fedfuse.simulate import backend_config, site_from_context
 from fedfuse.sites import plan_federation
@@ -30,6 +31,17 @@ def offline_in_training(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def inflated_count(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: site 0 claims 1000 more training examples than it has, by
+    adding to the count entry of its masked vector (masks are additive)."""
+    reply = call_next(msg, context)
+    if MASKED in reply.content and int(context.node_config["partition-id"]) == 0:
+        vector = reply.content[MASKED]["vector"].numpy().copy()
+        vector[-4] += np.uint64(1000)
+        reply.content[MASKED] = ArrayRecord({"vector": Array(vector)})
+    return reply
+
+
 class Keep:
     """A RoundListener that keeps the coordinator's result."""
 
@@ -43,7 +55,8 @@ class Keep:
         self.result = result
 
 
-def run(secure: bool, clients: int = 5, threshold: float = 0.6) -> FederationResult:
+def run(secure: bool, clients: int = 5, threshold: float = 0.6,
+        mods=(offline_in_training,)) -> FederationResult:
     cfg = config_from_dict({
         "name": "drop", "seed": 5, "rounds": 2,
         "cohorts": [{"arch": "logreg", "clients": clients}],
@@ -52,7 +65,7 @@ def run(secure: bool, clients: int = 5, threshold: float = 0.6) -> FederationRes
     })
     keep = Keep()
     server = build_server_app(cfg, plan_federation(cfg).test, keep)
-    client = build_client_app(partial(site_from_context, cfg), mods=[offline_in_training])
+    client = build_client_app(partial(site_from_context, cfg), mods=list(mods))
     run_simulation(server_app=server, client_app=client, num_supernodes=cfg.num_clients,
                    backend_config=backend_config(cfg))
     assert keep.result is not None
@@ -107,4 +120,13 @@ def test_too_many_dropouts_fail_the_round_cleanly_and_the_run_goes_on():
     first, second = (r["cohorts"]["logreg"] for r in result.history)
     assert first["secagg_failed"] and second["secagg_failed"]
     assert "train_loss" not in first  # nothing was aggregated, nothing revealed
+    assert first["test_accuracy"] == second["test_accuracy"]  # the model was kept
+
+
+def test_a_misreported_example_count_is_caught_and_the_sum_rejected():
+    result = run(secure=True, clients=3, mods=[inflated_count])
+    assert result.secure_sums == 0
+    first, second = (r["cohorts"]["logreg"] for r in result.history)
+    assert first["secagg_failed"] and second["secagg_failed"]
+    assert first["secagg_clients"] == 3  # the protocol itself completed
     assert first["test_accuracy"] == second["test_accuracy"]  # the model was kept
