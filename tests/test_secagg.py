@@ -294,6 +294,25 @@ def test_malformed_keys_and_shares_drop_only_their_sender(caplog):
     assert np.array_equal(h.unmask(), h.plain_sum(nodes[3:]))
 
 
+def test_wrongly_typed_fields_drop_the_sender_instead_of_crashing():
+    h = Harness(5)  # t = 3
+    h.keys()
+
+    def mistyped(replies):
+        replies[0].content[RECORD]["to"] = [1, 2, 3, 4]  # ints, not node ids
+        replies[1].content[RECORD]["commit-b"] = b"not a list"
+        return replies
+    h.shares(edit=mistyped)
+    assert "not lists of the right types" in h.session.dropped[str(h.nodes[0])]
+    assert "not lists of the right types" in h.session.dropped[str(h.nodes[1])]
+
+    def mistyped_unmask(replies):
+        replies[0].content[RECORD]["b-from"] = 7
+        return replies
+    h = Harness(6)  # t = 4: five valid responders remain
+    assert np.array_equal(h.run(edit_unmask=mistyped_unmask), h.plain_sum(h.nodes))
+
+
 def test_forged_share_at_unmask_is_caught_and_ignored(caplog):
     h = Harness(6)  # t = 4, five honest responders remain
 

@@ -97,9 +97,11 @@ class SecAggSession:
         u1 = self.u1
         for node, rec in self._records(replies, u1, "share"):
             others = [n for n in u1 if n != node]
-            to, sealed = list(rec.get("to", [])), list(rec.get("ciphertexts", []))
-            commits = [list(rec.get("commit-b", [])), list(rec.get("commit-s", []))]
-            if sorted(to) != sorted(others) or len(sealed) != len(to):
+            to, sealed = _strings(rec.get("to")), _list(rec.get("ciphertexts"))
+            commits = [_list(rec.get("commit-b")), _list(rec.get("commit-s"))]
+            if to is None or sealed is None or None in commits:
+                self._drop(node, "share: the reply's fields are not lists of the right types")
+            elif sorted(to) != sorted(others) or len(sealed) != len(to):
                 self._drop(node, "share: sealed shares are not addressed to exactly the "
                                  "other members")
             elif any(not isinstance(x, bytes) or len(x) != CIPHERTEXT_BYTES for x in sealed):
@@ -222,9 +224,10 @@ class SecAggSession:
         the responder's shares discarded) if any is malformed, foreign or forged."""
         out = []
         for kind, wanted, key in ((b"b", survivors, "b"), (b"s", dropped, "s")):
-            sources = list(rec.get(f"{key}-from", []))
-            shares = list(rec.get(f"{key}-shares", []))
-            if len(sources) != len(shares) or len(set(sources)) != len(sources):
+            sources = _strings(rec.get(f"{key}-from"))
+            shares = _list(rec.get(f"{key}-shares"))
+            if sources is None or shares is None or len(sources) != len(shares) \
+                    or len(set(sources)) != len(sources):
                 log.warning("%s: node %s's %s-shares are malformed; ignored", self.group,
                             node, key)
                 return None
@@ -281,6 +284,7 @@ class SecAggSession:
             self._drop(node, f"{stage}: no answer") if drop else None
 
     def _drop(self, node: str, reason: str) -> None:
+        """Remove ``node`` from the session, logging why."""
         self.dropped.setdefault(node, reason)
         log.warning("%s: node %s leaves the secure aggregation: %s", self.group, node, reason)
 
@@ -288,3 +292,14 @@ class SecAggSession:
         if remaining < self.threshold:
             raise SecAggAbort(f"{self.group}: only {remaining} clients {what}, the "
                               f"threshold is {self.threshold}")
+
+
+def _list(value: Any) -> list[Any] | None:
+    """A record field that must be a list (``None`` if it is missing or is not)."""
+    return list(value) if isinstance(value, list) else None
+
+
+def _strings(value: Any) -> list[str] | None:
+    """A record field that must be a list of node ids (strings)."""
+    items = _list(value)
+    return items if items is not None and all(isinstance(x, str) for x in items) else None
