@@ -7,9 +7,9 @@ consistent with every secret, so they reveal nothing about it.
 
 pycryptodome's Shamir (which Flower's SecAgg+ uses) works in GF(2^128) in pure Python and
 took about 60 ms to recombine one 16-byte chunk at n = 100 in a one-off check here; a
-coordinator recombines one secret per client per round, so it would cost seconds per round. In a prime field the
-Lagrange coefficients of one set of share indices are computed once and every secret is
-then t multiplications.
+coordinator recombines one secret per client per round, so it would cost seconds per
+round. In a prime field the Lagrange coefficients of one set of share indices are computed
+once and every secret is then t multiplications.
 """
 
 from __future__ import annotations
