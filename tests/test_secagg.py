@@ -416,3 +416,14 @@ def test_ring_overflow_is_refused_with_the_bits_named():
     with pytest.raises(ConfigError, match="at most 32 bits") as err:
         check_ring(40, 2_000_000_000)
     assert err.value.key == "secure_aggregation.quantization_bits"
+
+
+def test_client_refuses_a_minority_threshold():
+    h = Harness(4)
+    h.keys()
+    msg = h.session.share_messages()[0]
+    rec = ConfigRecord(dict(msg.content[RECORD]))
+    rec["threshold"] = 2  # half of 4: two disjoint pairs could each rebuild secrets
+    node = msg.metadata.dst_node_id
+    with pytest.raises(client.SecAggError, match="not a majority"):
+        client.share(h.states[node], rec, str(node))

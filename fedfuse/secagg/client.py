@@ -11,7 +11,8 @@ Round of one group (a cohort's sampled clients), as the client sees it:
 4. unmask: get the survivors U3 (who sent y) and the dropped U2 \\ U3 with the sealed
    shares addressed to this client; answer the shares of b for survivors and of s for the
    dropped, never both for one member; then forget the round's keys.
-A request that contradicts what the client already saw raises SecAggError, so the client
+A request that contradicts what the client already saw, or a threshold that is not a
+majority of the members, raises SecAggError, so the client
 drops out instead of helping to unmask anyone.
 """
 
@@ -69,7 +70,8 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
              "the coordinator relayed other public keys for this client")
     _require(len(set(c_pk)) == len(c_pk) and len(set(s_pk)) == len(s_pk),
              "two members advertise the same public key")
-    _require(2 <= t <= len(nodes), f"threshold {t} is outside 2..{len(nodes)}")
+    _require(2 <= t <= len(nodes) and 2 * t > len(nodes),
+             f"threshold {t} is not a majority of the {len(nodes)} members")
     b = os.urandom(shamir.SECRET_BYTES)
     b_shares = shamir.split_secret(b, t, len(nodes))
     s_shares = shamir.split_secret(bytes(st["s"]), t, len(nodes))
