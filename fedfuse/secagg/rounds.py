@@ -37,6 +37,13 @@ def open_sessions(grid: Grid, nodes: dict[str, Sequence[int]], threshold: float,
     return sessions, failed
 
 
+def collect_masked(sessions: dict[str, SecAggSession], failed: dict[str, str],
+                   replies: dict[str, list[Message]], declined: dict[str, set[int]]) -> None:
+    """Stage 3: the masked vectors from each group's train replies."""
+    _advance(sessions, failed,
+             lambda g, s: s.receive_masked(replies[g], declined.get(g, set())))
+
+
 def close_sessions(grid: Grid, sessions: dict[str, SecAggSession],
                    failed: dict[str, str]) -> dict[str, np.ndarray]:
     """Stage 4 for every session: the unmasked sums, by group (failures go to ``failed``)."""
@@ -83,10 +90,3 @@ def _advance(sessions: dict[str, SecAggSession], failed: dict[str, str], step) -
             log.warning("secure aggregation of %s failed this round: %s", group, exc)
             failed[group] = str(exc)
             del sessions[group]
-
-
-def collect_masked(sessions: dict[str, SecAggSession], failed: dict[str, str],
-                   replies: dict[str, list[Message]], declined: dict[str, set[int]]) -> None:
-    """Stage 3: the masked vectors from each group's train replies."""
-    _advance(sessions, failed,
-             lambda g, s: s.receive_masked(replies[g], declined.get(g, set())))

@@ -36,6 +36,7 @@ class SecAggAbort(FedfuseError):
 
 def threshold_for(fraction: float, selected: int) -> int:
     """t = max(2, ceil(fraction * n)) for n selected clients, at most n."""
+    # - 1e-9: 0.6 * 5 is 3.0000000000000004 in floating point, and must give 3
     return min(selected, max(2, math.ceil(fraction * selected - 1e-9)))
 
 
