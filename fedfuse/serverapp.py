@@ -316,7 +316,7 @@ class Coordinator:
             entry["secagg_dropped"] = len(session.dropped)
             expected = sum(m.num_train for m in cohort.members if str(m.node_id) in session.u3)
             try:
-                total = decode_sum(sums[arch], [a.numpy().shape for a in cohort.arrays.values()],
+                total = decode_sum(sums[arch], [tuple(a.shape) for a in cohort.arrays.values()],
                                    quantizer)
                 if total.num_examples != expected:
                     raise ValueError(f"it counts {total.num_examples} training examples, the "

@@ -74,8 +74,9 @@ def with_session(msgs: list[Message], session: SecAggSession | None,
 def aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Message:
     """A train reply carrying w_global + mean delta and the group's total example count,
     as FedAvg's ``aggregate_train`` expects (``like``: a train message of a survivor)."""
-    new = ArrayRecord({k: Array((a.numpy() + d).astype(a.numpy().dtype))
-                       for (k, a), d in zip(arrays.items(), total.mean_delta)})
+    weights = [a.numpy() for a in arrays.values()]
+    new = ArrayRecord({k: Array((w + d).astype(w.dtype))
+                       for k, w, d in zip(arrays.keys(), weights, total.mean_delta)})
     return Message(RecordDict({"arrays": new, "metrics": MetricRecord({
         "num-examples": total.num_examples, "train-loss": total.loss,
         "train-accuracy": total.accuracy})}), reply_to=like)

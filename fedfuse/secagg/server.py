@@ -204,7 +204,6 @@ class SecAggSession:
                                   "mask seed it committed to")
             total = total - crypto.mask_words(
                 crypto.derive(b, SELF_MASK_LABEL + self.session), self.length)
-        order = {n: i for i, n in enumerate(self.u1)}
         for gone in dropped:
             s = self._rebuild(gone, s_shares[gone], "s")
             if crypto.public_key(s) != self.keys[gone][1]:
@@ -215,7 +214,7 @@ class SecAggSession:
                     crypto.agree(s, self.keys[node][1], PAIR_MASK_LABEL + self.session),
                     self.length)
                 # node added +words if it comes before `gone`, else -words
-                total = total - words if order[node] < order[gone] else total + words
+                total = total - words if index[node] < index[gone] else total + words
         return total
 
     def _verified_shares(self, node: str, rec: ConfigRecord, index: dict[str, int],
