@@ -79,7 +79,7 @@ local_epochs = 1
 """
 
 
-def make_artifact(path: Path, weights=(0.5, 0.3, 0.2)):
+def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", seed: int = 0):
     """A real fused artifact of three freshly initialised digits models."""
     import numpy as np
 
@@ -89,10 +89,62 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2)):
     from fedfuse.models import build_model
 
     schema = load_dataset(DataConfig()).schema
-    members = [Member(arch, build_model(arch, schema, seed=i).state_dict(), 3, 0.5 + i / 10)
+    members = [Member(arch, build_model(arch, schema, seed=seed + i).state_dict(), 3, 0.5 + i / 10)
                for i, arch in enumerate(("cnn", "mlp", "logreg"))]
     write_artifact(path, members=members, weights=np.array(weights), method="soft_vote",
                    schema=schema, fusion_fit={"objective": "brier"},
                    privacy={"mode": "off", "max_epsilon": None, "delta": None},
-                   fused_test_accuracy=0.9)
+                   fused_test_accuracy=0.9, semver=semver)
     return members, np.array(weights), schema
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``fedfuse serve`` process on 127.0.0.1, stopped with SIGTERM on exit."""
+
+    def __init__(self, source: Path, *args: str, scheme: str = "http",
+                 verify: bool | str = True, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify
+        self.log = log or source.parent / f"serve-{self.port}.log"
+        self.cmd = [*FEDFUSE, "serve", str(source), "--port", str(self.port), *map(str, args)]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", verify=self.verify).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"server not ready in 60 s:\n{self.log.read_text()}")
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text()

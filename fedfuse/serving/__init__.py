@@ -1,0 +1,1 @@
+"""The predict API: ``fedfuse serve`` (FastAPI + uvicorn) over verified artifacts."""

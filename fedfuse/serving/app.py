@@ -1,0 +1,292 @@
+"""The predict API: a FastAPI app over a model registry.
+
+Endpoints:
+    POST /v1/predict                    the latest version
+    POST /v1/models/{version}/predict   one version (full, or its semver alone)
+    GET  /v1/model                      public manifest of the latest version
+    GET  /v1/models                     every version being served
+    GET  /healthz, /readyz, /metrics    liveness, readiness, Prometheus text
+    GET  /openapi.json, /docs           the schema
+
+The request body is ``{"instances": [...]}`` with every instance shaped as the artifact's
+schema says (the JSON schema states the exact nesting and lengths). Answers carry
+``model_version``, ``class_labels``, ``labels`` (one per instance) and
+``probabilities`` (one row per instance, columns in ``class_labels`` order).
+"""
+
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from fedfuse import __version__
+from fedfuse.artifact import read_verified_manifest
+from fedfuse.config import ServeConfig
+from fedfuse.data import DataSchema
+from fedfuse.serving.auth import KeyStore, read_keys
+from fedfuse.serving.batcher import BatcherClosed
+from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body
+from fedfuse.serving.metrics import ServeMetrics, MetricsMiddleware
+from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
+
+log = logging.getLogger("fedfuse.serve")
+
+PUBLIC_MANIFEST_KEYS = ("model_version", "created_at", "members", "fused_test_accuracy",
+                        "privacy", "schema", "format_version", "content_sha256")
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    class_labels: list[str]
+    labels: list[str] = Field(description="the most probable class of each instance")
+    probabilities: list[list[float]] = Field(
+        description="per instance, the fused probability of each class in class_labels order")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="kind: invalid_input, unauthorized, rate_limited, ...")
+    message: str
+
+
+def request_model(schema: DataSchema, max_instances: int) -> type[BaseModel]:
+    """The request body type: ``instances``, 1..max_instances arrays of ``input_shape``,
+    of finite numbers (JSON numbers only: no strings, booleans or nulls)."""
+    item: Any = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    for size in reversed(schema.input_shape):
+        item = Annotated[list[item], Field(min_length=size, max_length=size)]
+    instances = Annotated[list[item], Field(
+        min_length=1, max_length=max_instances,
+        description=f"1 to {max_instances} instances, each shaped "
+                    f"{list(schema.input_shape)}")]
+    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
+                        instances=(instances, ...))
+
+
+def serving_schema(source: Path) -> DataSchema:
+    """The input schema of the newest artifact in ``source``, read before serving starts."""
+    dirs = artifact_dirs(source) if source.is_dir() else []
+    if not dirs:
+        raise RegistryError(f"{source}: no artifact (a directory with manifest.json, such as "
+                            "RUN_DIR/model, or a directory of them)")
+    newest = max(dirs, key=lambda d: (d / "manifest.json").stat().st_mtime)
+    return DataSchema.from_dict(read_verified_manifest(newest)["schema"])
+
+
+class KeysWatcher:
+    """The key store of a keys file, re-read when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: float | None = None
+        self.store: KeyStore | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        if self.path is None:
+            return
+        stamp = self.path.stat().st_mtime if self.path.exists() else None
+        if stamp is None or stamp != self._stamp:
+            store = KeyStore(read_keys(self.path))  # raises on a bad file: keep the old one
+            self.store, self._stamp = store, stamp
+            log.info("API keys: %d from %s", len(store), self.path)
+
+
+def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
+    """The app for ``source`` (an artifact or a registry of them) under ``cfg``."""
+    import torch
+
+    schema = serving_schema(source)
+    keys = KeysWatcher(Path(cfg.api_keys) if cfg.api_keys else None)
+    metrics = ServeMetrics()
+    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfuse-forward")
+    registry = ModelRegistry(source, max_batch_size=cfg.max_batch_size,
+                             max_wait=cfg.max_wait_ms / 1000.0, executor=inference,
+                             observe=metrics.observe_batch)
+    Body = request_model(schema, cfg.max_instances)
+
+    async def refresh() -> None:
+        await registry.refresh()
+        metrics.models.set(len(registry.versions))
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(cfg.reload_interval)
+            try:
+                await refresh()
+                keys.reload()
+            except Exception:  # a bad rescan must not end the watcher
+                log.exception("rescan of %s or the keys file failed; serving as before",
+                              source)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(cfg.threads)
+        await refresh()
+        if registry.latest is None:
+            raise RegistryError(f"{source}: no artifact could be loaded (see the log)")
+        watcher = asyncio.create_task(watch()) if cfg.reload_interval > 0 else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await registry.close()
+            inference.shutdown(wait=True)
+
+    app = FastAPI(title="fedfuse predict API", version=__version__, lifespan=lifespan,
+                  description="Predictions of a fused fedfuse model. Send an API key as "
+                              "'Authorization: Bearer <key>' when the server has keys.")
+    app.state.registry = registry
+    app.state.metrics = metrics
+    limiter = RateLimiter(_parse_rate(cfg.rate_limit)) if cfg.rate_limit else None
+    app.add_middleware(GuardMiddleware, max_body_bytes=cfg.max_body_bytes,
+                       keys=lambda: keys.store, limiter=limiter)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    _add_error_handlers(app, schema, cfg.max_instances)
+
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": text} for code, text in (
+            (401, "no valid API key"), (404, "no such model version"),
+            (413, "body too large"), (422, "input does not match the schema"),
+            (429, "rate limit exceeded"), (503, "no model loaded"))}
+
+    async def answer(slot: ModelSlot | None, body: BaseModel, what: str) -> Response:
+        if slot is None:
+            return _error(404 if what else 503, "not_found" if what else "unavailable",
+                          f"no model version {what!r} is being served (see GET /v1/models)"
+                          if what else "no model is loaded yet")
+        x = np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
+        metrics.request_instances.observe(len(x))
+        try:
+            proba = await slot.batcher.submit(x)
+        except BatcherClosed:  # unloaded between lookup and submit: take the new latest
+            latest = registry.latest if not what else registry.get(what)
+            if latest is None or latest is slot:
+                return _error(503, "unavailable", "the model version is being unloaded")
+            proba = await latest.batcher.submit(x)
+            slot = latest
+        classes = slot.predictor.schema.class_labels
+        payload = {"model_version": slot.version, "class_labels": list(classes),
+                   "labels": [classes[i] for i in proba.argmax(axis=1)],
+                   "probabilities": proba.tolist()}
+        return Response(json.dumps(payload), media_type="application/json")
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=errors,
+              summary="Predict with the latest model version")
+    async def predict(body: Body) -> Response:  # type: ignore[valid-type]
+        return await answer(registry.latest, body, "")
+
+    @app.post("/v1/models/{version}/predict", response_model=PredictResponse,
+              responses=errors, summary="Predict with one model version")
+    async def predict_version(version: str, body: Body) -> Response:  # type: ignore[valid-type]
+        return await answer(registry.get(version), body, version)
+
+    @app.get("/v1/model", summary="Public manifest of the latest version", responses=errors)
+    async def model_info() -> dict[str, Any]:
+        slot = registry.latest
+        if slot is None:
+            return _error(503, "unavailable", "no model is loaded yet")  # type: ignore[return-value]
+        return _public(slot)
+
+    @app.get("/v1/models", summary="Every version being served")
+    async def models() -> dict[str, Any]:
+        latest = registry.latest
+        return {"latest": latest.version if latest else None,
+                "versions": [_public(s) for v in registry.versions
+                             if (s := registry.get(v)) is not None]}
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a model is loaded",
+             responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Response:
+        latest = registry.latest
+        if latest is None:
+            return _error(503, "unavailable", "no model is loaded yet")
+        return Response(json.dumps({"status": "ready", "model_version": latest.version}),
+                        media_type="application/json")
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _public(slot: ModelSlot) -> dict[str, Any]:
+    manifest = slot.predictor.manifest
+    public = {k: manifest[k] for k in PUBLIC_MANIFEST_KEYS if k in manifest}
+    public["fusion"] = {k: v for k, v in manifest["fusion"].items() if k != "fit"}
+    return public
+
+
+def _parse_rate(text: str):  # type: ignore[no-untyped-def]
+    from limits import parse
+
+    return parse(text)
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> Response:
+    return Response(error_body(kind, message, **extra), status_code=status,
+                    media_type="application/json")
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """``("body", "instances", 3, 0, 5)`` as ``instances[3][0][5]``."""
+    parts = [p for p in loc if p != "body"] or ["body"]
+    text = str(parts[0])
+    for p in parts[1:]:
+        text += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return text
+
+
+def _add_error_handlers(app: FastAPI, schema: DataSchema, max_instances: int) -> None:
+    shape = (f"{{\"instances\": [...]}} with 1 to {max_instances} instances, each an array "
+             f"shaped {list(schema.input_shape)} of finite numbers")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = field_path(tuple(first["loc"]))
+        details = [{"field": field_path(tuple(e["loc"])), "message": e["msg"]}
+                   for e in errors[:20]]
+        return _error(422, "invalid_input", f"{field}: {first['msg']} (expected {shape})",
+                      field=field, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, kind, str(exc.detail))
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the API-key scheme on the ``/v1/`` operations."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer"}}
+        for path, ops in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
