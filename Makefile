@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SCENARIO ?= simulations/digits.toml
 RUN_DIR  ?= runs/digits-default
+PORT     ?= 8000
 
 .PHONY: run test install clean
 
@@ -18,9 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# simulate; then serve the fused model behind an API key and query it over HTTP with the
+# run's held-out test split (its accuracy must match the run's); then stop the server
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
 	$(BIN)/fedfuse simulate $(SCENARIO) --out $(RUN_DIR)
+	key=$$($(BIN)/fedfuse keys create --file $(RUN_DIR)/api-keys.json --name make-run --quiet) && \
+	{ $(BIN)/fedfuse serve $(RUN_DIR)/model --api-keys $(RUN_DIR)/api-keys.json --port $(PORT) & \
+	  pid=$$!; trap 'kill $$pid; wait $$pid' EXIT; \
+	  FEDFUSE_API_KEY=$$key $(BIN)/fedfuse query http://127.0.0.1:$(PORT) --run $(RUN_DIR) --wait 60; }
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -254,36 +254,42 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
 @app.command()
 def query(
     url: Annotated[str, typer.Argument(help="the server, e.g. http://127.0.0.1:8000")],
-    data: Annotated[str, typer.Option(help="labelled .npz/.csv file, or an embedded data set")],
+    data: Annotated[Optional[str], typer.Option(
+        help="labelled .npz/.csv file, or an embedded data set")] = None,
+    run: Annotated[Optional[Path], typer.Option(
+        help="instead of --data: the held-out test split of this run directory")] = None,
     label_column: Annotated[str, typer.Option(help="label column of a CSV file")] = "label",
     api_key: Annotated[Optional[str], typer.Option(envvar="FEDFUSE_API_KEY",
                                                    help="API key [$FEDFUSE_API_KEY]")] = None,
     batch: Annotated[int, typer.Option(help="instances per request")] = 64,
-    limit: Annotated[Optional[int], typer.Option(help="send only the first N instances")] = None,
     wait: Annotated[float, typer.Option(help="seconds to wait for the server to be ready")] = 0.0,
     ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust for HTTPS")] = None,
 ) -> None:
-    """Send a labelled data set to a predict server; print its accuracy and the version."""
+    """Send labelled data to a predict server over HTTP; print its accuracy and version."""
     from fedfuse.client import PredictClient
     from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data import load_dataset
+    from fedfuse.sites import run_test_split
 
     try:
+        if (data is None) == (run is None):
+            raise FedfuseError("give exactly one of --data FILE and --run RUN_DIR")
         if batch < 1:
             raise FedfuseError(f"--batch must be >= 1, got {batch}")
-        dataset = load_dataset(DataConfig(source=resolve_source(data, Path.cwd()),
-                                          label_column=label_column))
-        X, y = dataset.X[:limit], dataset.y[:limit]
+        dataset = run_test_split(run) if run is not None else load_dataset(
+            DataConfig(source=resolve_source(str(data), Path.cwd()), label_column=label_column))
         with PredictClient(url, api_key=api_key, verify=str(ca) if ca else True) as client:
             if wait > 0:
                 client.wait_ready(wait)
-            labels = [client.predict(X[i:i + batch]) for i in range(0, len(X), batch)]
+            answers = [client.predict(dataset.X[i:i + batch])
+                       for i in range(0, len(dataset), batch)]
     except FedfuseError as exc:
         _fail(exc)
-    predicted = np.concatenate([p.labels for p in labels])
-    truth = np.array(dataset.schema.class_labels)[y]
-    console.print(f"{url}: model {labels[0].model_version} answered {len(predicted)} "
-                  f"instances of {data} in {len(labels)} requests; accuracy "
+    predicted = np.concatenate([a.labels for a in answers])
+    truth = np.array(dataset.schema.class_labels)[dataset.y]
+    what = f"the test split of {run}" if run is not None else str(data)
+    console.print(f"{url}: model {answers[0].model_version} labelled {len(predicted)} "
+                  f"instances of {what} in {len(answers)} requests; accuracy "
                   f"{float((predicted == truth).mean()):.4f}")
 
 

@@ -18,12 +18,11 @@ from typing import Any
 from safetensors.torch import load_file
 
 from fedfuse.artifact import Member
-from fedfuse.config import load_config
 from fedfuse.errors import FedfuseError
 from fedfuse.models import load_model
 from fedfuse.rundir import write_model
 from fedfuse.serverapp import FusionResult
-from fedfuse.sites import plan_federation
+from fedfuse.sites import run_test_split
 from fedfuse.training import predict_proba
 
 
@@ -34,10 +33,9 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
     if missing:
         raise FedfuseError(f"{run_dir}: not a complete run directory (missing "
                            f"{', '.join(missing)})")
-    cfg = load_config(run_dir / "config.toml")
     summary = json.loads((run_dir / "summary.json").read_text())
     stats = FusionResult.from_dict(json.loads((run_dir / "fusion_stats.json").read_text()))
-    test = plan_federation(cfg).test
+    test = run_test_split(run_dir)
     members, probas = [], []
     for arch in stats.members:
         path = run_dir / "cohorts" / f"{arch}.safetensors"

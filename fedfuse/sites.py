@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from fedfuse.config import FedfuseConfig
+from fedfuse.config import FedfuseConfig, load_config
 from fedfuse.data import Dataset, load_dataset
+from fedfuse.errors import FedfuseError
 from fedfuse.models import check_compatible
 from fedfuse.partition import Federation, build_federation
 
@@ -60,6 +62,16 @@ def plan_federation(cfg: FedfuseConfig) -> Plan:
             val_fraction=cfg.data.val_fraction, seed=cfg.seed)
         _PLANS[key] = Plan(dataset, federation)
     return _PLANS[key]
+
+
+def run_test_split(run_dir: Path) -> Dataset:
+    """The coordinator's held-out test split of a finished run, rebuilt from its
+    ``config.toml`` (the split is a function of the data, the partition settings and
+    the seed)."""
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        raise FedfuseError(f"{run_dir}: not a run directory (config.toml is missing)")
+    return plan_federation(load_config(config)).test
 
 
 def simulated_site(cfg: FedfuseConfig, partition_id: int) -> Site:

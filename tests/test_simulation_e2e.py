@@ -15,7 +15,7 @@ from fedfuse.data import DataSchema
 from fedfuse.models import build_model
 from fedfuse.sites import plan_federation
 from fedfuse.training import evaluate
-from tests.conftest import run_cli
+from tests.conftest import Server, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +110,22 @@ def test_fused_artifact_loads_and_matches_the_summary(two_runs):
     assert manifest["fused_test_accuracy"] == fused["test_accuracy"]
     assert {m["arch"]: m["test_accuracy"] for m in manifest["members"]} == {
         a: c["test_accuracy"] for a, c in summary["cohorts"].items()}
+
+
+def test_served_artifact_answers_like_the_run(two_runs):
+    """Usage 3 on usage 1's output: serve the run's artifact with a key, query it over
+    HTTP with the run's test split, get the run's fused test accuracy."""
+    _, (run, _) = two_runs
+    fused = json.loads((run / "summary.json").read_text())["fused"]
+    keys = run.parent / "keys.json"
+    key = run_cli("keys", "create", "--file", keys, "--quiet").stdout.strip()
+    with Server(run / "model", "--api-keys", keys) as server:
+        proc = run_cli("query", server.url, "--run", run, "--batch", "50",
+                       "--api-key", key)
+        assert proc.returncode == 0, proc.stderr
+        assert f"accuracy {fused['test_accuracy']:.4f}" in proc.stderr
+        refused = run_cli("query", server.url, "--run", run)
+        assert refused.returncode == 2 and "HTTP 401" in refused.stderr
 
 
 def test_same_seed_gives_same_metrics_and_models(two_runs):

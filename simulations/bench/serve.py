@@ -1,0 +1,152 @@
+"""Predict API benchmark: throughput and latency against an unbatched FastAPI baseline.
+
+    python simulations/bench/serve.py [--concurrency 1 16 64] [--seconds 5]
+
+Both servers run the same fused digits artifact (``cnn`` + ``mlp`` + ``logreg``), each in
+its own uvicorn process with one torch thread, one after the other in this invocation:
+
+- fedfuse: ``fedfuse serve`` as shipped, with an API key, schema validation, metrics and
+  dynamic micro-batching (defaults: max batch 256, no added wait);
+- baseline: ``serve_baseline.py``, a minimal FastAPI endpoint with one forward pass per
+  request and no key.
+
+The load is closed-loop: C connections (HTTP/1.1 keep-alive), each sending a one-instance
+request as soon as its previous answer arrived, for ``--seconds`` after a 1 s warm-up.
+The client is a raw-socket asyncio loop in this process, far cheaper per request than an
+HTTP library, but it shares the machine's cores with the server. Reported: requests per
+second, p50 and p99 latency, and fedfuse / baseline ratios.
+
+Writes ``simulations/bench/results/serve.json`` and the table between the
+``bench:serve`` markers in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, machine, publish
+
+from fedfuse.serving.auth import create_key
+from tests.conftest import free_port, make_artifact
+
+
+def request_bytes(port: int, path: str, body: bytes, key: str | None) -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+async def connection(port: int, request: bytes, until: float, warm: float,
+                     latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while (start := time.perf_counter()) < until:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head[9:12]
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            if status != b"200":
+                raise RuntimeError(f"HTTP {status.decode()} from port {port}")
+            if start >= warm:
+                latencies.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+async def load(port: int, request: bytes, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    warm = time.perf_counter() + 1.0
+    until = warm + seconds
+    await asyncio.gather(*(connection(port, request, until, warm, latencies)
+                           for _ in range(concurrency)))
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": round(len(ms) / seconds, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests": len(ms)}
+
+
+def start(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not start: {cmd}")
+
+
+def measure(name: str, cmd: list[str], port: int, env: dict[str, str], path: str,
+            key: str | None, body: bytes, levels: list[int], seconds: float) -> dict:
+    proc = start(cmd, port, env)
+    try:
+        request = request_bytes(port, path, body, key)
+        return {str(c): asyncio.run(load(port, request, c, seconds)) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        print(f"{name} done", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_artifact(work / "model")
+        _, key = create_key(work / "keys.json", "bench")
+        instance = np.random.default_rng(0).uniform(0, 16, size=(1, 1, 8, 8)).round(2)
+        body = json.dumps({"instances": instance.tolist()}).encode()
+        port = free_port()
+        fedfuse = measure(
+            "fedfuse", [sys.executable, "-m", "fedfuse", "serve", str(work / "model"),
+                        "--port", str(port), "--api-keys", str(work / "keys.json")],
+            port, {}, "/v1/predict", key, body, args.concurrency, args.seconds)
+        port = free_port()
+        baseline = measure(
+            "baseline", [sys.executable, "-m", "uvicorn", "serve_baseline:app", "--port",
+                         str(port), "--log-level", "warning",
+                         "--app-dir", str(Path(__file__).parent)],
+            port, {"ARTIFACT": str(work / "model"), "PYTHONPATH": str(ROOT)}, "/predict",
+            None, body, args.concurrency, args.seconds)
+    results = {"machine": machine(), "seconds": args.seconds, "instances_per_request": 1,
+               "fedfuse": fedfuse, "baseline": baseline,
+               "throughput_ratio": {c: round(fedfuse[c]["requests_per_s"]
+                                             / baseline[c]["requests_per_s"], 2)
+                                    for c in fedfuse}}
+    rows = ["| concurrent clients | fedfuse req/s | baseline req/s | fedfuse / baseline "
+            "| fedfuse p50 / p99 | baseline p50 / p99 |", "|---|---|---|---|---|---|"]
+    for c in fedfuse:
+        f, b = fedfuse[c], baseline[c]
+        rows.append(f"| {c} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
+                    f"{results['throughput_ratio'][c]:.2f}x | {f['p50_ms']:.1f} / "
+                    f"{f['p99_ms']:.1f} ms | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} ms |")
+    rows.append(f"\nMeasured on {machine()}; {args.seconds:g} s per point after 1 s of "
+                "warm-up, one instance (1x8x8) per request, closed loop over keep-alive "
+                "connections; the load generator runs on the same cores.")
+    table = "\n".join(rows)
+    publish("serve", results, ROOT / "docs" / "benchmarks.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
