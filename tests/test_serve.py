@@ -105,7 +105,7 @@ def test_key_is_required_and_checked(served, digits):
     ({"instances": []}, "instances", "at least 1"),
     ({"instances": [[[[0.0] * 8] * 8]] * 257}, "instances", "at most 256"),
     ({"inputs": [[[[0.0] * 8] * 8]]}, "instances", "Field required"),
-    ([1, 2], "body", "valid dictionary"),
+    ([1, 2], "body", "should be an object"),
 ])
 def test_bad_input_gets_422_naming_the_field(served, body, field, needle):
     server, _, key, _ = served

@@ -17,6 +17,7 @@ schema says (the JSON schema states the exact nesting and lengths). Answers carr
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -138,6 +139,11 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         await refresh()
         if registry.latest is None:
             raise RegistryError(f"{source}: no artifact could be loaded (see the log)")
+        # Objects alive now (torch, the models, the app) live as long as the process:
+        # moved out of the collector's reach, a full collection no longer scans them, and
+        # its pauses no longer show in the latency tail (100+ ms before this, measured).
+        gc.collect()
+        gc.freeze()
         watcher = asyncio.create_task(watch()) if cfg.reload_interval > 0 else None
         try:
             yield
@@ -164,12 +170,11 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             (413, "body too large"), (422, "input does not match the schema"),
             (429, "rate limit exceeded"), (503, "no model loaded"))}
 
-    async def answer(slot: ModelSlot | None, body: BaseModel, what: str) -> Response:
+    async def answer(slot: ModelSlot | None, x: np.ndarray, what: str) -> Response:
         if slot is None:
             return _error(404 if what else 503, "not_found" if what else "unavailable",
                           f"no model version {what!r} is being served (see GET /v1/models)"
                           if what else "no model is loaded yet")
-        x = np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
         metrics.request_instances.observe(len(x))
         try:
             proba = await slot.batcher.submit(x)
@@ -185,15 +190,26 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
                    "probabilities": proba.tolist()}
         return Response(json.dumps(payload), media_type="application/json")
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=errors,
-              summary="Predict with the latest model version")
-    async def predict(body: Body) -> Response:  # type: ignore[valid-type]
-        return await answer(registry.latest, body, "")
+    async def instances(request: Request) -> np.ndarray:
+        """The body parsed and validated in one pass (pydantic-core reads the JSON bytes)."""
+        try:
+            body = Body.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        return np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
 
-    @app.post("/v1/models/{version}/predict", response_model=PredictResponse,
-              responses=errors, summary="Predict with one model version")
-    async def predict_version(version: str, body: Body) -> Response:  # type: ignore[valid-type]
-        return await answer(registry.get(version), body, version)
+    documented = {"openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
+        "response_model": PredictResponse, "responses": errors}
+
+    @app.post("/v1/predict", summary="Predict with the latest model version", **documented)
+    async def predict(request: Request) -> Response:
+        return await answer(registry.latest, await instances(request), "")
+
+    @app.post("/v1/models/{version}/predict", summary="Predict with one model version",
+              **documented)
+    async def predict_version(version: str, request: Request) -> Response:
+        return await answer(registry.get(version), await instances(request), version)
 
     @app.get("/v1/model", summary="Public manifest of the latest version", responses=errors)
     async def model_info() -> dict[str, Any]:
@@ -226,7 +242,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, Body)  # type: ignore[method-assign]
     return app
 
 
@@ -277,13 +293,15 @@ def _add_error_handlers(app: FastAPI, schema: DataSchema, max_instances: int) ->
         return _error(exc.status_code, kind, str(exc.detail))
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the API-key scheme on the ``/v1/`` operations."""
+def _openapi(app: FastAPI, body: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI's schema plus the request body type and the API-key scheme on the ``/v1/``
+    operations."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "apiKey": {"type": "http", "scheme": "bearer"}}
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {})["PredictRequest"] = body.model_json_schema()
+        components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         for path, ops in schema["paths"].items():
             if path.startswith("/v1/"):
                 for op in ops.values():

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import uvloop
 from common import ROOT, machine, publish
 
 from fedfuse.serving.auth import create_key
@@ -98,7 +99,7 @@ def measure(name: str, cmd: list[str], port: int, env: dict[str, str], path: str
     proc = start(cmd, port, env)
     try:
         request = request_bytes(port, path, body, key)
-        return {str(c): asyncio.run(load(port, request, c, seconds)) for c in levels}
+        return {str(c): uvloop.run(load(port, request, c, seconds)) for c in levels}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
