@@ -379,3 +379,15 @@ def test_openapi_fuzz_finds_no_server_error(served):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     generated = re.search(r"(\d+) generated", proc.stdout)
     assert generated and int(generated.group(1)) >= 100, proc.stdout[-2000:]
+
+
+def test_serve_refuses_a_tampered_artifact(tmp_path):
+    make_artifact(tmp_path / "model")
+    member = tmp_path / "model" / "members" / "cnn.safetensors"
+    data = bytearray(member.read_bytes())
+    data[len(data) // 2] ^= 1
+    member.write_bytes(bytes(data))
+    proc = run_cli("serve", tmp_path / "model", "--port", str(free_port()), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "no artifact passes verification" in proc.stderr
+    assert "cnn.safetensors: SHA-256 does not match" in proc.stderr

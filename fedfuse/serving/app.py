@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fedfuse import __version__
-from fedfuse.artifact import read_verified_manifest
+from fedfuse.artifact import ArtifactError, read_verified_manifest
 from fedfuse.config import ServeConfig
 from fedfuse.data import DataSchema
 from fedfuse.serving.auth import KeyStore, read_keys
@@ -83,8 +83,14 @@ def serving_schema(source: Path) -> DataSchema:
     if not dirs:
         raise RegistryError(f"{source}: no artifact (a directory with manifest.json, such as "
                             "RUN_DIR/model, or a directory of them)")
-    newest = max(dirs, key=lambda d: (d / "manifest.json").stat().st_mtime)
-    return DataSchema.from_dict(read_verified_manifest(newest)["schema"])
+    problems = []
+    for directory in sorted(dirs, key=lambda d: (d / "manifest.json").stat().st_mtime,
+                            reverse=True):
+        try:
+            return DataSchema.from_dict(read_verified_manifest(directory)["schema"])
+        except ArtifactError as exc:
+            problems.append(str(exc))
+    raise RegistryError(f"{source}: no artifact passes verification: {'; '.join(problems)}")
 
 
 class KeysWatcher:

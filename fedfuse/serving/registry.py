@@ -106,8 +106,11 @@ class ModelRegistry:
 
     async def _refresh(self) -> list[str]:
         loop = asyncio.get_running_loop()
-        found = {d: (d / MANIFEST).stat().st_mtime for d in artifact_dirs(self.source)
-                 if (d / MANIFEST).exists()}
+        try:
+            found = {d: (d / MANIFEST).stat().st_mtime for d in artifact_dirs(self.source)}
+        except OSError as exc:  # the directory moved or a manifest vanished mid-scan
+            log.error("cannot scan %s (%s); serving as before", self.source, exc)
+            return []
         current = {s.directory: s for s in self._slots.values()}
         slots = {v: s for v, s in self._slots.items()
                  if s.directory in found and found[s.directory] == s.stamp}
@@ -145,14 +148,16 @@ class ModelRegistry:
         return added
 
     def _check_fits(self, predictor: FusedPredictor, slots: dict[str, ModelSlot]) -> None:
-        """All versions of one registry must take the same input."""
-        for slot in slots.values():
-            a, b = slot.predictor.schema, predictor.schema
-            if (a.input_shape, a.dtype) != (b.input_shape, b.dtype):
-                raise RegistryError(f"its input shape {list(b.input_shape)} differs from "
-                                    f"version {slot.version}'s {list(a.input_shape)}; serve "
-                                    "models of another input from another registry")
+        """All versions of one registry take the same input (they share one request
+        schema), so comparing with any one of them suffices."""
+        slot = next(iter(slots.values()), None)
+        if slot is None:
             return
+        a, b = slot.predictor.schema, predictor.schema
+        if (a.input_shape, a.dtype) != (b.input_shape, b.dtype):
+            raise RegistryError(f"its input shape {list(b.input_shape)} differs from "
+                                f"version {slot.version}'s {list(a.input_shape)}; serve "
+                                "models of another input from another registry")
 
     async def close(self) -> None:
         async with self._lock:
