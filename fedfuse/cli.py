@@ -171,7 +171,8 @@ def serve(
     config: Annotated[Optional[Path], typer.Option(help="TOML file with a [serve] table")] = None,
     host: Annotated[Optional[str], typer.Option(help="address to bind [127.0.0.1]")] = None,
     port: Annotated[Optional[int], typer.Option(help="port [8000]")] = None,
-    api_keys: Annotated[Optional[Path], typer.Option(help="keys file (fedfuse keys create)")] = None,
+    api_keys: Annotated[Optional[Path], typer.Option(
+        help="keys file (fedfuse keys create)")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate for HTTPS")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key for HTTPS")] = None,
     rate_limit: Annotated[Optional[str], typer.Option(help="per key, e.g. 100/second")] = None,

@@ -164,7 +164,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
                               "'Authorization: Bearer <key>' when the server has keys.")
     app.state.registry = registry
     app.state.metrics = metrics
-    limiter = RateLimiter(_parse_rate(cfg.rate_limit)) if cfg.rate_limit else None
+    limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit else None
     app.add_middleware(GuardMiddleware, max_body_bytes=cfg.max_body_bytes,
                        keys=lambda: keys.store, limiter=limiter)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
@@ -218,10 +218,10 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         return await answer(registry.get(version), await instances(request), version)
 
     @app.get("/v1/model", summary="Public manifest of the latest version", responses=errors)
-    async def model_info() -> dict[str, Any]:
+    async def model_info() -> Any:
         slot = registry.latest
         if slot is None:
-            return _error(503, "unavailable", "no model is loaded yet")  # type: ignore[return-value]
+            return _error(503, "unavailable", "no model is loaded yet")
         return _public(slot)
 
     @app.get("/v1/models", summary="Every version being served")
@@ -257,12 +257,6 @@ def _public(slot: ModelSlot) -> dict[str, Any]:
     public = {k: manifest[k] for k in PUBLIC_MANIFEST_KEYS if k in manifest}
     public["fusion"] = {k: v for k, v in manifest["fusion"].items() if k != "fit"}
     return public
-
-
-def _parse_rate(text: str):  # type: ignore[no-untyped-def]
-    from limits import parse
-
-    return parse(text)
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> Response:

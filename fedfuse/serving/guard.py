@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 
-from limits import RateLimitItem
+from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,8 +35,8 @@ def error_body(kind: str, message: str, **extra: object) -> bytes:
 class RateLimiter:
     """At most ``limit`` requests per moving window per caller (``limits``' moving window)."""
 
-    def __init__(self, limit: RateLimitItem) -> None:
-        self.limit = limit
+    def __init__(self, rate: str) -> None:
+        self.limit = parse(rate)  # "100/second"; ServeConfig has checked it
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     def retry_after(self, caller: str) -> int | None:
