@@ -4,7 +4,8 @@
         result = c.predict(X)          # result.labels, result.probabilities, result.model_version
 
 Transient failures (connection errors, timeouts, 429, 502, 503, 504) are retried with
-exponential backoff, honouring ``Retry-After``; everything else raises at once. Every
+exponential backoff, honouring ``Retry-After`` up to ``max_retry_wait`` seconds (a longer
+wait raises at once rather than block the caller); everything else raises at once. Every
 failure is one of the exceptions below, with the server's message in it.
 """
 
@@ -76,12 +77,14 @@ class PredictClient:
     """Calls one predict server; reuse it (connections are kept alive)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.2, verify: bool | str = True) -> None:
+                 retries: int = 3, backoff: float = 0.2, max_retry_wait: float = 10.0,
+                 verify: bool | str = True) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
                                   timeout=timeout, verify=verify)
         self.retries = retries
         self.backoff = backoff
+        self.max_retry_wait = max_retry_wait
 
     def __enter__(self) -> PredictClient:
         return self
@@ -133,20 +136,23 @@ class PredictClient:
                 if attempt >= self.retries:
                     raise ConnectionFailed(f"{method} {self._http.base_url}{path}: {exc} "
                                            f"(after {attempt + 1} attempts)") from exc
-                self._sleep(attempt, None)
+                time.sleep(self._delay(attempt, None))
                 attempt += 1
                 continue
-            if response.status_code in RETRY_STATUS and attempt < self.retries:
-                self._sleep(attempt, response.headers.get("retry-after"))
+            delay = self._delay(attempt, response.headers.get("retry-after"))
+            if response.status_code in RETRY_STATUS and attempt < self.retries and \
+                    delay <= self.max_retry_wait:
+                time.sleep(delay)
                 attempt += 1
                 continue
             return _decode(response, f"{method} {path}")
 
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """``backoff * 2^attempt`` seconds, or the server's ``Retry-After`` if longer."""
         delay = self.backoff * 2 ** attempt
         if retry_after and retry_after.isdigit():
             delay = max(delay, float(retry_after))
-        time.sleep(delay)
+        return delay
 
 
 def _decode(response: httpx.Response, what: str) -> dict[str, Any]:

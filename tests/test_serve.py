@@ -232,7 +232,11 @@ def test_rate_limit_is_per_key(tmp_path, digits):
         assert post(server, body, b).status_code == 200  # another key has its own budget
         with pytest.raises(RateLimited, match="429"):
             PredictClient(server.url, api_key=a, retries=0).predict(digits[:1])
-        assert metric(server, "fedfuse_http_errors_total", kind="rate_limited") == 2
+        # Retry-After (up to a minute) is over max_retry_wait: no retry, raised at once
+        with pytest.raises(RateLimited, match="429"):
+            PredictClient(server.url, api_key=a, retries=3, max_retry_wait=0.5).predict(
+                digits[:1])
+        assert metric(server, "fedfuse_http_errors_total", kind="rate_limited") == 3
 
 
 def test_new_version_goes_live_without_failed_requests(tmp_path, digits):
