@@ -139,12 +139,12 @@ class PredictClient:
                 time.sleep(self._delay(attempt, None))
                 attempt += 1
                 continue
-            delay = self._delay(attempt, response.headers.get("retry-after"))
-            if response.status_code in RETRY_STATUS and attempt < self.retries and \
-                    delay <= self.max_retry_wait:
-                time.sleep(delay)
-                attempt += 1
-                continue
+            if response.status_code in RETRY_STATUS and attempt < self.retries:
+                delay = self._delay(attempt, response.headers.get("retry-after"))
+                if delay <= self.max_retry_wait:
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
             return _decode(response, f"{method} {path}")
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fedfuse import __version__
-from fedfuse.artifact import ArtifactError, read_verified_manifest
+from fedfuse.artifact import MANIFEST, ArtifactError, read_verified_manifest
 from fedfuse.config import ServeConfig
 from fedfuse.data import DataSchema
 from fedfuse.serving.auth import KeyStore, read_keys
@@ -84,7 +84,7 @@ def serving_schema(source: Path) -> DataSchema:
         raise RegistryError(f"{source}: no artifact (a directory with manifest.json, such as "
                             "RUN_DIR/model, or a directory of them)")
     problems = []
-    for directory in sorted(dirs, key=lambda d: (d / "manifest.json").stat().st_mtime,
+    for directory in sorted(dirs, key=lambda d: (d / MANIFEST).stat().st_mtime,
                             reverse=True):
         try:
             return DataSchema.from_dict(read_verified_manifest(directory)["schema"])
@@ -127,7 +127,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
 
     async def refresh() -> None:
         await registry.refresh()
-        metrics.models.set(len(registry.versions))
+        metrics.models.set(len(registry.slots))
 
     async def watch() -> None:
         while True:
@@ -162,8 +162,6 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     app = FastAPI(title="fedfuse predict API", version=__version__, lifespan=lifespan,
                   description="Predictions of a fused fedfuse model. Send an API key as "
                               "'Authorization: Bearer <key>' when the server has keys.")
-    app.state.registry = registry
-    app.state.metrics = metrics
     limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit else None
     app.add_middleware(GuardMiddleware, max_body_bytes=cfg.max_body_bytes,
                        keys=lambda: keys.store, limiter=limiter)
@@ -228,8 +226,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     async def models() -> dict[str, Any]:
         latest = registry.latest
         return {"latest": latest.version if latest else None,
-                "versions": [_public(s) for v in registry.versions
-                             if (s := registry.get(v)) is not None]}
+                "versions": [_public(s) for s in registry.slots]}
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -88,8 +88,9 @@ class ModelRegistry:
         return self._latest
 
     @property
-    def versions(self) -> list[str]:
-        return sorted(self._slots, key=lambda v: semver_key(v))
+    def slots(self) -> list[ModelSlot]:
+        """Every loaded version, in semver order."""
+        return sorted(self._slots.values(), key=lambda s: semver_key(s.version))
 
     def get(self, version: str) -> ModelSlot | None:
         """The slot of ``version``, or of the only loaded version it is a prefix of
