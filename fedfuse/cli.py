@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -28,6 +28,7 @@ def _root() -> None:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower API call
     flwr_logger = logging.getLogger("flwr")  # has its own console handler
     flwr_logger.propagate = False
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -62,7 +63,12 @@ def simulate(
         summary, run_dir = run_scenario(cfg, out, console)
     except FedfuseError as exc:
         _fail(exc)
-    table = Table(title=f"{cfg.name}: {summary['rounds']} rounds, {summary['clients']} clients")
+    _print_summary(cfg.name, summary)
+    console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
+
+
+def _print_summary(name: str, summary: dict[str, Any]) -> None:
+    table = Table(title=f"{name}: {summary['rounds']} rounds, {summary['clients']} clients")
     table.add_column("cohort")
     table.add_column("clients", justify="right")
     table.add_column("test accuracy", justify="right")
@@ -74,7 +80,6 @@ def simulate(
         table.add_row(f"[bold]fused[/bold] ({f['method']}: {weights})", str(summary["clients"]),
                       f"[bold]{f['test_accuracy']:.4f}[/bold]")
     console.print(table)
-    console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
 
 
 @app.command()
@@ -195,6 +200,129 @@ def serve(
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     try:
         run_server(serve_config(config, options), source)
+    except FedfuseError as exc:
+        _fail(exc)
+
+
+certs_app = typer.Typer(no_args_is_help=True, help="Key material of a deployment.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="certificates directory (created)")],
+    sites: Annotated[str, typer.Option(help="comma-separated site names, e.g. a,b,c")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        help="a name or address the sites use to reach the coordinator (repeatable); "
+             "localhost and 127.0.0.1 are always included")] = None,
+) -> None:
+    """Create a CA, the coordinator's TLS certificate and a key pair per site; re-running
+    adds what is missing and never replaces a key."""
+    from fedfuse.deploy.certs import DEFAULT_HOSTS, init_certs
+
+    names = [n.strip() for n in sites.split(",") if n.strip()]
+    try:
+        if not names:
+            raise FedfuseError("--sites names no site")
+        created = init_certs(directory, names, [*DEFAULT_HOSTS, *(host or [])])
+    except FedfuseError as exc:
+        _fail(exc)
+    for path in created:
+        console.print(f"created {path}")
+    if not created:
+        console.print(f"{directory}: nothing to create (every key exists)")
+
+
+@app.command()
+def partition(
+    config: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    out: Annotated[Path, typer.Option(help="directory for the .npz files")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override any key (repeatable)")] = None,
+) -> None:
+    """Write the scenario's split as files: one .npz per site (or client) and test.npz,
+    for trying a deployment on one machine."""
+    from fedfuse.config import load_config
+    from fedfuse.sites import write_partitions
+
+    try:
+        paths = write_partitions(load_config(config, overrides=set_ or []), out)
+    except FedfuseError as exc:
+        _fail(exc)
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so child Flower processes are stopped on the way out."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def coordinator(
+    config: Annotated[Path, typer.Argument(help="scenario TOML; every cohort lists its sites")],
+    certs: Annotated[Path, typer.Option(help="certificates directory (fedfuse certs init)")],
+    address: Annotated[str, typer.Option(help="address the sites connect to")] = "0.0.0.0:9092",
+    out: Annotated[Optional[Path], typer.Option(help="run directory to create")] = None,
+    state: Annotated[Path, typer.Option(
+        help="the coordinator's working directory (SuperLink log, installed app)")] = Path(
+        "coordinator-state"),
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override any key: --set rounds=5 (repeatable)")] = None,
+) -> None:
+    """Run a scenario across partner sites: Flower's SuperLink with TLS and node
+    authentication, and the fedfuse ServerApp; writes the same run directory as simulate."""
+    from fedfuse.config import load_config
+
+    _setup_logging(False)
+    _stop_on_sigterm()
+    try:
+        cfg = load_config(config, overrides=set_ or [])
+        from fedfuse.deploy.coordinator import run_coordinator
+        from fedfuse.simulate import default_run_dir
+
+        run_dir = out or default_run_dir(cfg)
+        summary = run_coordinator(cfg, certs, address, run_dir, state,
+                                  lambda text: console.print(text, end="", markup=False,
+                                                             highlight=False))
+    except FedfuseError as exc:
+        _fail(exc)
+    _print_summary(cfg.name, summary)
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command()
+def site(
+    coordinator: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
+    certs: Annotated[Path, typer.Option(help="this site's copy of the certificates directory "
+                                             "(ca.pem and sites/NAME/)")],
+    name: Annotated[str, typer.Option(help="this site's name, as in the scenario")],
+    data: Annotated[Path, typer.Option(help="this site's data (.npz or .csv)")],
+    state: Annotated[Optional[Path], typer.Option(
+        help="state directory: privacy ledger, site secret [site-NAME-state]")] = None,
+    runtime_port: Annotated[int, typer.Option(
+        help="local port of the SuperNode's Runtime API (one per site on a machine)")] = 9094,
+    connect_timeout: Annotated[float, typer.Option(
+        help="seconds to retry an unreachable coordinator at start-up")] = 120.0,
+    max_wait: Annotated[float, typer.Option(
+        help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
+) -> None:
+    """Join a federation as a partner site: a Flower SuperNode serving this site's data,
+    which never leaves it; its privacy ledger persists across restarts in --state."""
+    from fedfuse.deploy.site import SiteOptions, run_site
+
+    _setup_logging(False)
+    _stop_on_sigterm()
+    opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
+                       state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,
+                       connect_timeout=connect_timeout, max_wait=max_wait)
+    try:
+        run_site(opts, lambda text: console.print(text, markup=False, highlight=False))
     except FedfuseError as exc:
         _fail(exc)
 

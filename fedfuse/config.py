@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,9 @@ import tomli_w
 from fedfuse.errors import ConfigError
 
 EMBEDDED_DATASETS = ("digits", "breast_cancer")
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+"""A partner site's name: 1-63 letters, digits, '_', '.' or '-', not starting with a
+symbol (it names a directory and appears in node configs)."""
 
 
 @dataclass
@@ -62,12 +66,25 @@ class CohortConfig:
     """Clients sharing one architecture; they are averaged together."""
 
     arch: str
-    clients: int
+    clients: int = 0
+    """How many simulated clients train this architecture; with ``sites``, their number."""
+    sites: list[str] | None = None
+    """Deployment: the names of the partner sites in this cohort (``fedfuse certs init
+    --sites``); a site trains the architecture of the cohort that lists it."""
     lr: float | None = None
     """Local learning rate; ``None`` takes the architecture's tuned default."""
 
     def __post_init__(self) -> None:
-        _check(self.clients >= 1, "clients", "must be >= 1")
+        if self.sites is not None:
+            _check(len(self.sites) >= 1, "sites", "must list at least one site")
+            _check(len(set(self.sites)) == len(self.sites), "sites", "lists a site twice")
+            for name in self.sites:
+                _check(bool(SITE_NAME.match(name)), "sites", f"{name!r} is not a valid site "
+                       "name: use 1-63 letters, digits, '_', '.' or '-'")
+            _check(self.clients in (0, len(self.sites)), "clients",
+                   f"is {self.clients} but sites lists {len(self.sites)}; drop clients")
+            self.clients = len(self.sites)
+        _check(self.clients >= 1, "clients", "must be >= 1 (or list the cohort's sites)")
         _check(self.lr is None or self.lr > 0.0, "lr", "must be > 0")
 
 
@@ -203,6 +220,19 @@ class SecureAggregationConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """The coordinator's patience with partner sites (``fedfuse coordinator``)."""
+
+    wait_for_sites: float = 300.0
+    """Seconds to wait for every listed site to connect; after that the run starts with
+    the sites present (each cohort still needs its minimum)."""
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.wait_for_sites) and self.wait_for_sites >= 0.0,
+               "wait_for_sites", f"must be a finite number >= 0, got {self.wait_for_sites}")
+
+
+@dataclass
 class FedfuseConfig:
     """A whole scenario: data, partition, cohorts, training and engine settings."""
 
@@ -217,10 +247,22 @@ class FedfuseConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(
         default_factory=SecureAggregationConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    round_timeout: float = 600.0
+    """Seconds the coordinator waits for the answers to one message exchange (a round's
+    training, evaluation, a secure-aggregation stage); a client that has not answered by
+    then counts as failed for that exchange, so a silent client cannot stall the run."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
         _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(math.isfinite(self.round_timeout) and self.round_timeout > 0.0, "round_timeout",
+               f"must be a finite number > 0, got {self.round_timeout}")
+        names = [n for c in self.cohorts for n in c.sites or []]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ConfigError("cohorts", f"site {dup!r} is listed in two cohorts; a site "
+                              "trains one architecture")
         _check(len(self.cohorts) >= 1, "cohorts", "at least one [[cohorts]] entry is needed")
         seen: set[str] = set()
         for i, cohort in enumerate(self.cohorts):
@@ -240,6 +282,11 @@ class FedfuseConfig:
     @property
     def num_clients(self) -> int:
         return sum(c.clients for c in self.cohorts)
+
+    @property
+    def site_names(self) -> list[str]:
+        """Deployment: every listed site, cohort by cohort (a site's position is its index)."""
+        return [n for c in self.cohorts for n in c.sites or []]
 
     def cohort_of(self, partition_id: int) -> CohortConfig:
         """The cohort of client ``partition_id``: clients are numbered cohort by cohort."""

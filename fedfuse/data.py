@@ -62,17 +62,22 @@ class Dataset:
         return Dataset(self.X[idx], self.y[idx], self.schema)
 
 
-def load_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
-    """Load ``cfg.source``; a relative file path is taken relative to ``base_dir``."""
+def load_dataset(cfg: DataConfig, base_dir: Path | None = None,
+                 class_labels: tuple[str, ...] | None = None) -> Dataset:
+    """Load ``cfg.source``; a relative file path is taken relative to ``base_dir``.
+
+    ``class_labels`` (a deployed site: the coordinator's classes) fixes the label
+    encoding, so that a site holding only some classes still numbers them as everyone
+    else does; a label outside it is refused."""
     if cfg.source in EMBEDDED_DATASETS:
         return _load_embedded(cfg.source)
     path = Path(cfg.source)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     if path.suffix == ".npz":
-        return load_npz(path)
+        return load_npz(path, class_labels)
     if path.suffix == ".csv":
-        return load_csv(path, cfg.label_column)
+        return load_csv(path, cfg.label_column, class_labels)
     raise DataError(f"data.source {cfg.source!r}: expected 'digits', 'breast_cancer', "
                     "or a path ending in .npz or .csv")
 
@@ -96,7 +101,7 @@ def _load_embedded(name: str) -> Dataset:
 
 
 def _from_arrays(X: np.ndarray, y_raw: np.ndarray, features: tuple[str, ...],
-                 where: Path) -> Dataset:
+                 where: Path, class_labels: tuple[str, ...] | None = None) -> Dataset:
     if X.ndim < 2:
         raise DataError(f"{where}: features must have shape (n, ...), got {X.shape}")
     if len(X) != len(y_raw):
@@ -108,6 +113,10 @@ def _from_arrays(X: np.ndarray, y_raw: np.ndarray, features: tuple[str, ...],
     if not np.isfinite(X).all():
         bad = int((~np.isfinite(X)).any(axis=tuple(range(1, X.ndim))).sum())
         raise DataError(f"{where}: {bad} rows contain NaN or infinite values")
+    if class_labels is not None:
+        return Dataset(X, _encode(y_raw, class_labels, where),
+                       DataSchema(input_shape=tuple(X.shape[1:]), feature_names=features,
+                                  class_labels=class_labels))
     classes, y = np.unique(y_raw, return_inverse=True)
     if len(classes) < 2:
         raise DataError(f"{where}: labels have {len(classes)} distinct value(s); need >= 2")
@@ -116,7 +125,18 @@ def _from_arrays(X: np.ndarray, y_raw: np.ndarray, features: tuple[str, ...],
     return Dataset(X, y.astype(np.int64), schema)
 
 
-def load_npz(path: Path) -> Dataset:
+def _encode(y_raw: np.ndarray, class_labels: tuple[str, ...], where: Path) -> np.ndarray:
+    """Labels as indices into ``class_labels`` (compared as strings)."""
+    index = {label: i for i, label in enumerate(class_labels)}
+    names = [str(v) for v in y_raw.tolist()]
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise DataError(f"{where}: label(s) {', '.join(map(repr, unknown[:5]))} are not among "
+                        f"the federation's classes ({', '.join(class_labels)})")
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
+def load_npz(path: Path, class_labels: tuple[str, ...] | None = None) -> Dataset:
     """An ``.npz`` file with arrays ``X`` (n, ...) and ``y`` (n,)."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -130,10 +150,11 @@ def load_npz(path: Path) -> Dataset:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
     n_feat = int(np.prod(X.shape[1:])) if X.ndim >= 2 else 0
-    return _from_arrays(X, y, tuple(f"x{i}" for i in range(n_feat)), path)
+    return _from_arrays(X, y, tuple(f"x{i}" for i in range(n_feat)), path, class_labels)
 
 
-def load_csv(path: Path, label_column: str) -> Dataset:
+def load_csv(path: Path, label_column: str,
+             class_labels: tuple[str, ...] | None = None) -> Dataset:
     """A CSV file with a header row; ``label_column`` holds the class, the rest are numeric."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -158,4 +179,4 @@ def load_csv(path: Path, label_column: str) -> Dataset:
         except ValueError:
             raise DataError(f"{path}:{lineno}: a feature value is not a number") from None
         y.append(row[li].strip())
-    return _from_arrays(np.asarray(X_rows), np.asarray(y), features, path)
+    return _from_arrays(np.asarray(X_rows), np.asarray(y), features, path, class_labels)

@@ -131,9 +131,11 @@ class RunDirectory:
 
 
 def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: float,
-                  label_skew: float) -> dict[str, Any]:
+                  label_skew: float | None = None) -> dict[str, Any]:
     """The run's headline figures. ``secure_aggregation`` is true only when every cohort
-    update the coordinator applied came out of a secure sum (and at least one did)."""
+    update the coordinator applied came out of a secure sum (and at least one did).
+    ``label_skew`` is known in simulation only (a deployment's partition is the sites'
+    own data), so a deployed run's ``partition`` is null."""
     last = result.history[-1]["cohorts"]
     cohorts = {
         arch: {"clients": len(c.members), "test_accuracy": last[arch]["test_accuracy"],
@@ -147,8 +149,9 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
         "seed": cfg.seed,
         "rounds": len(result.history),
         "clients": len(result.members),
-        "partition": {"method": cfg.partition.method, "alpha": cfg.partition.alpha,
-                      "label_skew": round(label_skew, 4)},
+        "partition": None if label_skew is None else {
+            "method": cfg.partition.method, "alpha": cfg.partition.alpha,
+            "label_skew": round(label_skew, 4)},
         "cohorts": cohorts,
         "fused": None if result.fusion is None else {
             "method": result.fusion.method,

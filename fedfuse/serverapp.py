@@ -130,10 +130,14 @@ def build_server_app(cfg: FedfuseConfig, test: Dataset, listener: RoundListener)
 
 
 class Coordinator:
-    def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener) -> None:
+    def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
+                 sites: dict[int, str] | None = None) -> None:
         self.cfg = cfg
         self.test = test
         self.listener = listener
+        self.sites = sites
+        """Deployment: the authenticated node id of each registered site -> its name. A
+        node must answer discovery with the name its key was registered under."""
         self.privacy: dict[int, dict[str, Any]] = {}
         """The latest privacy report of each site (node id -> figures)."""
         self.secure_sums = 0
@@ -141,12 +145,31 @@ class Coordinator:
 
     # -- discovery ----------------------------------------------------------------------
 
+    def connected(self, grid: Grid) -> list[int]:
+        """The nodes to run with: all expected ones, or those connected once
+        ``deployment.wait_for_sites`` has passed."""
+        expected = self.cfg.num_clients
+        deadline = time.monotonic() + self.cfg.deployment.wait_for_sites
+        waited = 0
+        while len(node_ids := sorted(grid.get_node_ids())) < expected:
+            if time.monotonic() >= deadline:
+                missing = ""
+                if self.sites is not None:
+                    absent = sorted(n for i, n in self.sites.items() if i not in node_ids)
+                    missing = f" (missing: {', '.join(absent)})"
+                log.warning("%d of %d sites connected after %.0f s%s; starting with them",
+                            len(node_ids), expected, self.cfg.deployment.wait_for_sites,
+                            missing)
+                break
+            if waited % 10 == 0:
+                log.info("waiting for clients: %d of %d connected", len(node_ids), expected)
+            waited += 1
+            time.sleep(1.0)
+        return node_ids
+
     def discover(self, grid: Grid) -> tuple[list[Member], list[Message]]:
         """Ask every node for its architecture, example counts and feature sums."""
-        expected = self.cfg.num_clients
-        while len(node_ids := sorted(grid.get_node_ids())) < expected:
-            log.info("waiting for clients: %d of %d connected", len(node_ids), expected)
-            time.sleep(1.0)
+        node_ids = self.connected(grid)
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                    for n in node_ids]
         members, replies = [], []
@@ -157,7 +180,7 @@ class Coordinator:
                 log.warning("node %d dropped at discovery: %s", node, reply.error.reason)
                 continue
             site, metrics = reply.content["site"], reply.content["metrics"]
-            reason = self._reject_reason(site, known)
+            reason = self._reject_reason(node, site, known)
             if reason:
                 log.warning("node %d (%s) dropped at discovery: %s", node, site["name"], reason)
                 continue
@@ -168,8 +191,11 @@ class Coordinator:
         members.sort(key=lambda m: m.index)
         return members, replies
 
-    def _reject_reason(self, site: ConfigRecord, known: set[str]) -> str | None:
+    def _reject_reason(self, node: int, site: ConfigRecord, known: set[str]) -> str | None:
         schema = self.test.schema
+        if self.sites is not None and self.sites.get(node) != site["name"]:
+            return (f"it calls itself {site['name']!r} but its key is registered as "
+                    f"{self.sites.get(node)!r}")
         if site["arch"] not in known:
             return f"architecture {site['arch']!r} is not one of the scenario's cohorts"
         if tuple(site["input-shape"]) != tuple(schema.input_shape):
@@ -344,6 +370,7 @@ class Coordinator:
 
     def run(self, grid: Grid) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
+        grid = BoundedGrid(grid, self.cfg.round_timeout)
         members, replies = self.discover(grid)
         if not members:
             raise FedfuseError("no client answered the discovery query")
@@ -435,6 +462,22 @@ class Coordinator:
         flat = decode_fixed(sums["fusion"])
         return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
                 len(sessions["fusion"].u3))
+
+
+class BoundedGrid:
+    """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless told
+    otherwise: a client that never answers counts as failed instead of stalling the run."""
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self._grid = grid
+        self._timeout = timeout
+
+    def send_and_receive(self, messages: Iterable[Message],
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout or self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 Statistics = tuple[np.ndarray, np.ndarray, int, int]

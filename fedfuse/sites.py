@@ -9,10 +9,14 @@ rounds), keyed by the data-relevant part of the config.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from fedfuse.atomic import atomic_write_bytes
 from fedfuse.config import FedfuseConfig, load_config
 from fedfuse.data import Dataset, load_dataset
 from fedfuse.errors import FedfuseError
@@ -82,6 +86,27 @@ def simulated_site(cfg: FedfuseConfig, partition_id: int) -> Site:
                 arch=cfg.cohort_of(partition_id).arch,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
                 secret=simulated_secret(cfg.seed, partition_id))
+
+
+def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:
+    """Each client's data (train and validation together) as ``<name>.npz``, named after
+    the cohorts' ``sites`` where they list them, and the held-out ``test.npz``: files
+    for trying a deployment on one machine. Labels are written as class names."""
+    plan = plan_federation(cfg)
+    names = cfg.site_names or [f"client-{i}" for i in range(cfg.num_clients)]
+    if len(names) != cfg.num_clients:
+        raise FedfuseError("list sites in every cohort, or in none")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(plan.dataset.schema.class_labels)
+    written = []
+    parts = [np.concatenate([c.train, c.val]) for c in plan.federation.clients]
+    for name, idx in [*zip(names, parts), ("test", plan.federation.test)]:
+        path = out / f"{name}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, X=plan.dataset.X[idx], y=labels[plan.dataset.y[idx]])
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
 
 
 def simulated_secret(seed: int, partition_id: int) -> bytes:

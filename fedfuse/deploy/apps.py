@@ -1,0 +1,133 @@
+"""The Flower apps a deployed federation runs: the components of the FAB that
+``fedfuse coordinator`` submits to its SuperLink.
+
+Everything a run needs arrives in Flower's own configs:
+
+- run config (set by the coordinator, seen by every party): ``scenario`` (the resolved
+  scenario as TOML), ``class-labels`` (JSON list: the coordinator's classes, which fix
+  every site's label encoding), ``run-dir`` (where the coordinator writes the run) and
+  ``sites`` (JSON: registered node id -> site name);
+- node config (set by ``fedfuse site`` at each site, never leaves it): ``name``,
+  ``data`` (the site's data file) and ``state-dir`` (privacy ledger, site secret).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from fedfuse.clientapp import build_client_app
+from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
+from fedfuse.data import Dataset, load_dataset
+from fedfuse.errors import FedfuseError
+from fedfuse.partition import train_val_split
+from fedfuse.progress import Fanout, ProgressDisplay
+from fedfuse.rundir import RunDirectory, build_summary
+from fedfuse.serverapp import Coordinator
+from fedfuse.sites import Site
+
+log = logging.getLogger("fedfuse")
+
+SECRET_FILE = "site-secret"
+
+
+def scenario_of(context: Context) -> FedfuseConfig:
+    return config_from_dict(tomllib.loads(str(context.run_config["scenario"])))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _coordinate(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    for noisy in ("httpx", "flwr"):  # a line per API call; flwr logs to the run already
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = scenario_of(context)
+    test = load_dataset(cfg.data)
+    sites = {int(k): str(v) for k, v in json.loads(str(context.run_config["sites"])).items()}
+    display = ProgressDisplay(Console(file=sys.stdout, width=120, no_color=True))
+    with RunDirectory(Path(str(context.run_config["run-dir"])), cfg, test.schema) as run:
+        Coordinator(cfg, test, Fanout(run, display), sites).run(grid)
+        assert run.result is not None
+        run.write_summary(build_summary(cfg, run.result, time.perf_counter() - started))
+    print(f"run directory: {run.final}", flush=True)
+
+
+_SITES: dict[tuple[str, ...], Site] = {}
+
+
+def deployed_site(context: Context) -> Site:
+    """This site's architecture (the cohort that lists its name) and its train/validation
+    split of its own data file; cached per process and run settings."""
+    node, run = context.node_config, context.run_config
+    key = (str(node["name"]), str(node["data"]), str(node["state-dir"]),
+           str(run["scenario"]), str(run["class-labels"]))
+    if key not in _SITES:
+        cfg = scenario_of(context)
+        name = str(node["name"])
+        if name not in cfg.site_names:
+            raise FedfuseError(f"site {name!r} is not listed in any cohort of scenario "
+                               f"{cfg.name!r} (sites: {', '.join(cfg.site_names)})")
+        arch = next(c.arch for c in cfg.cohorts if name in (c.sites or []))
+        labels = tuple(json.loads(str(run["class-labels"])))
+        data = load_dataset(DataConfig(source=str(node["data"]),
+                                       label_column=cfg.data.label_column),
+                            class_labels=labels)
+        if len(data) < cfg.partition.min_samples:
+            raise FedfuseError(f"site {name!r}: {node['data']} holds {len(data)} records, "
+                               f"fewer than partition.min_samples = {cfg.partition.min_samples}")
+        secret = site_secret(Path(str(node["state-dir"])))
+        train, val = split_site_data(data, cfg.data.val_fraction, secret)
+        _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=arch,
+                           train=train, val=val, secret=secret)
+    return _SITES[key]
+
+
+def split_site_data(data: Dataset, val_fraction: float, secret: bytes) -> tuple[Dataset, Dataset]:
+    """The site's train and validation subsets, the same on every restart (seeded by the
+    site's secret, so nobody else can tell which records validate)."""
+    seed = int.from_bytes(secret[:8], "big")
+    split = train_val_split(np.arange(len(data)), val_fraction, seed)
+    return data.subset(split.train), data.subset(split.val)
+
+
+def site_secret(state_dir: Path) -> bytes:
+    """The site's random secret (seeds its DP noise and data split), made once and kept
+    in ``state_dir`` with 0600 permissions."""
+    path = state_dir / SECRET_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this site made it first
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path.read_bytes()
+
+
+client_app = build_client_app(deployed_site)
+
+
+def run_config(cfg: FedfuseConfig, class_labels: tuple[str, ...], run_dir: Path,
+               sites: dict[int, str]) -> dict[str, Any]:
+    """The run config the coordinator hands its ServerApp and every site."""
+    return {"scenario": cfg.to_toml(), "class-labels": json.dumps(list(class_labels)),
+            "run-dir": str(run_dir), "sites": json.dumps({str(k): v for k, v in sites.items()})}

@@ -1,0 +1,205 @@
+"""``fedfuse coordinator``: Flower's SuperLink with TLS and node authentication, the
+listed sites' keys registered, and the fedfuse ServerApp submitted as one run.
+
+Steps: check the certificates and the scenario -> start ``flower-superlink`` (TLS, only
+registered keys may join) -> register each listed site's public key, remembering the
+node id Flower gives it -> submit a FAB whose components are ``fedfuse.deploy.apps``
+-> relay the run's log until it finishes -> stop the SuperLink. The ServerApp writes
+the run directory, fused artifact included, exactly as a simulation does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedfuse import __version__
+from fedfuse.config import FedfuseConfig
+from fedfuse.data import load_dataset
+from fedfuse.deploy.apps import run_config
+from fedfuse.deploy.certs import CertsDir, check_server_certificate, load_site_public_key
+from fedfuse.deploy.process import FlowerProcess, strip_ansi
+from fedfuse.errors import ConfigError, FedfuseError
+from fedfuse.models import build_model
+from fedfuse.privacy import check_dp_compatible
+
+CONNECT_TIMEOUT = 60.0
+"""Seconds to wait for the freshly started SuperLink to answer."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FedfuseError(f"address {text!r} is not HOST:PORT (for example 0.0.0.0:9092)")
+        return cls(host.strip("[]"), int(port))
+
+    @property
+    def local(self) -> str:
+        """How this machine reaches a server bound here (wildcards mean loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+
+def check_deployment(cfg: FedfuseConfig, certs: CertsDir) -> dict[str, bytes]:
+    """Refuse, before anything starts, a scenario that cannot be deployed with ``certs``;
+    returns each listed site's public key."""
+    for i, cohort in enumerate(cfg.cohorts):
+        if cohort.sites is None:
+            raise ConfigError(f"cohorts[{i}].sites", "a deployment needs the names of the "
+                              f"sites in cohort {cohort.arch!r}, e.g. sites = [\"a\", \"b\"]")
+    check_server_certificate(certs)
+    return {name: load_site_public_key(certs, name) for name in cfg.site_names}
+
+
+def fab_bytes(version: str = __version__) -> bytes:
+    """The Flower App Bundle: only a pyproject naming fedfuse's installed apps, so every
+    party runs its own installed fedfuse, never code shipped over the network."""
+    from flwr.cli.build import build_fab_from_files
+
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedfuse-federation", "version": version, "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedfuse",
+            "components": {"serverapp": "fedfuse.deploy.apps:server_app",
+                           "clientapp": "fedfuse.deploy.apps:client_app"},
+            "config": {"scenario": "", "class-labels": "[]", "run-dir": "", "sites": "{}"},
+        }}},
+    }
+    return build_fab_from_files({"pyproject.toml": tomli_w.dumps(project).encode()})[0]
+
+
+class Control:
+    """The SuperLink's Control API, as ``flwr`` uses it."""
+
+    def __init__(self, address: str, ca: Path) -> None:
+        from flwr.supercore.control import ControlHttpClient
+
+        self.client = ControlHttpClient.from_server_address(
+            server_address=address, insecure=False, root_certificates=ca.read_bytes(),
+            interceptors=[])
+
+    def wait_ready(self, superlink: FlowerProcess, timeout: float) -> None:
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if superlink.poll() is not None:
+                raise FedfuseError(f"flower-superlink exited with status {superlink.poll()}:\n"
+                                   f"{superlink.tail()}")
+            try:
+                self.client.ListNodes(ListNodesRequest())
+                return
+            except Exception as exc:  # any transport error means "not yet"
+                if time.monotonic() > deadline:
+                    raise FedfuseError(f"flower-superlink did not answer within {timeout:.0f} "
+                                       f"s ({exc}); its log:\n{superlink.tail()}") from None
+                time.sleep(0.5)
+
+    def register(self, keys: dict[str, bytes]) -> dict[int, str]:
+        """Register each site's public key; returns node id -> site name."""
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        nodes = {}
+        for name, key in keys.items():
+            public = public_key_to_bytes(serialization.load_ssh_public_key(key))
+            response = self.client.RegisterNode(RegisterNodeRequest(public_key=public,
+                                                                    name=name))
+            if not response.node_id:
+                raise FedfuseError(f"the SuperLink refused to register site {name!r}")
+            nodes[int(response.node_id)] = name
+        return nodes
+
+    def start_run(self, fab: bytes, config: dict[str, Any]) -> int:
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        res = self.client.StartRun(StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto(config)))
+        if not res.HasField("run_id"):
+            raise FedfuseError("the SuperLink did not start the run")
+        return int(res.run_id)
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        return run.status.status, run.status.sub_status
+
+    def follow(self, run_id: int, echo: Callable[[str], None]) -> str:
+        """Relay the run's log to ``echo`` until the run finishes; returns its sub-status
+        (``completed``, ``failed`` or ``stopped``)."""
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        after = 0.0
+        while True:
+            try:
+                for res in self.client.StreamLogs(StreamLogsRequest(run_id=run_id,
+                                                                    after_timestamp=after)):
+                    if res.log_output:
+                        echo(strip_ansi(res.log_output))
+                    after = max(after, res.latest_timestamp)
+            except Exception:  # the stream is best effort; the status below is not
+                time.sleep(1.0)
+            status, sub_status = self.status(run_id)
+            if status == "finished":
+                return sub_status
+
+    def stop_run(self, run_id: int) -> None:
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        self.client.StopRun(StopRunRequest(run_id=run_id))
+
+
+def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path,
+                    state_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Serve ``cfg`` to the sites listed in it and return the run's summary."""
+    certs = CertsDir(certs_dir)
+    keys = check_deployment(cfg, certs)
+    where = Address.parse(address)
+    test = load_dataset(cfg.data)
+    if cfg.privacy.mode == "sample":
+        for cohort in cfg.cohorts:
+            check_dp_compatible(build_model(cohort.arch, test.schema), cohort.arch)
+    out = out.resolve()
+    if out.exists():
+        raise FedfuseError(f"output directory already exists: {out} (choose another --out)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["flower-superlink", "--ssl-ca-certfile", str(certs.ca_cert),
+            "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", where.host, "--port", str(where.port)]
+    with FlowerProcess(argv, state_dir / "superlink.log", state_dir / "flwr") as superlink:
+        control = Control(where.local, certs.ca_cert)
+        control.wait_ready(superlink, CONNECT_TIMEOUT)
+        nodes = control.register(keys)
+        echo(f"SuperLink on {where.host}:{where.port} (TLS, node authentication); "
+             f"admitted sites: {', '.join(sorted(nodes.values()))}\n")
+        run_id = control.start_run(fab_bytes(), run_config(cfg, test.schema.class_labels, out,
+                                                           nodes))
+        try:
+            outcome = control.follow(run_id, echo)
+        except BaseException:
+            control.stop_run(run_id)
+            raise
+    if outcome != "completed" or not (out / "summary.json").is_file():
+        raise FedfuseError(f"the federated run {outcome} without a result; the run's log is "
+                           f"above, the SuperLink's in {state_dir / 'superlink.log'}")
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))

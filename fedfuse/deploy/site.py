@@ -1,0 +1,153 @@
+"""``fedfuse site``: a partner site's Flower SuperNode, with its data, key and state.
+
+Before the SuperNode starts, the site checks what it can check alone and explains what
+goes wrong: its key and data files, then a TLS handshake with the coordinator against
+the CA (retried while the coordinator is unreachable, refused at once for a wrong CA,
+an expired certificate or a host name the certificate does not list). The SuperNode's
+own exit is translated too (an unregistered key, a coordinator gone for good).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedfuse.config import DataConfig
+from fedfuse.data import load_dataset
+from fedfuse.deploy.apps import site_secret
+from fedfuse.deploy.certs import CertsDir, check_site_name
+from fedfuse.deploy.coordinator import Address
+from fedfuse.deploy.process import FlowerProcess
+from fedfuse.errors import FedfuseError
+
+SOCKET_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    coordinator: str
+    certs: Path
+    name: str
+    data: Path
+    state: Path
+    runtime_port: int = 9094
+    """Port of the SuperNode's local Runtime API (loopback); one per site on a machine."""
+    connect_timeout: float = 120.0
+    """Seconds to keep retrying an unreachable coordinator at start-up."""
+    max_wait: float = 600.0
+    """Seconds the SuperNode keeps reconnecting after losing the coordinator."""
+
+
+def check_site_files(opts: SiteOptions) -> tuple[Path, Path]:
+    """The CA certificate and the site's key, checked; the data file loads."""
+    check_site_name(opts.name)
+    certs = CertsDir(opts.certs)
+    ca, key = certs.ca_cert, certs.site_key(opts.name)
+    if not ca.is_file():
+        raise FedfuseError(f"{ca} is missing: copy ca.pem from the coordinator's certs "
+                           "directory")
+    if not key.is_file():
+        raise FedfuseError(f"{key} is missing: copy sites/{opts.name}/auth.key from the "
+                           f"coordinator's `fedfuse certs init` output")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        private = load_ssh_private_key(key.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise FedfuseError(f"{key}: not an OpenSSH private key ({exc})") from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise FedfuseError(f"{key}: node authentication needs an EC key")
+    if key.stat().st_mode & 0o077:
+        raise FedfuseError(f"{key} is readable by other users; chmod 600 {key}")
+    load_dataset(DataConfig(source=str(opts.data)))
+    return ca, key
+
+
+def probe_coordinator(address: Address, ca: Path, timeout: float,
+                      say: Callable[[str], None] = print) -> None:
+    """Complete one TLS handshake with the coordinator, verifying its certificate against
+    ``ca``; connection failures are retried with backoff for ``timeout`` seconds."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    delay, attempts = 1.0, 0
+    while True:
+        attempts += 1
+        try:
+            with socket.create_connection((address.host, address.port),
+                                          timeout=SOCKET_TIMEOUT) as sock:
+                with context.wrap_socket(sock, server_hostname=address.host):
+                    return
+        except ssl.SSLCertVerificationError as exc:
+            raise FedfuseError(explain_verify_error(exc, address, ca)) from None
+        except ssl.SSLError as exc:
+            raise FedfuseError(f"TLS handshake with {address.host}:{address.port} failed "
+                               f"({exc.reason}): is a fedfuse coordinator with TLS listening "
+                               "there?") from None
+        except OSError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FedfuseError(f"coordinator {address.host}:{address.port} is unreachable "
+                                   f"after {attempts} attempts over {timeout:.0f} s "
+                                   f"({exc.strerror or exc})") from None
+            say(f"coordinator {address.host}:{address.port} not reachable "
+                f"({exc.strerror or exc}); retrying in {min(delay, left):.0f} s")
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
+
+
+def explain_verify_error(exc: ssl.SSLCertVerificationError, address: Address, ca: Path) -> str:
+    reason = exc.verify_message or str(exc)
+    where = f"{address.host}:{address.port}"
+    if "expired" in reason:
+        return (f"the coordinator's certificate at {where} has expired; the coordinator must "
+                "issue a new one (fedfuse certs init)")
+    if "not yet valid" in reason:
+        return f"the coordinator's certificate at {where} is not valid yet (check the clocks)"
+    if "Hostname mismatch" in reason or "IP address mismatch" in reason:
+        return (f"the coordinator's certificate does not list {address.host!r}; connect by a "
+                f"name it lists, or reissue it with --host {address.host}")
+    if "issuer" in reason or "self-signed" in reason or "self signed" in reason:
+        return (f"the coordinator's certificate at {where} is not signed by the CA in {ca} "
+                "(wrong ca.pem, or not the fedfuse coordinator)")
+    return f"the coordinator's certificate at {where} was rejected: {reason}"
+
+
+def supernode_argv(opts: SiteOptions, ca: Path, key: Path) -> list[str]:
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
+        "name": opts.name, "data": str(opts.data.resolve()),
+        "state-dir": str(opts.state.resolve())}.items())
+    return ["flower-supernode", "--root-certificates", str(ca), "--superlink", opts.coordinator,
+            "--auth-supernode-private-key", str(key), "--node-config", node_config,
+            "--port", str(opts.runtime_port), "--max-wait-time", str(opts.max_wait)]
+
+
+def explain_exit(code: int, log_tail: str, opts: SiteOptions) -> str:
+    if "Failed to activate SuperNode" in log_tail:
+        return (f"the coordinator refused site {opts.name!r}: its key is not registered there "
+                "(the coordinator admits only the sites its scenario lists, with their "
+                "public keys from its certs directory)")
+    if "could not establish a connection" in log_tail:
+        return (f"lost the coordinator {opts.coordinator} and could not reconnect within "
+                f"{opts.max_wait:.0f} s")
+    return f"flower-supernode exited with status {code}:\n{log_tail}"
+
+
+def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
+    """Check, connect and serve until stopped; raises with an explanation if the SuperNode
+    ends on its own."""
+    ca, key = check_site_files(opts)
+    opts.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    site_secret(opts.state)
+    probe_coordinator(Address.parse(opts.coordinator), ca, opts.connect_timeout, say)
+    say(f"site {opts.name}: coordinator {opts.coordinator} verified; joining "
+        f"(state in {opts.state}, SuperNode log in {opts.state / 'supernode.log'})")
+    with FlowerProcess(supernode_argv(opts, ca, key), opts.state / "supernode.log",
+                       opts.state / "flwr") as node:
+        code = node.wait()
+        raise FedfuseError(explain_exit(code, node.tail(40), opts))
