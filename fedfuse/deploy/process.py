@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import TracebackType
 
@@ -17,12 +18,16 @@ class FlowerProcess:
     stopped (SIGTERM, then SIGKILL) when the ``with`` block ends."""
 
     def __init__(self, argv: list[str], log: Path, flwr_home: Path) -> None:
-        exe = shutil.which(argv[0])
+        # Flower's commands (and the ones they start, such as flower-superexec) are
+        # taken from this interpreter's environment first, activated or not
+        scripts = str(Path(sys.executable).parent)
+        path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+        exe = shutil.which(argv[0], path=path)
         if exe is None:
-            raise FedfuseError(f"{argv[0]} is not on PATH; install flwr in this environment")
+            raise FedfuseError(f"{argv[0]} is not installed; install flwr in this environment")
         self.argv = [exe, *argv[1:]]
         self.log = log
-        self.env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.offset = 0
         """Where this process's output starts in ``log`` (earlier runs' output precedes it)."""
@@ -33,7 +38,7 @@ class FlowerProcess:
             self.offset = out.tell()
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -75,6 +80,18 @@ class FlowerProcess:
         except FileNotFoundError:
             return ""
         return "\n".join(strip_ansi(text).splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the fedfuse process dies, even by SIGKILL, so a
+    killed coordinator or site leaves no Flower daemon behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def strip_ansi(text: str) -> str:

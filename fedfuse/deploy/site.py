@@ -112,7 +112,7 @@ def explain_verify_error(exc: ssl.SSLCertVerificationError, address: Address, ca
     if "Hostname mismatch" in reason or "IP address mismatch" in reason:
         return (f"the coordinator's certificate does not list {address.host!r}; connect by a "
                 f"name it lists, or reissue it with --host {address.host}")
-    if "issuer" in reason or "self-signed" in reason or "self signed" in reason:
+    if any(s in reason for s in ("issuer", "self-signed", "self signed", "signature failure")):
         return (f"the coordinator's certificate at {where} is not signed by the CA in {ca} "
                 "(wrong ca.pem, or not the fedfuse coordinator)")
     return f"the coordinator's certificate at {where} was rejected: {reason}"

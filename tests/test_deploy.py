@@ -1,0 +1,302 @@
+"""Partner-site deployment: real ``fedfuse coordinator`` and ``fedfuse site`` processes
+(Flower SuperLink / SuperNodes) on 127.0.0.1 with TLS and node authentication."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedfuse.deploy.certs import CertsDir, check_server_certificate, init_certs
+from fedfuse.deploy.coordinator import Address
+from fedfuse.deploy.site import probe_coordinator
+from fedfuse.errors import FedfuseError
+from tests.conftest import FEDFUSE, ROOT, free_port, run_cli
+
+SCENARIO = """
+name = "three-sites"
+seed = 5
+rounds = {rounds}
+round_timeout = {round_timeout}
+
+[data]
+source = "{test_data}"
+val_fraction = 0.2
+
+[partition]
+method = "dirichlet"
+alpha = 1.0
+
+[[cohorts]]
+arch = "logreg"
+sites = ["a", "b", "c"]
+
+[privacy]
+mode = "sample"
+target_epsilon = 8.0
+
+[deployment]
+wait_for_sites = 90.0
+"""
+
+
+def write_scenario(tmp: Path, rounds: int = 2, round_timeout: float = 60.0) -> Path:
+    path = tmp / "deploy.toml"
+    path.write_text(SCENARIO.format(rounds=rounds, round_timeout=round_timeout,
+                                    test_data=tmp / "data" / "test.npz"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates for sites a, b, c and x (x is not in the scenario), and each site's
+    data file written by ``fedfuse partition``."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    scenario = write_scenario(tmp)
+    assert run_cli("certs", "init", tmp / "certs", "--sites", "a,b,c,x").returncode == 0
+    res = run_cli("partition", scenario, "--out", tmp / "data", "--set", "data.source=digits")
+    assert res.returncode == 0, res.stderr
+    return tmp
+
+
+class Proc:
+    """A fedfuse command in the background, output to a file."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([*FEDFUSE, *map(str, args)], cwd=ROOT,
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "COLUMNS": "200"})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def site(tmp: Path, name: str, port: int, *extra: str, certs: Path | None = None) -> Proc:
+    return Proc(tmp / f"site-{name}-{time.monotonic_ns()}.log", "site",
+                "--coordinator", f"127.0.0.1:{port}", "--certs", certs or tmp / "certs",
+                "--name", name, "--data", tmp / "data" / f"{name if name != 'x' else 'a'}.npz",
+                "--state", tmp / f"state-{name}", "--runtime-port", free_port(), *extra)
+
+
+def ledger_steps(tmp: Path, name: str) -> int:
+    path = tmp / f"state-{name}" / "privacy-ledger.json"
+    if not path.exists():
+        return 0
+    return sum(int(s) for _, _, s in json.loads(path.read_text())["history"])
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_three_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federation: Path):
+    """Coordinator + sites a, b, c on 127.0.0.1 (TLS, node authentication, DP, secure
+    aggregation). Meanwhile: site x (a key the scenario does not list) and a plaintext
+    SuperNode are refused; site c is killed with SIGKILL after its first round and
+    restarted from its state directory. The run completes and its artifact loads."""
+    tmp = federation
+    port = free_port()
+    out = tmp / "run"
+    coord = Proc(tmp / "coordinator.log", "coordinator", write_scenario(tmp, 3, 25.0),
+                 "--certs", tmp / "certs", "--address", f"127.0.0.1:{port}", "--out", out,
+                 "--state", tmp / "coordinator-state")
+    sites = {n: site(tmp, n, port) for n in "abc"}
+    try:
+        # c's first private round is on its disk once its ledger has steps
+        wait_for(lambda: ledger_steps(tmp, "c") > 0 or coord.proc.poll() is not None, 240,
+                 "site c's first round")
+        steps_at_kill = ledger_steps(tmp, "c")
+        assert steps_at_kill > 0, coord.output()
+        os.kill(sites["c"].proc.pid, signal.SIGKILL)  # its SuperNode dies with it
+        sites["c"].proc.wait()
+
+        # refused while the run goes on: an unlisted key, and plaintext
+        plain_log = tmp / "plain.log"
+        plain = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+             "--superlink", f"127.0.0.1:{port}", "--max-retries", "2",
+             "--port", str(free_port())], stdout=plain_log.open("wb"),
+            stderr=subprocess.STDOUT, env={**os.environ, "FLWR_HOME": str(tmp / "plain"),
+                                            "PATH": f"{Path(sys.executable).parent}:"
+                                                    f"{os.environ['PATH']}"})
+        intruder = site(tmp, "x", port, "--max-wait", "5")
+        assert intruder.wait(120) == 2
+        assert "refused site 'x'" in intruder.output()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        try:
+            plain.wait(30)
+        except subprocess.TimeoutExpired:
+            plain.kill()
+            plain.wait()
+        plain_out = plain_log.read_text(errors="replace")
+        assert "Connection attempt failed" in plain_out and "SuperNode ID" not in plain_out
+        assert plain.returncode != 0
+
+        sites["c"] = site(tmp, "c", port)  # restarted from the same state directory
+        assert coord.wait(600) == 0, coord.output()
+    finally:
+        for p in [*sites.values(), coord]:
+            p.stop()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
+    assert summary["privacy"]["mode"] == "sample"
+    assert summary["privacy"]["max_epsilon"] <= 8.0 * 1.0001
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dropped = [r["cohorts"]["logreg"].get("secagg_dropped", 0)
+               + r["cohorts"]["logreg"]["train_failures"] for r in history]
+    assert any(d >= 1 for d in dropped), history  # a round went on without c
+    # the restarted site kept its account: the steps of its first round (spent, though
+    # its update never arrived) plus those of every round it trained after the restart
+    entries = {e["client_id"]: e for e in json.loads((out / "privacy.json").read_text())["clients"]}
+    rejoined = sum(r["cohorts"]["logreg"]["train_clients"] == 3 for r in history)
+    assert rejoined >= 1, history
+    assert entries["c"]["steps"] == ledger_steps(tmp, "c") == steps_at_kill * (1 + rejoined)
+    from fedfuse import FusedPredictor
+
+    predictor = FusedPredictor.load(out / "model")
+    test = np.load(tmp / "data" / "test.npz")
+    accuracy = float((predictor.predict(test["X"]) == test["y"].astype(str)).mean())
+    assert accuracy == pytest.approx(summary["fused"]["test_accuracy"], abs=1e-9)
+    assert accuracy > 0.6
+
+
+def test_site_refuses_a_coordinator_signed_by_another_ca(tmp_path: Path):
+    other = tmp_path / "other"
+    init_certs(other, ["a"], ["localhost", "127.0.0.1"])
+    mine = tmp_path / "mine"
+    init_certs(mine, ["a"], ["localhost", "127.0.0.1"])
+    with tls_server(CertsDir(other)) as port:
+        with pytest.raises(FedfuseError, match="not signed by the CA"):
+            probe_coordinator(Address("127.0.0.1", port), CertsDir(mine).ca_cert, 5)
+
+
+def test_site_refuses_a_certificate_for_another_host(tmp_path: Path):
+    init_certs(tmp_path, ["a"], ["coordinator.example"])
+    with tls_server(CertsDir(tmp_path)) as port:
+        with pytest.raises(FedfuseError, match="does not list '127.0.0.1'"):
+            probe_coordinator(Address("127.0.0.1", port), CertsDir(tmp_path).ca_cert, 5)
+
+
+def test_site_gives_up_on_an_unreachable_coordinator_with_a_message(federation: Path):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    res = run_cli("site", "--coordinator", f"127.0.0.1:{port}", "--certs",
+                  federation / "certs", "--name", "a", "--data", federation / "data" / "a.npz",
+                  "--state", federation / "state-unreachable", "--connect-timeout", "3",
+                  timeout=60)
+    assert res.returncode == 2
+    assert f"coordinator 127.0.0.1:{port} is unreachable after" in res.stderr
+    assert time.monotonic() - started < 45
+
+
+def test_site_checks_its_key_before_connecting(federation: Path, tmp_path: Path):
+    res = run_cli("site", "--coordinator", "127.0.0.1:1", "--certs", federation / "certs",
+                  "--name", "nobody", "--data", federation / "data" / "a.npz",
+                  "--state", tmp_path / "s")
+    assert res.returncode == 2 and "sites/nobody/auth.key is missing" in res.stderr
+
+
+def test_coordinator_refuses_an_expired_certificate(tmp_path: Path):
+    init_certs(tmp_path, ["a"], [])
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=900)
+    with pytest.raises(FedfuseError, match="not now"):
+        check_server_certificate(CertsDir(tmp_path), now=later)
+    check_server_certificate(CertsDir(tmp_path))
+
+
+def test_coordinator_refuses_a_scenario_without_sites(federation: Path, scenario):
+    res = run_cli("coordinator", scenario(), "--certs", federation / "certs",
+                  "--address", f"127.0.0.1:{free_port()}")
+    assert res.returncode == 2 and "cohorts[0].sites" in res.stderr
+
+
+def test_coordinator_refuses_a_site_without_a_key(federation: Path, tmp_path: Path):
+    text = write_scenario(federation).read_text().replace('"a", "b", "c"', '"a", "b", "zed"')
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    res = run_cli("coordinator", path, "--certs", federation / "certs",
+                  "--address", f"127.0.0.1:{free_port()}")
+    assert res.returncode == 2 and "site 'zed' has no public key" in res.stderr
+
+
+def test_certs_init_never_replaces_keys(tmp_path: Path):
+    first = run_cli("certs", "init", tmp_path / "c", "--sites", "a,b")
+    assert first.returncode == 0
+    key = (tmp_path / "c" / "sites" / "a" / "auth.key").read_bytes()
+    assert oct((tmp_path / "c" / "sites" / "a" / "auth.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "c" / "ca.key").stat().st_mode & 0o777) == "0o600"
+    again = run_cli("certs", "init", tmp_path / "c", "--sites", "a,b,c")
+    assert again.returncode == 0
+    assert (tmp_path / "c" / "sites" / "a" / "auth.key").read_bytes() == key
+    assert "sites/c/auth.key" in again.stderr and "sites/a/" not in again.stderr
+    other_hosts = run_cli("certs", "init", tmp_path / "c", "--sites", "a", "--host", "new.example")
+    assert other_hosts.returncode == 2 and "delete" in other_hosts.stderr
+    bad = run_cli("certs", "init", tmp_path / "c", "--sites", "../evil")
+    assert bad.returncode == 2 and "not valid" in bad.stderr
+
+
+class tls_server:
+    """A TLS server on 127.0.0.1 presenting the coordinator certificate of ``certs``;
+    completes handshakes and closes."""
+
+    def __init__(self, certs: CertsDir) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs.server_cert, certs.server_key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.stop = threading.Event()
+
+    def __enter__(self) -> int:
+        self.sock.settimeout(0.2)
+
+        def serve() -> None:
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    continue
+                try:
+                    with self.context.wrap_socket(conn, server_side=True):
+                        pass
+                except (ssl.SSLError, OSError):
+                    pass
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
