@@ -300,3 +300,38 @@ class tls_server:
         self.stop.set()
         self.thread.join()
         self.sock.close()
+
+
+def test_superlink_guard_serves_only_the_fleet_api_beyond_loopback():
+    """The coordinator's port answers Control and Runtime requests only from loopback."""
+    import asyncio
+
+    from fedfuse.deploy.superlink import FleetOnlyBeyondLoopback
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def status(path: str, client: tuple[str, int] | None) -> int:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": path, "client": client}
+        asyncio.run(FleetOnlyBeyondLoopback(app)(scope, receive, send))
+        return sent[0]["status"]
+
+    remote, local = ("203.0.113.9", 5000), ("127.0.0.1", 5000)
+    assert status("/v1/fleet/pull-messages", remote) == 200
+    assert status("/v1/control/start-run", remote) == 403
+    assert status("/v1/control/register-node", ("::ffff:203.0.113.9", 1)) == 403
+    assert status("/v1/runtime/pull-messages", remote) == 403
+    assert status("/v1/fleetx", remote) == 403
+    assert status("/v1/control/start-run", None) == 403
+    assert status("/v1/control/start-run", local) == 200
+    assert status("/v1/runtime/pull-messages", ("::1", 1)) == 200
+    assert status("/v1/control/list-runs", ("::ffff:127.0.0.1", 1)) == 200

@@ -1,8 +1,9 @@
 """``fedfuse coordinator``: Flower's SuperLink with TLS and node authentication, the
 listed sites' keys registered, and the fedfuse ServerApp submitted as one run.
 
-Steps: check the certificates and the scenario -> start ``flower-superlink`` (TLS, only
-registered keys may join) -> register each listed site's public key, remembering the
+Steps: check the certificates and the scenario -> start Flower's SuperLink (TLS, only
+registered keys may join, only the Fleet API reachable from other machines: see
+``fedfuse.deploy.superlink``) -> register each listed site's public key, remembering the
 node id Flower gives it -> submit a FAB whose components are ``fedfuse.deploy.apps``
 -> relay the run's log until it finishes -> stop the SuperLink. The ServerApp writes
 the run directory, fused artifact included, exactly as a simulation does.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,14 +100,14 @@ class Control:
         deadline = time.monotonic() + timeout
         while True:
             if superlink.poll() is not None:
-                raise FedfuseError(f"flower-superlink exited with status {superlink.poll()}:\n"
+                raise FedfuseError(f"the SuperLink exited with status {superlink.poll()}:\n"
                                    f"{superlink.tail()}")
             try:
                 self.client.ListNodes(ListNodesRequest())
                 return
             except Exception as exc:  # any transport error means "not yet"
                 if time.monotonic() > deadline:
-                    raise FedfuseError(f"flower-superlink did not answer within {timeout:.0f} "
+                    raise FedfuseError(f"the SuperLink did not answer within {timeout:.0f} "
                                        f"s ({exc}); its log:\n{superlink.tail()}") from None
                 time.sleep(0.5)
 
@@ -182,7 +184,7 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     if out.exists():
         raise FedfuseError(f"output directory already exists: {out} (choose another --out)")
     state_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["flower-superlink", "--ssl-ca-certfile", str(certs.ca_cert),
+    argv = [sys.executable, "-m", "fedfuse.deploy.superlink", "--ssl-ca-certfile", str(certs.ca_cert),
             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", where.host, "--port", str(where.port)]

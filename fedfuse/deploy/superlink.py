@@ -1,0 +1,78 @@
+"""Flower's SuperLink, served so that only its Fleet API answers beyond this machine.
+
+``flower-superlink`` serves the Fleet API (what SuperNodes use), the Control API (start
+runs, register node keys) and the Runtime API (what the ServerApp process uses) on one
+port, and Flower's open-source Control API has no account authentication. Run as is,
+anyone who can reach the coordinator's port could register a key of their own or
+start a run with code of their choosing. This entry point builds the same SuperLink
+(Flower's own argument parsing, app and lifespan) and wraps it in an ASGI guard that
+answers 403 to any non-Fleet request from a non-loopback address, so the Control and
+Runtime APIs stay reachable only by the coordinator's own processes.
+
+Usage: ``python -m fedfuse.deploy.superlink`` with ``flower-superlink``'s arguments.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any, Awaitable, Callable
+
+FLEET_PREFIX = "/v1/fleet/"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def is_loopback(client: tuple[str, int] | list[Any] | None) -> bool:
+    """Whether an ASGI ``client`` (host, port) is this machine."""
+    if not client:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(client[0]))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+    return ip.is_loopback
+
+
+class FleetOnlyBeyondLoopback:
+    """Pure ASGI middleware: Fleet API requests pass from anywhere; every other request
+    (Control, Runtime, anything else) passes only from a loopback address."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and not scope["path"].startswith(FLEET_PREFIX)
+                and not is_loopback(scope.get("client"))):
+            body = json.dumps({"error": "forbidden", "message": "this port serves only the "
+                               "Fleet API to other machines"}).encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def main() -> None:
+    import uvicorn
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.cli.flower_superlink import (SuperLinkLifespan,
+                                                     _parse_superlink_lifespan_config)
+    from flwr.superlink.main import create_app
+
+    config = _parse_superlink_lifespan_config()  # flower-superlink's own parsing and checks
+    app = FleetOnlyBeyondLoopback(create_app(config, SuperLinkLifespan))
+    uvicorn.run(app, host=config.host, port=config.port, reload=False, access_log=True,
+                log_config=get_uvicorn_log_config(console_handler.level),
+                ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1)
+
+
+if __name__ == "__main__":
+    main()
