@@ -216,8 +216,9 @@ def certs_init(
         help="a name or address the sites use to reach the coordinator (repeatable); "
              "localhost and 127.0.0.1 are always included")] = None,
 ) -> None:
-    """Create a CA, the coordinator's TLS certificate and a key pair per site; re-running
-    adds what is missing and never replaces a key."""
+    """Create a CA, the coordinator's TLS certificate and a key pair per site.
+
+    Re-running adds what is missing (new sites) and never replaces a key."""
     from fedfuse.deploy.certs import DEFAULT_HOSTS, init_certs
 
     names = [n.strip() for n in sites.split(",") if n.strip()]
@@ -240,8 +241,9 @@ def partition(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="override any key (repeatable)")] = None,
 ) -> None:
-    """Write the scenario's split as files: one .npz per site (or client) and test.npz,
-    for trying a deployment on one machine."""
+    """Write the scenario's split as files: one .npz per site (or client) and test.npz.
+
+    For trying a deployment on one machine."""
     from fedfuse.config import load_config
     from fedfuse.sites import write_partitions
 
@@ -275,8 +277,9 @@ def coordinator(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="override any key: --set rounds=5 (repeatable)")] = None,
 ) -> None:
-    """Run a scenario across partner sites: Flower's SuperLink with TLS and node
-    authentication, and the fedfuse ServerApp; writes the same run directory as simulate."""
+    """Run a scenario across partner sites (SuperLink with TLS and node authentication).
+
+    Writes the same run directory, fused artifact included, as simulate."""
     from fedfuse.config import load_config
 
     _setup_logging(False)
@@ -312,8 +315,10 @@ def site(
     max_wait: Annotated[float, typer.Option(
         help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
 ) -> None:
-    """Join a federation as a partner site: a Flower SuperNode serving this site's data,
-    which never leaves it; its privacy ledger persists across restarts in --state."""
+    """Join a federation as a partner site (a Flower SuperNode on this site's data).
+
+    The data never leave the site; its privacy ledger persists across restarts in
+    --state."""
     from fedfuse.deploy.site import SiteOptions, run_site
 
     _setup_logging(False)

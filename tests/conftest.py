@@ -38,6 +38,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 
 
 @pytest.fixture
+def task_identity():
+    """Messages created outside a running ServerApp need Flower's task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
 def scenario(tmp_path: Path):
     """Write a small scenario file; keyword overrides replace whole tables/values."""
 

@@ -21,14 +21,7 @@ from tests.conftest import incoming, reply_from
 LENGTH = 64
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages created outside a running ServerApp need Flower's task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # -- Shamir ---------------------------------------------------------------------------

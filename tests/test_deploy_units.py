@@ -1,0 +1,140 @@
+"""Deployment pieces that need no network: discovery against registered site names,
+a deployed site's view of its data, and the coordinator's patience with absent sites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from fedfuse.config import config_from_dict
+from fedfuse.data import load_dataset
+from fedfuse.deploy.apps import deployed_site, run_config
+from fedfuse.errors import DataError, FedfuseError
+from fedfuse.serverapp import Coordinator
+from tests.conftest import reply_from
+
+RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
+       "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+       "deployment": {"wait_for_sites": 0.0}}
+
+
+class FakeGrid:
+    """Nodes that answer discovery with the given (name, arch) each."""
+
+    def __init__(self, answers: dict[int, tuple[str, str]]) -> None:
+        self.answers = answers
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.answers)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            name, arch = self.answers[node]
+            replies.append(reply_from(node, RecordDict({
+                "site": ConfigRecord({"arch": arch, "name": name, "input-shape": [1, 8, 8],
+                                      "num-classes": 10}),
+                "metrics": MetricRecord({"num-examples": 50, "num-val": 10, "index": node}),
+                "moments": ArrayRecord({"sum": Array(np.zeros(64)),
+                                        "sumsq": Array(np.ones(64))})}), "query"))
+        return replies
+
+
+class NullListener:
+    def on_start(self, members, rounds): ...
+
+    def on_round(self, record): ...
+
+    def on_finish(self, result): ...
+
+
+def coordinator(sites: dict[int, str] | None) -> Coordinator:
+    cfg = config_from_dict(json.loads(json.dumps(RAW)))
+    test = load_dataset(cfg.data)
+    return Coordinator(cfg, test, NullListener(), sites)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_discovery_drops_a_node_claiming_another_sites_name():
+    grid = FakeGrid({11: ("a", "logreg"), 22: ("a", "logreg")})
+    members, _ = coordinator({11: "a", 22: "b"}).discover(grid)
+    assert [(m.node_id, m.name) for m in members] == [(11, "a")]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_discovery_starts_with_the_sites_present_after_the_wait():
+    grid = FakeGrid({11: ("a", "logreg")})  # b never connects; wait_for_sites = 0
+    members, _ = coordinator({11: "a", 22: "b"}).discover(grid)
+    assert [m.name for m in members] == ["a"]
+
+
+def context(tmp_path: Path, name: str, data: Path, labels: list[str]) -> Context:
+    cfg = config_from_dict(json.loads(json.dumps(RAW)))
+    rc = run_config(cfg, tuple(labels), tmp_path / "run", {1: "a", 2: "b"})
+    return Context(run_id=1, node_id=1, state=RecordDict(), run_config=rc,
+                   node_config={"name": name, "data": str(data),
+                                "state-dir": str(tmp_path / f"state-{name}")})
+
+
+def test_a_deployed_site_encodes_labels_as_the_coordinator_does(tmp_path: Path):
+    X = np.random.default_rng(0).normal(size=(40, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", X=X, y=np.array(["7", "3"] * 20))  # only two classes here
+    labels = [str(i) for i in range(10)]
+    site = deployed_site(context(tmp_path, "a", tmp_path / "a.npz", labels))
+    assert site.arch == "logreg" and site.index == 0
+    assert site.train.schema.class_labels == tuple(labels)
+    assert set(np.concatenate([site.train.y, site.val.y]).tolist()) == {3, 7}
+    assert len(site.train) + len(site.val) == 40 and len(site.val) == 8
+    assert (tmp_path / "state-a" / "site-secret").stat().st_mode & 0o777 == 0o600
+    # the same split after a restart (the secret persists)
+    from fedfuse.deploy import apps
+
+    apps._SITES.clear()
+    again = deployed_site(context(tmp_path, "a", tmp_path / "a.npz", labels))
+    assert np.array_equal(again.val.X, site.val.X)
+
+
+def test_a_deployed_site_refuses_unknown_labels_and_unlisted_names(tmp_path: Path):
+    X = np.zeros((30, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "a.npz", X=X, y=np.array(["1", "cat"] * 15))
+    with pytest.raises(DataError, match="'cat' are not among the federation's classes"):
+        deployed_site(context(tmp_path, "a", tmp_path / "a.npz", ["0", "1"]))
+    with pytest.raises(FedfuseError, match="site 'zz' is not listed"):
+        deployed_site(context(tmp_path, "zz", tmp_path / "a.npz", ["0", "1"]))
+
+
+def test_cohort_sites_are_validated():
+    from fedfuse.errors import ConfigError
+
+    bad = json.loads(json.dumps(RAW))
+    bad["cohorts"] = [{"arch": "logreg", "sites": ["a", "a"]}]
+    with pytest.raises(ConfigError, match="cohorts\\[0\\].sites: lists a site twice"):
+        config_from_dict(bad)
+    bad["cohorts"] = [{"arch": "logreg", "sites": ["a", "b"]},
+                      {"arch": "mlp", "sites": ["b", "c"]}]
+    with pytest.raises(ConfigError, match="site 'b' is listed in two cohorts"):
+        config_from_dict(bad)
+    bad["cohorts"] = [{"arch": "logreg", "sites": ["a", "b"], "clients": 3}]
+    with pytest.raises(ConfigError, match="clients: is 3 but sites lists 2"):
+        config_from_dict(bad)
+    bad["cohorts"] = [{"arch": "logreg", "sites": ["../x", "b"]}]
+    with pytest.raises(ConfigError, match="not a valid site name"):
+        config_from_dict(bad)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_every_exchange_is_bounded_by_round_timeout():
+    from fedfuse.serverapp import BoundedGrid
+
+    grid = FakeGrid({11: ("a", "logreg")})
+    bounded = BoundedGrid(grid, 12.5)
+    members, _ = coordinator({11: "a"}).discover(bounded)
+    assert members and grid.timeouts == [12.5]
+    assert bounded.get_node_ids() == [11]
