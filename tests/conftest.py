@@ -108,6 +108,17 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", se
     return members, np.array(weights), schema
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     import socket
 
@@ -148,13 +159,8 @@ class Server:
         raise RuntimeError(f"server not ready in 60 s:\n{self.log.read_text()}")
 
     def __exit__(self, *_: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def output(self) -> str:
         return self.log.read_text()

@@ -23,7 +23,7 @@ from fedfuse.deploy.certs import CertsDir, check_server_certificate, init_certs
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.site import probe_coordinator
 from fedfuse.errors import FedfuseError
-from tests.conftest import FEDFUSE, ROOT, free_port, run_cli
+from tests.conftest import FEDFUSE, ROOT, free_port, run_cli, stop_process
 
 SCENARIO = """
 name = "three-sites"
@@ -87,13 +87,7 @@ class Proc:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def site(tmp: Path, name: str, port: int, *extra: str, certs: Path | None = None) -> Proc:

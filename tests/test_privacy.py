@@ -15,7 +15,7 @@ from fedfuse.clientapp import build_client_app
 from fedfuse.config import config_from_dict, load_config
 from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models import build_model
-from fedfuse.privacy import (FileLedgerStore, PrivacyLedger, PrivacyRequest, calibrate_noise,
+from fedfuse.privacy import (FileLedgerStore, PrivacyRequest, calibrate_noise,
                              check_dp_compatible, check_privacy_settings, default_delta,
                              epsilon_of, noise_seed)
 from fedfuse.sites import Site, plan_federation, simulated_site

@@ -16,7 +16,7 @@ from fedfuse.secagg import Quantizer, SecAggAbort, SecAggSession, decode_sum, en
 from fedfuse.secagg import client, crypto, shamir
 from fedfuse.secagg.messages import MASKED, RECORD
 from fedfuse.secagg.server import threshold_for
-from tests.conftest import incoming, reply_from
+from tests.conftest import reply_from
 
 LENGTH = 64
 
