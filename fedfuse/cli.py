@@ -42,8 +42,12 @@ def _fail(exc: FedfuseError) -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    config: Annotated[Optional[Path], typer.Argument(
+        help="scenario TOML file (not with --resume)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory to create")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="continue the interrupted run that was to become this run directory, from "
+             "its last complete round")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="override the number of rounds")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="override any key: --set partition.alpha=0.3 (repeatable)")] = None,
@@ -51,16 +55,23 @@ def simulate(
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
     from fedfuse.config import load_config
+    from fedfuse.rundir import resumable_config
 
     try:
-        cfg = load_config(config, overrides=set_ or [], rounds=rounds)
+        if (config is None) == (resume is None):
+            raise FedfuseError("give a scenario file, or --resume RUN_DIR (not both)")
+        if resume is not None and (set_ or rounds or out):
+            raise FedfuseError("--resume continues a run with its own settings; --set, "
+                               "--rounds and --out do not apply")
+        cfg = load_config(config or resumable_config(resume), overrides=set_ or [],
+                          rounds=rounds)
         if verbose:
             cfg.simulation.verbose = True
         from fedfuse.simulate import simulate as run_scenario  # imports flwr first
 
         _setup_logging(cfg.simulation.verbose)
 
-        summary, run_dir = run_scenario(cfg, out, console)
+        summary, run_dir = run_scenario(cfg, out or resume, console, resume=resume is not None)
     except FedfuseError as exc:
         _fail(exc)
     _print_summary(cfg.name, summary)

@@ -91,7 +91,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         if request is None:
             result = train_epochs(model, loader, optimizer, epochs)
             return _train_reply(msg, context, site, model, result, seed)
-        store = ledger_store_for(context)
+        store = ledger_store_for(site.state_dir, context)
         ledger = open_ledger(store, request, len(site.train))
         plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
         if plan.exhausted:

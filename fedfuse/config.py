@@ -220,6 +220,38 @@ class SecureAggregationConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """Defences against bad updates (see docs/robustness.md)."""
+
+    aggregation: Literal["fedavg", "median", "trimmed_mean", "krum", "multikrum"] = "fedavg"
+    """How each cohort combines its updates: FedAvg, or one of Flower's robust rules
+    (coordinate-wise median, trimmed mean, Krum, Multi-Krum). The robust rules need each
+    client's update in plaintext, so they exclude secure aggregation."""
+    trim_fraction: float = 0.2
+    """``trimmed_mean``: share cut from each end of every coordinate."""
+    max_malicious: int = 1
+    """``krum`` / ``multikrum``: how many poisoned updates to tolerate (f)."""
+    multikrum_select: int = 2
+    """``multikrum``: how many of the best-scored updates are averaged."""
+    max_update_norm: float | None = None
+    """Reject an update whose L2 distance from the model the client received exceeds
+    this (plaintext only; under secure aggregation ``clip_range`` bounds updates)."""
+    min_clients: int = 1
+    """Fewest valid updates a cohort needs for its round to count; below it the cohort
+    keeps its model."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.trim_fraction < 0.5, "trim_fraction",
+               f"must be in [0, 0.5), got {self.trim_fraction}")
+        _check(self.max_malicious >= 0, "max_malicious", "must be >= 0")
+        _check(self.multikrum_select >= 1, "multikrum_select", "must be >= 1")
+        _check(self.max_update_norm is None
+               or (math.isfinite(self.max_update_norm) and self.max_update_norm > 0.0),
+               "max_update_norm", f"must be a finite number > 0, got {self.max_update_norm}")
+        _check(self.min_clients >= 1, "min_clients", "must be >= 1")
+
+
+@dataclass
 class DeploymentConfig:
     """The coordinator's patience with partner sites (``fedfuse coordinator``)."""
 
@@ -248,6 +280,7 @@ class FedfuseConfig:
     secure_aggregation: SecureAggregationConfig = field(
         default_factory=SecureAggregationConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     round_timeout: float = 600.0
     """Seconds the coordinator waits for the answers to one message exchange (a round's
     training, evaluation, a secure-aggregation stage); a client that has not answered by
@@ -258,6 +291,26 @@ class FedfuseConfig:
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         _check(math.isfinite(self.round_timeout) and self.round_timeout > 0.0, "round_timeout",
                f"must be a finite number > 0, got {self.round_timeout}")
+        r = self.robustness
+        if self.secure_aggregation.enabled and r.aggregation != "fedavg":
+            raise ConfigError("robustness.aggregation", f"{r.aggregation!r} must see every "
+                              "client's update, and secure aggregation shows the coordinator "
+                              "only each cohort's sum; set secure_aggregation.enabled = "
+                              "false to use it, or keep \"fedavg\" (docs/robustness.md "
+                              "compares the two protections)")
+        if self.secure_aggregation.enabled and r.max_update_norm is not None:
+            raise ConfigError("robustness.max_update_norm", "needs plaintext updates; under "
+                              "secure aggregation each coordinate is bounded by "
+                              "secure_aggregation.clip_range instead")
+        if r.aggregation in ("krum", "multikrum"):
+            for i, cohort in enumerate(self.cohorts):
+                sampled = max(1, int(self.simulation.fraction_train * cohort.clients))
+                if sampled <= 2 * r.max_malicious + 2:
+                    raise ConfigError(f"cohorts[{i}].clients", f"Krum tolerates f = "
+                                      f"robustness.max_malicious = {r.max_malicious} "
+                                      f"poisoned updates only among more than 2f + 2 = "
+                                      f"{2 * r.max_malicious + 2}; cohort {cohort.arch!r} "
+                                      f"trains {sampled} per round")
         names = [n for c in self.cohorts for n in c.sites or []]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

@@ -332,12 +332,12 @@ def report(ledger: PrivacyLedger, plan: PrivateRound, status: str) -> dict[str, 
             "budget": -1.0 if ledger.budget is None else float(ledger.budget)}
 
 
-def ledger_store_for(context: Any) -> LedgerStore:
-    """A site's ledger store: ``<state-dir>/privacy-ledger.json`` when its node config
-    names a ``state-dir`` (a deployed site), else the node's Flower ``Context.state``."""
-    state_dir = context.node_config.get("state-dir")
-    if state_dir:
-        return FileLedgerStore(Path(str(state_dir)) / "privacy-ledger.json")
+def ledger_store_for(state_dir: Path | None, context: Any) -> LedgerStore:
+    """A site's ledger store: ``<state_dir>/privacy-ledger.json`` when the site has a
+    state directory (a deployed site; a simulated one whose run keeps checkpoints), else
+    the node's Flower ``Context.state``."""
+    if state_dir is not None:
+        return FileLedgerStore(state_dir / "privacy-ledger.json")
     return RecordLedgerStore(context.state)
 
 

@@ -1,7 +1,9 @@
 """The run directory: everything a simulation leaves behind.
 
-It is built in a hidden sibling ``.<name>.partial-*`` and renamed into place only when
-the run succeeds; a failed run removes it, so no half-written run directory is left.
+It is built in a hidden sibling ``.<name>.partial`` and renamed into place only when
+the run succeeds. A run that fails before its first checkpoint removes it; one that
+fails later keeps it, so ``fedfuse simulate --resume <name>`` can continue from the last
+complete round (``fedfuse.checkpoint``). No half-written run directory is ever published.
 
 Layout::
 
@@ -14,6 +16,8 @@ Layout::
     model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
     summary.json           the run's figures (see ``build_summary``)
+    sites/client-<i>/      a simulated client's privacy ledger (runs with DP)
+    checkpoints/           while the run is in progress only: the newest round states
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
@@ -71,19 +74,47 @@ def privacy_summary(cfg: FedfuseConfig, result: FederationResult) -> dict[str, A
             "clients_at_budget": sum(e["status"] == "budget-exhausted" for e in entries)}
 
 
-class RunDirectory:
-    """Writes a run's files into a partial directory, published atomically by ``commit``."""
+def partial_path(final: Path) -> Path:
+    """Where the run that will become ``final`` is built (and can be resumed from)."""
+    return final.parent / f".{final.name}.partial"
 
-    def __init__(self, final: Path, cfg: FedfuseConfig, schema: DataSchema) -> None:
+
+def resumable_config(final: Path) -> Path:
+    """The resolved scenario of the interrupted run that was to become ``final``."""
+    config = partial_path(final) / "config.toml"
+    if not config.is_file():
+        raise FedfuseError(f"nothing to resume for {final}: {partial_path(final)} holds no "
+                           "interrupted run")
+    return config
+
+
+class RunDirectory:
+    """Writes a run's files into a partial directory, published atomically when the
+    ``with`` block ends without error. A run that fails after its first checkpoint keeps
+    the partial directory, for ``fedfuse simulate --resume``; otherwise it is removed."""
+
+    def __init__(self, final: Path, cfg: FedfuseConfig, schema: DataSchema,
+                 resume: bool = False) -> None:
         if final.exists():
             raise FedfuseError(f"output directory already exists: {final} (choose another --out)")
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
         self.cfg = cfg
         self.schema = schema
-        self.path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        self.path = partial_path(final)
         self.result: FederationResult | None = None
-        atomic_write_text(self.path / "config.toml", cfg.to_toml())
+        if resume:
+            resumable_config(final)
+        elif self.path.exists():
+            raise FedfuseError(f"an interrupted run of {final} is in {self.path}: continue it "
+                               f"with `fedfuse simulate --resume {final}`, or delete it")
+        else:
+            self.path.mkdir()
+            atomic_write_text(self.path / "config.toml", cfg.to_toml())
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
 
     def __enter__(self) -> RunDirectory:
         return self
@@ -91,10 +122,16 @@ class RunDirectory:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is None:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
             os.rename(self.path, self.final)
             self.path = self.final
-        else:
+        elif not any(self.checkpoints.glob("round-*.ckpt")):
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def restore_history(self, history: list[dict[str, Any]]) -> None:
+        """``metrics.jsonl`` as of a checkpoint (rounds after it are run again)."""
+        atomic_write_text(self.path / "metrics.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
 
     # RoundListener ------------------------------------------------------------------------
 

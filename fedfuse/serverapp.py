@@ -13,13 +13,16 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+                      RecordDict)
 from flwr.serverapp import Grid, ServerApp
 
+from fedfuse.checkpoint import Checkpoint, write_checkpoint
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset
 from fedfuse.errors import FedfuseError
@@ -32,7 +35,8 @@ from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_mask
                                    open_sessions, sizes, with_session)
 from fedfuse.stats import pooled_mean_std
 from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
-from fedfuse.strategies import CohortFedAvg
+from fedfuse.gates import gate_updates
+from fedfuse.strategies import CohortStrategy, cohort_strategy
 from fedfuse.training import evaluate, predict_proba
 
 log = logging.getLogger("fedfuse.server")
@@ -53,7 +57,7 @@ class Member:
 @dataclass
 class Cohort:
     arch: str
-    strategy: CohortFedAvg
+    strategy: CohortStrategy
     arrays: ArrayRecord
     lr: float
     members: list[Member] = field(default_factory=list)
@@ -118,23 +122,29 @@ class RoundListener(Protocol):
     def on_finish(self, result: FederationResult) -> None: ...
 
 
-def build_server_app(cfg: FedfuseConfig, test: Dataset, listener: RoundListener) -> ServerApp:
-    """A ServerApp running ``cfg``'s cohorts and evaluating them on ``test``."""
+def build_server_app(cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
+                     checkpoints: Path | None = None,
+                     resume: Checkpoint | None = None) -> ServerApp:
+    """A ServerApp running ``cfg``'s cohorts and evaluating them on ``test``; with
+    ``checkpoints`` it saves its state there after every round, and with ``resume`` it
+    continues after that checkpoint's round."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(cfg, test, listener).run(grid)
+        Coordinator(cfg, test, listener, checkpoints=checkpoints).run(grid, resume)
 
     return app
 
 
 class Coordinator:
     def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
-                 sites: dict[int, str] | None = None) -> None:
+                 sites: dict[int, str] | None = None, checkpoints: Path | None = None) -> None:
         self.cfg = cfg
         self.test = test
         self.listener = listener
+        self.checkpoints = checkpoints
+        """Where the state after every round is saved (``fedfuse.checkpoint``)."""
         self.sites = sites
         """Deployment: the authenticated node id of each registered site -> its name. A
         node must answer discovery with the name its key was registered under."""
@@ -221,9 +231,13 @@ class Coordinator:
                 raise FedfuseError(f"cohort {cc.arch!r} has no connected client")
             model = build_model(cc.arch, self.test.schema, seed=self.cfg.seed * 1000 + i)
             set_standardization(model, mean, std)
-            strategy = CohortFedAvg(cc.arch, [m.node_id for m in mine],
-                                    fraction_train=sim.fraction_train,
-                                    fraction_evaluate=sim.fraction_evaluate)
+            r = self.cfg.robustness
+            strategy = cohort_strategy(r.aggregation, cc.arch, [m.node_id for m in mine],
+                                       trim_fraction=r.trim_fraction,
+                                       max_malicious=r.max_malicious,
+                                       multikrum_select=r.multikrum_select,
+                                       fraction_train=sim.fraction_train,
+                                       fraction_evaluate=sim.fraction_evaluate)
             lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(self.local_dp)
             cohorts[cc.arch] = Cohort(cc.arch, strategy, ArrayRecord(model.state_dict()), lr,
                                       mine)
@@ -309,7 +323,18 @@ class Coordinator:
         if secure.enabled:
             updates = self.unmask(grid, cohorts, sessions, failed, train_msgs, train_replies,
                                   updates, record)
+        else:
+            updates = self.gate(cohorts, updates, record)
         for arch, cohort in cohorts.items():
+            entry = record["cohorts"][arch]
+            contributors = (entry.get("secagg_clients", 0) if secure.enabled
+                            else sum(not u.has_error() for u in updates[arch]))
+            if 0 < contributors < self.cfg.robustness.min_clients:
+                log.warning("round %d: cohort %s has %d valid update(s), fewer than "
+                            "robustness.min_clients = %d; keeping its model", server_round,
+                            arch, contributors, self.cfg.robustness.min_clients)
+                entry["below_min_clients"] = True
+                continue
             arrays, metrics = cohort.strategy.aggregate_train(server_round, updates[arch])
             if arrays is None:
                 log.warning("round %d: cohort %s got no valid update; keeping its model",
@@ -317,6 +342,22 @@ class Coordinator:
             else:
                 cohort.arrays = arrays
             record["cohorts"][arch].update(_renamed(metrics))
+
+    def gate(self, cohorts: dict[str, Cohort], updates: dict[str, list[Message]],
+             record: dict[str, Any]) -> dict[str, list[Message]]:
+        """Plaintext updates through ``fedfuse.gates``; a rejected client is dropped from
+        the round with its reason logged, and counted in ``rejected``."""
+        gated = {}
+        for arch, cohort in cohorts.items():
+            names = {m.node_id: m.name for m in cohort.members}
+            gated[arch], rejected = gate_updates(
+                cohort.arrays, updates[arch], {m.node_id: m.num_train for m in cohort.members},
+                self.cfg.robustness.max_update_norm)
+            record["cohorts"][arch]["rejected"] = len(rejected)
+            for r in rejected:
+                log.warning("round %d: cohort %s: update of %s rejected: %s", record["round"],
+                            arch, names.get(r.node_id, r.node_id), r.reason)
+        return gated
 
     def unmask(self, grid: Grid, cohorts: dict[str, Cohort], sessions: dict[str, SecAggSession],
                failed: dict[str, str], train_msgs: dict[str, list[Message]],
@@ -368,7 +409,7 @@ class Coordinator:
         s = self.cfg.secure_aggregation
         return Quantizer(s.clip_range, s.quantization_bits)
 
-    def run(self, grid: Grid) -> FederationResult:
+    def run(self, grid: Grid, resume: Checkpoint | None = None) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
         grid = BoundedGrid(grid, self.cfg.round_timeout)
         members, replies = self.discover(grid)
@@ -376,8 +417,15 @@ class Coordinator:
             raise FedfuseError("no client answered the discovery query")
         cohorts = self.initial_cohorts(members, replies)
         self.listener.on_start(members, self.cfg.rounds)
-        history = []
-        for server_round in range(1, self.cfg.rounds + 1):
+        history: list[dict[str, Any]] = []
+        first = 1
+        if resume is not None:
+            history = self.restore(resume, cohorts, members)
+            first = resume.round + 1
+            log.info("resuming after round %d of %d", resume.round, self.cfg.rounds)
+        for server_round in range(first, self.cfg.rounds + 1):
+            if not any(c.strategy.trainers for c in cohorts.values()):
+                break
             start = time.perf_counter()
             record: dict[str, Any] = {"round": server_round, "cohorts": {}}
             self.train_round(grid, cohorts, server_round, record)
@@ -390,15 +438,48 @@ class Coordinator:
                 record["cohorts"][arch].update(self.central_evaluation(cohort))
             record["wall_seconds"] = round(time.perf_counter() - start, 4)
             history.append(record)
+            if self.checkpoints is not None:
+                write_checkpoint(self.checkpoints,
+                                 self.snapshot(server_round, cohorts, members, history))
             self.listener.on_round(record)
             if not any(c.strategy.trainers for c in cohorts.values()):
                 log.warning("every site has spent its privacy budget; the run stops after "
                             "round %d of %d", server_round, self.cfg.rounds)
-                break
         result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members),
                                   dict(self.privacy), self.secure_sums)
         self.listener.on_finish(result)
         return result
+
+    def snapshot(self, server_round: int, cohorts: dict[str, Cohort], members: list[Member],
+                 history: list[dict[str, Any]]) -> Checkpoint:
+        """Everything the run needs to continue after ``server_round``, sites by name
+        (node ids change when a federation restarts)."""
+        names = {m.node_id: m.name for m in members}
+        return Checkpoint(
+            round=server_round,
+            cohorts={a: {k: v.numpy() for k, v in c.arrays.items()} for a, c in cohorts.items()},
+            history=history,
+            privacy={names[n]: r for n, r in self.privacy.items() if n in names},
+            retired={a: [names[n] for n in c.strategy.members if n not in c.strategy.trainers]
+                     for a, c in cohorts.items()},
+            secure_sums=self.secure_sums, random_state=random.getstate())
+
+    def restore(self, ckpt: Checkpoint, cohorts: dict[str, Cohort],
+                members: list[Member]) -> list[dict[str, Any]]:
+        """Put ``ckpt``'s state in place of a fresh run's; returns its history."""
+        if set(ckpt.cohorts) != set(cohorts):
+            raise FedfuseError(f"the checkpoint holds cohorts {sorted(ckpt.cohorts)}, the "
+                               f"scenario has {sorted(cohorts)}")
+        ids = {m.name: m.node_id for m in members}
+        for arch, cohort in cohorts.items():
+            cohort.arrays = ArrayRecord({k: Array(v) for k, v in ckpt.cohorts[arch].items()})
+            for name in ckpt.retired.get(arch, []):
+                if name in ids:
+                    cohort.strategy.retire(ids[name])
+        self.privacy = {ids[name]: r for name, r in ckpt.privacy.items() if name in ids}
+        self.secure_sums = ckpt.secure_sums
+        random.setstate(ckpt.random_state)
+        return list(ckpt.history)
 
     def cohort_model(self, cohort: Cohort) -> torch.nn.Module:
         return load_model(cohort.arch, self.test.schema, cohort.arrays.to_torch_state_dict())

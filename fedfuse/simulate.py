@@ -12,6 +12,7 @@ from typing import Any
 from flwr.app import Context
 from rich.console import Console
 
+from fedfuse.checkpoint import load_latest
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import FedfuseConfig
 from fedfuse.partition import label_skew
@@ -29,9 +30,10 @@ def default_run_dir(cfg: FedfuseConfig, root: Path = Path("runs")) -> Path:
     return root / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def site_from_context(cfg: FedfuseConfig, context: Context) -> Site:
-    """The simulated client behind a Flower node: its ``partition-id`` picks its split."""
-    return simulated_site(cfg, int(context.node_config["partition-id"]))
+def site_from_context(cfg: FedfuseConfig, state_root: Path, context: Context) -> Site:
+    """The simulated client behind a Flower node: its ``partition-id`` picks its split;
+    its state lives under ``state_root`` so that it outlives the engine (resume)."""
+    return simulated_site(cfg, int(context.node_config["partition-id"]), state_root)
 
 
 def backend_config(cfg: FedfuseConfig) -> dict[str, Any]:
@@ -44,12 +46,13 @@ def backend_config(cfg: FedfuseConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: FedfuseConfig, out: Path | None = None,
-             console: Console | None = None) -> tuple[dict[str, Any], Path]:
+def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | None = None,
+             resume: bool = False) -> tuple[dict[str, Any], Path]:
     """Run ``cfg`` end to end; returns the summary and the published run directory.
 
     All input is checked (data loadable, architectures compatible, enough examples per
-    client) before the run directory is created.
+    client) before the run directory is created. With ``resume``, ``out`` is an
+    interrupted run, continued from its newest checkpoint that verifies.
     """
     from flwr.simulation import run_simulation
 
@@ -62,9 +65,17 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None,
         check_ring(cfg.secure_aggregation.quantization_bits, sum(len(p) for p in train_parts))
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
-    with RunDirectory(out, cfg, plan.dataset.schema) as run:
-        server_app = build_server_app(cfg, plan.test, Fanout(run, display))
-        client_app = build_client_app(partial(site_from_context, cfg),
+    with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
+        checkpoint = None
+        if resume:
+            checkpoint = load_latest(run.checkpoints)
+            if checkpoint is None:
+                log.warning("no usable checkpoint in %s; starting again from round 1",
+                            run.checkpoints)
+            run.restore_history(checkpoint.history if checkpoint else [])
+        server_app = build_server_app(cfg, plan.test, Fanout(run, display), run.checkpoints,
+                                      checkpoint)
+        client_app = build_client_app(partial(site_from_context, cfg, run.path / "sites"),
                                       cfg.simulation.threads_per_client)
         try:
             run_simulation(server_app=server_app, client_app=client_app,

@@ -35,6 +35,9 @@ class Site:
     val: Dataset
     secret: bytes
     """Seeds the site's DP sampling and noise; never leaves the site."""
+    state_dir: Path | None = None
+    """Where the site keeps its privacy ledger across restarts (None: in the Flower
+    node's ``Context.state``, which lives as long as the federation)."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,17 @@ def run_test_split(run_dir: Path) -> Dataset:
     return plan_federation(load_config(config)).test
 
 
-def simulated_site(cfg: FedfuseConfig, partition_id: int) -> Site:
-    """Client ``partition_id`` of the scenario: its cohort's architecture and its split."""
+def simulated_site(cfg: FedfuseConfig, partition_id: int,
+                   state_root: Path | None = None) -> Site:
+    """Client ``partition_id`` of the scenario: its cohort's architecture and its split;
+    with ``state_root`` its state persists in ``state_root/client-<id>``."""
     plan = plan_federation(cfg)
     split = plan.federation.clients[partition_id]
-    return Site(name=f"client-{partition_id}", index=partition_id,
-                arch=cfg.cohort_of(partition_id).arch,
+    name = f"client-{partition_id}"
+    return Site(name=name, index=partition_id, arch=cfg.cohort_of(partition_id).arch,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
-                secret=simulated_secret(cfg.seed, partition_id))
+                secret=simulated_secret(cfg.seed, partition_id),
+                state_dir=None if state_root is None else state_root / name)
 
 
 def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """Aggregation strategies, importable as ``fedfuse.strategies``."""
 
-from fedfuse.strategies.cohort import CohortFedAvg, CohortGrid
+from fedfuse.strategies.cohort import (ROBUST_RULES, CohortFedAvg, CohortGrid, CohortStrategy,
+                                       cohort_strategy)
 
-__all__ = ["CohortFedAvg", "CohortGrid"]
+__all__ = ["ROBUST_RULES", "CohortFedAvg", "CohortGrid", "CohortStrategy", "cohort_strategy"]

@@ -1,4 +1,5 @@
-"""Per-cohort FedAvg: flwr's own FedAvg, restricted to the nodes of one cohort.
+"""Per-cohort aggregation: flwr's own FedAvg (or one of its robust rules), restricted
+to the nodes of one cohort.
 
 Clients of one architecture form a cohort with its own global model. The aggregation is
 flwr's ``FedAvg`` unchanged (``w = sum_i n_i w_i / sum_i n_i`` over the replies, with
@@ -9,10 +10,11 @@ and fixes the order in which replies are summed, so a seeded run is reproducible
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 
 class CohortGrid(Grid):
@@ -48,18 +50,19 @@ class CohortGrid(Grid):
         return self._base.send_and_receive(messages, timeout=timeout)
 
 
-class CohortFedAvg(FedAvg):
-    """FedAvg over one cohort's nodes.
+class CohortStrategy:
+    """Restricts a FedAvg-family strategy to one cohort's nodes (a mixin: put it before
+    the strategy class, as in ``CohortFedAvg``).
 
     ``members`` is the cohort's node ids in a fixed order (for example by site index);
     replies are aggregated in that order whatever order they arrive in.
     """
 
-    def __init__(self, cohort: str, members: Sequence[int], **fedavg_kwargs) -> None:
-        fedavg_kwargs.setdefault("min_train_nodes", 1)
-        fedavg_kwargs.setdefault("min_evaluate_nodes", 1)
-        fedavg_kwargs.setdefault("min_available_nodes", 1)
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, cohort: str, members: Sequence[int], **strategy_kwargs) -> None:
+        strategy_kwargs.setdefault("min_train_nodes", 1)
+        strategy_kwargs.setdefault("min_evaluate_nodes", 1)
+        strategy_kwargs.setdefault("min_available_nodes", 1)
+        super().__init__(**strategy_kwargs)  # type: ignore[call-arg]
         self.cohort = cohort
         self.members = list(members)
         self.trainers = list(members)
@@ -76,7 +79,7 @@ class CohortFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         if not self.trainers:
             return []
-        return super().configure_train(server_round, arrays, config,
+        return super().configure_train(server_round, arrays, config,  # type: ignore[misc]
                                        CohortGrid(grid, self.trainers))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
@@ -96,3 +99,37 @@ class CohortFedAvg(FedAvg):
         """Replies from this cohort's members, sorted by member rank; others are dropped."""
         mine = [m for m in replies if m.metadata.src_node_id in self._rank]
         return sorted(mine, key=lambda m: self._rank[m.metadata.src_node_id])
+
+
+class CohortFedAvg(CohortStrategy, FedAvg):
+    """FedAvg over one cohort's nodes."""
+
+
+ROBUST_RULES: dict[str, type[FedAvg]] = {
+    "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum}
+"""Flower's robust aggregation rules by config name (all FedAvg subclasses)."""
+
+
+def cohort_strategy(aggregation: str, cohort: str, members: Sequence[int], *,
+                    trim_fraction: float = 0.2, max_malicious: int = 1,
+                    multikrum_select: int = 2, **strategy_kwargs) -> CohortStrategy:
+    """The cohort's strategy for ``aggregation`` (``fedavg`` or a ``ROBUST_RULES`` key):
+
+    - ``median``: coordinate-wise median of the updates;
+    - ``trimmed_mean``: per coordinate, the mean after cutting ``trim_fraction`` of the
+      values from each end;
+    - ``krum`` / ``multikrum``: the update(s) with the smallest summed squared distance
+      to their n - f - 2 nearest neighbours (f = ``max_malicious``); Multi-Krum averages
+      the ``multikrum_select`` best.
+    """
+    if aggregation == "fedavg":
+        return CohortFedAvg(cohort, members, **strategy_kwargs)
+    base = ROBUST_RULES[aggregation]
+    extra: dict[str, Any] = {
+        "trimmed_mean": {"beta": trim_fraction},
+        "krum": {"num_malicious_nodes": max_malicious},
+        "multikrum": {"num_malicious_nodes": max_malicious,
+                      "num_nodes_to_select": multikrum_select},
+    }.get(aggregation, {})
+    cls = type(f"Cohort{base.__name__}", (CohortStrategy, base), {})
+    return cls(cohort, members, **strategy_kwargs, **extra)

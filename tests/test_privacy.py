@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -129,10 +130,8 @@ def train_message(site: Site, schema, request: PrivacyRequest | None, server_rou
                                 "config": ConfigRecord(config)}))
 
 
-def site_context(state_dir=None) -> Context:
-    node_config = {"state-dir": str(state_dir)} if state_dir else {}
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                   run_config={})
+def site_context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
 
 
 REQUEST = PrivacyRequest(mode="sample", accountant="rdp", max_grad_norm=1.0, planned_rounds=3,
@@ -141,11 +140,12 @@ REQUEST = PrivacyRequest(mode="sample", accountant="rdp", max_grad_norm=1.0, pla
 
 def test_ledger_survives_a_site_restart_and_stops_at_the_budget(tmp_path, digits_site):
     site, schema = digits_site
+    site = dataclasses.replace(site, state_dir=tmp_path)
     app = build_client_app(lambda ctx: site)
     spent = []
     for server_round in range(1, 5):
         # A fresh Context each time: the site process restarted between rounds.
-        reply = app(train_message(site, schema, REQUEST, server_round), site_context(tmp_path))
+        reply = app(train_message(site, schema, REQUEST, server_round), site_context())
         report = reply.content["privacy"]
         spent.append(report["epsilon"])
         if server_round <= 3:
@@ -162,10 +162,11 @@ def test_ledger_survives_a_site_restart_and_stops_at_the_budget(tmp_path, digits
 
 def test_a_later_request_cannot_raise_the_sites_budget(tmp_path, digits_site):
     site, schema = digits_site
+    site = dataclasses.replace(site, state_dir=tmp_path)
     app = build_client_app(lambda ctx: site)
-    app(train_message(site, schema, REQUEST, 1), site_context(tmp_path))
+    app(train_message(site, schema, REQUEST, 1), site_context())
     generous = PrivacyRequest(**{**REQUEST.__dict__, "budget": 100.0})
-    reply = app(train_message(site, schema, generous, 2), site_context(tmp_path))
+    reply = app(train_message(site, schema, generous, 2), site_context())
     assert reply.content["privacy"]["budget"] == 4.0
 
 

@@ -91,10 +91,11 @@ def deployed_site(context: Context) -> Site:
         if len(data) < cfg.partition.min_samples:
             raise FedfuseError(f"site {name!r}: {node['data']} holds {len(data)} records, "
                                f"fewer than partition.min_samples = {cfg.partition.min_samples}")
-        secret = site_secret(Path(str(node["state-dir"])))
+        state_dir = Path(str(node["state-dir"]))
+        secret = site_secret(state_dir)
         train, val = split_site_data(data, cfg.data.val_fraction, secret)
         _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=arch,
-                           train=train, val=val, secret=secret)
+                           train=train, val=val, secret=secret, state_dir=state_dir)
     return _SITES[key]
 
 

@@ -1,0 +1,118 @@
+"""Coordinator checkpoints: the full state after a round, written atomically, verified
+when read.
+
+A file ``round-NNNN.ckpt`` is::
+
+    b"FFCKPT1\\n" | SHA-256 of the rest (32 bytes) | u64 length of J | J | S
+
+with J the JSON state (round, history, privacy reports and retired trainers by site
+name, secure-sum count, the ``random`` module's state) and S the cohort models as
+safetensors (``<arch>/<tensor>``). Files are replaced atomically (temporary file,
+fsync, rename); the newest ``KEEP`` are kept. Reading takes the newest file that
+verifies and warns about every newer one that does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from fedfuse.atomic import atomic_write_bytes
+
+log = logging.getLogger("fedfuse.checkpoint")
+
+MAGIC = b"FFCKPT1\n"
+KEEP = 2
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    cohorts: dict[str, dict[str, np.ndarray]]
+    """Each cohort's model after ``round``: arch -> tensor name -> values."""
+    history: list[dict[str, Any]]
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each site's last privacy report, by site name."""
+    retired: dict[str, list[str]] = field(default_factory=dict)
+    """Per cohort, the sites no longer sampled for training, by name."""
+    secure_sums: int = 0
+    random_state: Any = None
+    """``random.getstate()`` after the round (Flower samples nodes with ``random``)."""
+
+    def to_bytes(self) -> bytes:
+        state = {"round": self.round, "history": self.history, "privacy": self.privacy,
+                 "retired": self.retired, "secure_sums": self.secure_sums,
+                 "random_state": _jsonable(self.random_state)}
+        head = json.dumps(state, sort_keys=True).encode()
+        tensors = {f"{arch}/{name}": np.ascontiguousarray(value)
+                   for arch, arrays in self.cohorts.items() for name, value in arrays.items()}
+        body = struct.pack("<Q", len(head)) + head + save_tensors(tensors)
+        return MAGIC + hashlib.sha256(body).digest() + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        """Parse and verify; raises ValueError naming what is wrong."""
+        if not data.startswith(MAGIC):
+            raise ValueError("not a fedfuse checkpoint (bad magic)")
+        digest, body = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise ValueError("its SHA-256 does not match (truncated or altered)")
+        (length,) = struct.unpack("<Q", body[:8])
+        state = json.loads(body[8:8 + length])
+        cohorts: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in load_tensors(body[8 + length:]).items():
+            arch, _, name = key.partition("/")
+            cohorts.setdefault(arch, {})[name] = value
+        return cls(round=int(state["round"]), cohorts=cohorts, history=state["history"],
+                   privacy=state["privacy"], retired=state["retired"],
+                   secure_sums=int(state["secure_sums"]),
+                   random_state=_random_state(state["random_state"]))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _random_state(value: Any) -> Any:
+    """``random.getstate()``'s nested tuples back from JSON lists."""
+    if value is None:
+        return None
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def path_for(directory: Path, server_round: int) -> Path:
+    return directory / f"round-{server_round:04d}.ckpt"
+
+
+def write_checkpoint(directory: Path, checkpoint: Checkpoint, keep: int = KEEP) -> Path:
+    """Write ``checkpoint`` atomically and delete all but the newest ``keep``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = path_for(directory, checkpoint.round)
+    atomic_write_bytes(path, checkpoint.to_bytes())
+    for old in sorted(directory.glob("round-*.ckpt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(directory: Path) -> Checkpoint | None:
+    """The newest checkpoint in ``directory`` that verifies; each newer one that does
+    not is reported with a warning and skipped. None when there is none."""
+    for path in sorted(directory.glob("round-*.ckpt"), reverse=True):
+        try:
+            return Checkpoint.from_bytes(path.read_bytes())
+        except (ValueError, KeyError, TypeError, OSError, struct.error, SafetensorError) as exc:
+            log.warning("checkpoint %s is unusable (%s); falling back to the previous one",
+                        path, exc)
+    return None
+

@@ -1,0 +1,265 @@
+"""Robustness: update gates, robust aggregation, checkpoints and exact resumption."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from safetensors.numpy import load_file
+
+from fedfuse.checkpoint import Checkpoint, load_latest, path_for, write_checkpoint
+from fedfuse.config import config_from_dict
+from fedfuse.errors import ConfigError
+from fedfuse.gates import check_update, gate_updates
+from fedfuse.strategies import cohort_strategy
+from tests.conftest import FEDFUSE, ROOT, reply_from, run_cli
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+GLOBAL = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32)),
+                      "b": Array(np.zeros(3, dtype=np.float32))})
+
+
+def update(node: int, w: np.ndarray, b: np.ndarray | None = None, n: float = 50):
+    b = np.zeros(3, dtype=np.float32) if b is None else b
+    return reply_from(node, RecordDict({
+        "arrays": ArrayRecord({"w": Array(w), "b": Array(b)}),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 0.1,
+                                 "train-accuracy": 0.9})}))
+
+
+def honest(node: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.1, (3, 4)).astype(np.float32)
+
+
+# -- gates ------------------------------------------------------------------------------
+
+def test_gates_reject_nan_scaled_misshapen_and_overweight_updates():
+    good = honest(1, 1)
+    assert check_update(GLOBAL, update(1, good), 50, max_norm=1.0) is None
+    nan = good.copy()
+    nan[0, 0] = np.nan
+    assert "NaN or infinite" in check_update(GLOBAL, update(2, nan), 50, 1.0)
+    scaled = 100 * good  # w + 100 (w_i - w), with w = 0
+    assert "exceeds robustness.max_update_norm" in check_update(GLOBAL, update(3, scaled), 50,
+                                                               1.0)
+    assert "is float32[4, 3]" in check_update(GLOBAL, update(4, good.T.copy()), 50, 1.0)
+    assert "float64" in check_update(GLOBAL, update(5, good.astype(np.float64)), 50, 1.0)
+    assert "claims 5000" in check_update(GLOBAL, update(6, good, n=5000), 50, 1.0)
+    assert "claims 0" in check_update(GLOBAL, update(7, good, n=0), 50, 1.0)
+    accepted, rejected = gate_updates(GLOBAL, [update(1, good), update(2, nan),
+                                               update(3, scaled)], {1: 50, 2: 50, 3: 50}, 1.0)
+    assert [r.metadata.src_node_id for r in accepted] == [1]
+    assert [r.node_id for r in rejected] == [2, 3]
+
+
+# -- robust aggregation -----------------------------------------------------------------
+
+@pytest.mark.parametrize("rule, extra", [("median", {}), ("trimmed_mean", {"trim_fraction": 0.3}),
+                                         ("krum", {"max_malicious": 2}),
+                                         ("multikrum", {"max_malicious": 2,
+                                                        "multikrum_select": 2})])
+def test_a_poisoned_minority_stays_within_the_honest_range(rule, extra):
+    """7 clients, 2 of them colluding with +1000 in every coordinate: each robust rule
+    keeps every coordinate of the aggregate within the honest clients' range; FedAvg
+    does not. (Krum needs n > 2f + 2: with n = 5 the two identical attackers win.)"""
+    honest_w = [honest(n, n) for n in (1, 2, 3, 4, 5)]
+    lo, hi = np.min(honest_w, axis=0), np.max(honest_w, axis=0)
+
+    def replies():  # fresh messages for each strategy (aggregation consumes them)
+        return ([update(n, w) for n, w in zip((1, 2, 3, 4, 5), honest_w)]
+                + [update(n, np.full((3, 4), 1000.0, dtype=np.float32)) for n in (6, 7)])
+
+    strategy = cohort_strategy(rule, "logreg", list(range(1, 8)), **extra)
+    arrays, _ = strategy.aggregate_train(1, replies())
+    w = arrays["w"].numpy()
+    assert np.all(w >= lo - 1e-6) and np.all(w <= hi + 1e-6), (rule, w)
+
+    fedavg, _ = cohort_strategy("fedavg", "logreg", list(range(1, 8))).aggregate_train(
+        1, replies())
+    assert np.all(fedavg["w"].numpy() > 200)
+
+
+def test_robust_rules_and_norm_bounds_are_refused_with_secure_aggregation():
+    raw = {"name": "t", "cohorts": [{"arch": "logreg", "clients": 4}]}
+    with pytest.raises(ConfigError, match="robustness.aggregation: 'median' must see every"):
+        config_from_dict({**raw, "robustness": {"aggregation": "median"}})
+    with pytest.raises(ConfigError, match="robustness.max_update_norm: needs plaintext"):
+        config_from_dict({**raw, "robustness": {"max_update_norm": 5.0}})
+    cfg = config_from_dict({**raw, "robustness": {"aggregation": "median"},
+                            "secure_aggregation": {"enabled": False}})
+    assert cfg.robustness.aggregation == "median"
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+def checkpoint(server_round: int) -> Checkpoint:
+    import random
+
+    rng = np.random.default_rng(server_round)
+    return Checkpoint(round=server_round,
+                      cohorts={"mlp": {"a.weight": rng.normal(size=(2, 3)).astype(np.float32)}},
+                      history=[{"round": r} for r in range(1, server_round + 1)],
+                      privacy={"client-1": {"epsilon": 1.5}}, retired={"mlp": ["client-2"]},
+                      secure_sums=server_round, random_state=random.getstate())
+
+
+def test_checkpoints_round_trip_and_keep_the_newest_two(tmp_path: Path):
+    for r in (1, 2, 3):
+        write_checkpoint(tmp_path, checkpoint(r))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-0002.ckpt", "round-0003.ckpt"]
+    loaded = load_latest(tmp_path)
+    original = checkpoint(3)
+    assert loaded.round == 3 and loaded.history == original.history
+    assert np.array_equal(loaded.cohorts["mlp"]["a.weight"], original.cohorts["mlp"]["a.weight"])
+    assert loaded.random_state == original.random_state
+    assert loaded.retired == {"mlp": ["client-2"]} and loaded.secure_sums == 3
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, caplog):
+    for r in (1, 2):
+        write_checkpoint(tmp_path, checkpoint(r))
+    latest = path_for(tmp_path, 2)
+    data = bytearray(latest.read_bytes())
+    data[-10] ^= 0x01  # one flipped bit in a tensor
+    latest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="fedfuse.checkpoint"):
+        assert load_latest(tmp_path).round == 1
+    assert "round-0002.ckpt is unusable (its SHA-256 does not match" in caplog.text
+    path_for(tmp_path, 1).write_bytes(b"FFCKPT1\n" + b"\0" * 10)  # truncated
+    assert load_latest(tmp_path) is None
+
+
+# -- a real simulation: killed and resumed ----------------------------------------------
+
+RESUME_SCENARIO = """
+name = "resume"
+seed = 11
+rounds = 4
+
+[data]
+source = "digits"
+
+[partition]
+method = "dirichlet"
+alpha = 0.5
+min_samples = 20
+
+[[cohorts]]
+arch = "mlp"
+clients = 3
+
+[[cohorts]]
+arch = "logreg"
+clients = 3
+
+[train]
+local_epochs = 1
+"""
+
+
+def final_models(run: Path) -> dict[str, np.ndarray]:
+    return {f"{p.stem}/{k}": v for p in sorted((run / "cohorts").glob("*.safetensors"))
+            for k, v in load_file(p).items()}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
+    """Killed with SIGKILL after round 3's checkpoint, with that checkpoint then
+    corrupted: the resume warns, goes back to round 2, and ends with the same cohort
+    models as an uninterrupted run (within 1e-6)."""
+    scenario = tmp_path / "resume.toml"
+    scenario.write_text(RESUME_SCENARIO)
+    straight = run_cli("simulate", scenario, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*FEDFUSE, "simulate", str(scenario), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+    ckpt3 = tmp_path / ".killed.partial" / "checkpoints" / "round-0003.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt3.exists():
+        assert proc.poll() is None, "the run ended before its third checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Ray workers
+    proc.wait()
+    assert not out.exists() and ckpt3.exists()
+    data = bytearray(ckpt3.read_bytes())
+    data[100] ^= 0xFF
+    ckpt3.write_bytes(bytes(data))
+
+    again = run_cli("simulate", scenario, "--out", out)  # a fresh start is refused
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_cli("simulate", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "round-0003.ckpt is unusable" in resumed.stderr
+    assert "resuming after round 2 of 4" in resumed.stderr
+
+    a, b = final_models(tmp_path / "straight"), final_models(out)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-6, rtol=0, err_msg=key)
+    history = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [int(line.split('"round": ')[1].split(",")[0]) for line in history] == [1, 2, 3, 4]
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_gates_drop_a_nan_and_a_scaled_client_in_a_real_simulation(tmp_path: Path):
+    """Flower's simulation engine, one logreg cohort of 4 clients: client 0 answers NaN,
+    client 1 a x100 scaled update; both are dropped every round, the model stays finite
+    and learns from the other two."""
+    from flwr.simulation import run_simulation
+
+    from fedfuse.clientapp import build_client_app
+    from fedfuse.simulate import backend_config, site_from_context
+    from fedfuse.sites import plan_federation
+    from fedfuse.serverapp import build_server_app
+    from functools import partial
+
+    cfg = config_from_dict({
+        "name": "poisoned", "seed": 2, "rounds": 2, "data": {"source": "digits"},
+        "partition": {"method": "iid"}, "cohorts": [{"arch": "logreg", "clients": 4}],
+        "secure_aggregation": {"enabled": False},
+        "robustness": {"max_update_norm": 25.0}})
+    records: list[dict] = []
+
+    class Recorder:
+        def on_start(self, members, rounds): ...
+
+        def on_round(self, record): records.append(record)
+
+        def on_finish(self, result): records.append({"final": result})
+
+    def poison(msg, context, call_next):
+        reply = call_next(msg, context)
+        pid = int(context.node_config["partition-id"])
+        if msg.metadata.message_type == "train" and pid in (0, 1):
+            sent, got = msg.content["arrays"], reply.content["arrays"]
+            for key in list(got.keys()):
+                delta = got[key].numpy() - sent[key].numpy()
+                bad = np.full_like(delta, np.nan) if pid == 0 else sent[key].numpy() + 100 * delta
+                got[key] = Array(bad.astype(delta.dtype))
+        return reply
+
+    plan = plan_federation(cfg)
+    server = build_server_app(cfg, plan.test, Recorder())
+    client = build_client_app(partial(site_from_context, cfg, tmp_path / "sites"), mods=[poison])
+    run_simulation(server_app=server, client_app=client, num_supernodes=4,
+                   backend_config=backend_config(cfg))
+    rounds = [r for r in records if "round" in r]
+    assert [r["cohorts"]["logreg"]["rejected"] for r in rounds] == [2, 2]
+    assert all(r["cohorts"]["logreg"]["train_clients"] == 4 for r in rounds)
+    result = records[-1]["final"]
+    weights = [a.numpy() for a in result.cohorts["logreg"].arrays.values()]
+    assert all(np.isfinite(w).all() for w in weights)
+    assert rounds[-1]["cohorts"]["logreg"]["test_accuracy"] > 0.8
