@@ -6,8 +6,9 @@ A file ``round-NNNN.ckpt`` is::
     b"FFCKPT1\\n" | SHA-256 of the rest (32 bytes) | u64 length of J | J | S
 
 with J the JSON state (round, history, privacy reports and retired trainers by site
-name, secure-sum count, the ``random`` module's state) and S the cohort models as
-safetensors (``<arch>/<tensor>``). Files are replaced atomically (temporary file,
+name, secure-sum count, the ``random`` module's state) and S the cohort models and the
+strategies' own state as safetensors (``model/<arch>/<tensor>``,
+``strategy/<arch>/<name>``). Files are replaced atomically (temporary file,
 fsync, rename); the newest ``KEEP`` are kept. Reading takes the newest file that
 verifies and warns about every newer one that does not.
 """
@@ -41,6 +42,8 @@ class Checkpoint:
     cohorts: dict[str, dict[str, np.ndarray]]
     """Each cohort's model after ``round``: arch -> tensor name -> values."""
     history: list[dict[str, Any]]
+    strategies: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """Each cohort strategy's own state (server momentum), likewise."""
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each site's last privacy report, by site name."""
     retired: dict[str, list[str]] = field(default_factory=dict)
@@ -52,10 +55,14 @@ class Checkpoint:
     def to_bytes(self) -> bytes:
         state = {"round": self.round, "history": self.history, "privacy": self.privacy,
                  "retired": self.retired, "secure_sums": self.secure_sums,
-                 "random_state": _jsonable(self.random_state)}
+                 "random_state": _jsonable(self.random_state),
+                 "order": {part: {arch: list(arrays) for arch, arrays in by_arch.items()}
+                           for part, by_arch in (("model", self.cohorts),
+                                                 ("strategy", self.strategies))}}
         head = json.dumps(state, sort_keys=True).encode()
-        tensors = {f"{arch}/{name}": np.ascontiguousarray(value)
-                   for arch, arrays in self.cohorts.items() for name, value in arrays.items()}
+        tensors = {f"{part}/{arch}/{name}": np.ascontiguousarray(value)
+                   for part, by_arch in (("model", self.cohorts), ("strategy", self.strategies))
+                   for arch, arrays in by_arch.items() for name, value in arrays.items()}
         body = struct.pack("<Q", len(head)) + head + save_tensors(tensors)
         return MAGIC + hashlib.sha256(body).digest() + body
 
@@ -69,11 +76,14 @@ class Checkpoint:
             raise ValueError("its SHA-256 does not match (truncated or altered)")
         (length,) = struct.unpack("<Q", body[:8])
         state = json.loads(body[8:8 + length])
-        cohorts: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in load_tensors(body[8 + length:]).items():
-            arch, _, name = key.partition("/")
-            cohorts.setdefault(arch, {})[name] = value
-        return cls(round=int(state["round"]), cohorts=cohorts, history=state["history"],
+        tensors = load_tensors(body[8 + length:])
+        # tensor order matters (Flower aggregates ArrayRecords position by position);
+        # safetensors sorts names, so the order is kept in the JSON
+        parts = {part: {arch: {name: tensors[f"{part}/{arch}/{name}"] for name in names}
+                        for arch, names in by_arch.items()}
+                 for part, by_arch in state["order"].items()}
+        return cls(round=int(state["round"]), cohorts=parts["model"],
+                   strategies=parts["strategy"], history=state["history"],
                    privacy=state["privacy"], retired=state["retired"],
                    secure_sums=int(state["secure_sums"]),
                    random_state=_random_state(state["random_state"]))

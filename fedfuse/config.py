@@ -99,8 +99,16 @@ class TrainConfig:
     momentum: float | None = None
     """SGD momentum; default 0.9, or 0 under DP."""
     weight_decay: float = 0.0
+    server_momentum: float = 0.0
+    """Server-side momentum on each cohort's aggregate (FedAvgM): the coordinator steps
+    along ``m = momentum * m + (w - w_avg)``; 0 is plain FedAvg."""
+    server_lr: float = 1.0
+    """Server-side learning rate: ``w <- w - server_lr * m``."""
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.server_momentum < 1.0, "server_momentum", "must be in [0, 1)")
+        _check(math.isfinite(self.server_lr) and self.server_lr > 0.0, "server_lr",
+               "must be a finite number > 0")
         _check(self.local_epochs is None or self.local_epochs >= 1, "local_epochs",
                "must be >= 1")
         _check(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -115,7 +123,12 @@ class TrainConfig:
             local_epochs=self.local_epochs or (1 if private else 2),
             batch_size=self.batch_size or (32 if private else 16),
             momentum=self.momentum if self.momentum is not None else (0.0 if private else 0.9),
-            weight_decay=self.weight_decay)
+            weight_decay=self.weight_decay, server_momentum=self.server_momentum,
+            server_lr=self.server_lr)
+
+    @property
+    def server_optimizer(self) -> bool:
+        return self.server_momentum > 0.0 or self.server_lr != 1.0
 
 
 @dataclass
@@ -302,6 +315,10 @@ class FedfuseConfig:
             raise ConfigError("robustness.max_update_norm", "needs plaintext updates; under "
                               "secure aggregation each coordinate is bounded by "
                               "secure_aggregation.clip_range instead")
+        if r.aggregation != "fedavg" and self.train.server_optimizer:
+            raise ConfigError("train.server_momentum", f"the server optimiser applies to "
+                              f"FedAvg only, not to robustness.aggregation = "
+                              f"{r.aggregation!r}")
         if r.aggregation in ("krum", "multikrum"):
             for i, cohort in enumerate(self.cohorts):
                 sampled = max(1, int(self.simulation.fraction_train * cohort.clients))

@@ -236,6 +236,8 @@ class Coordinator:
                                        trim_fraction=r.trim_fraction,
                                        max_malicious=r.max_malicious,
                                        multikrum_select=r.multikrum_select,
+                                       server_momentum=self.cfg.train.server_momentum,
+                                       server_lr=self.cfg.train.server_lr,
                                        fraction_train=sim.fraction_train,
                                        fraction_evaluate=sim.fraction_evaluate)
             lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(self.local_dp)
@@ -458,6 +460,7 @@ class Coordinator:
         return Checkpoint(
             round=server_round,
             cohorts={a: {k: v.numpy() for k, v in c.arrays.items()} for a, c in cohorts.items()},
+            strategies={a: c.strategy.state_arrays() for a, c in cohorts.items()},
             history=history,
             privacy={names[n]: r for n, r in self.privacy.items() if n in names},
             retired={a: [names[n] for n in c.strategy.members if n not in c.strategy.trainers]
@@ -473,6 +476,7 @@ class Coordinator:
         ids = {m.name: m.node_id for m in members}
         for arch, cohort in cohorts.items():
             cohort.arrays = ArrayRecord({k: Array(v) for k, v in ckpt.cohorts[arch].items()})
+            cohort.strategy.restore_state(ckpt.strategies.get(arch, {}), cohort.arrays)
             for name in ckpt.retired.get(arch, []):
                 if name in ids:
                     cohort.strategy.retire(ids[name])

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 
 class CohortGrid(Grid):
@@ -69,6 +71,14 @@ class CohortStrategy:
         """Members still sampled for training."""
         self._rank = {node: i for i, node in enumerate(self.members)}
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The strategy's own state beyond the model (for checkpoints); none for FedAvg
+        and the robust rules."""
+        return {}
+
+    def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
+        """Resume from ``state_arrays()`` with the cohort's model ``arrays``."""
+
     def retire(self, node_id: int) -> None:
         """Stop sampling ``node_id`` for training (for example: its privacy budget is
         spent); it still takes part in evaluation."""
@@ -105,6 +115,18 @@ class CohortFedAvg(CohortStrategy, FedAvg):
     """FedAvg over one cohort's nodes."""
 
 
+class CohortFedAvgM(CohortStrategy, FedAvgM):
+    """FedAvg with server-side momentum over one cohort's nodes."""
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        momentum = self.momentum_vector or []
+        return {f"momentum/{i}": np.asarray(v) for i, v in enumerate(momentum)}
+
+    def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
+        self.current_arrays = arrays
+        self.momentum_vector = [state[f"momentum/{i}"] for i in range(len(state))] or None
+
+
 ROBUST_RULES: dict[str, type[FedAvg]] = {
     "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum}
 """Flower's robust aggregation rules by config name (all FedAvg subclasses)."""
@@ -112,8 +134,12 @@ ROBUST_RULES: dict[str, type[FedAvg]] = {
 
 def cohort_strategy(aggregation: str, cohort: str, members: Sequence[int], *,
                     trim_fraction: float = 0.2, max_malicious: int = 1,
-                    multikrum_select: int = 2, **strategy_kwargs) -> CohortStrategy:
+                    multikrum_select: int = 2, server_momentum: float = 0.0,
+                    server_lr: float = 1.0, **strategy_kwargs) -> CohortStrategy:
     """The cohort's strategy for ``aggregation`` (``fedavg`` or a ``ROBUST_RULES`` key):
+
+    - ``fedavg``: Flower's FedAvg, or FedAvgM when a server optimiser is set
+      (``m <- server_momentum * m + (w - w_avg)``, ``w <- w - server_lr * m``);
 
     - ``median``: coordinate-wise median of the updates;
     - ``trimmed_mean``: per coordinate, the mean after cutting ``trim_fraction`` of the
@@ -122,6 +148,9 @@ def cohort_strategy(aggregation: str, cohort: str, members: Sequence[int], *,
       to their n - f - 2 nearest neighbours (f = ``max_malicious``); Multi-Krum averages
       the ``multikrum_select`` best.
     """
+    if aggregation == "fedavg" and (server_momentum > 0.0 or server_lr != 1.0):
+        return CohortFedAvgM(cohort, members, server_momentum=server_momentum,
+                             server_learning_rate=server_lr, **strategy_kwargs)
     if aggregation == "fedavg":
         return CohortFedAvg(cohort, members, **strategy_kwargs)
     base = ROBUST_RULES[aggregation]

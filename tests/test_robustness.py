@@ -105,8 +105,10 @@ def checkpoint(server_round: int) -> Checkpoint:
 
     rng = np.random.default_rng(server_round)
     return Checkpoint(round=server_round,
-                      cohorts={"mlp": {"a.weight": rng.normal(size=(2, 3)).astype(np.float32)}},
+                      cohorts={"mlp": {"z.weight": rng.normal(size=(2, 3)).astype(np.float32),
+                                       "a.bias": rng.normal(size=2).astype(np.float32)}},
                       history=[{"round": r} for r in range(1, server_round + 1)],
+                      strategies={"mlp": {"momentum/0": rng.normal(size=(2, 3))}},
                       privacy={"client-1": {"epsilon": 1.5}}, retired={"mlp": ["client-2"]},
                       secure_sums=server_round, random_state=random.getstate())
 
@@ -118,9 +120,12 @@ def test_checkpoints_round_trip_and_keep_the_newest_two(tmp_path: Path):
     loaded = load_latest(tmp_path)
     original = checkpoint(3)
     assert loaded.round == 3 and loaded.history == original.history
-    assert np.array_equal(loaded.cohorts["mlp"]["a.weight"], original.cohorts["mlp"]["a.weight"])
+    assert list(loaded.cohorts["mlp"]) == ["z.weight", "a.bias"]  # the model's order
+    assert np.array_equal(loaded.cohorts["mlp"]["z.weight"], original.cohorts["mlp"]["z.weight"])
     assert loaded.random_state == original.random_state
     assert loaded.retired == {"mlp": ["client-2"]} and loaded.secure_sums == 3
+    assert np.array_equal(loaded.strategies["mlp"]["momentum/0"],
+                          original.strategies["mlp"]["momentum/0"])
 
 
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, caplog):
@@ -263,3 +268,43 @@ def test_gates_drop_a_nan_and_a_scaled_client_in_a_real_simulation(tmp_path: Pat
     weights = [a.numpy() for a in result.cohorts["logreg"].arrays.values()]
     assert all(np.isfinite(w).all() for w in weights)
     assert rounds[-1]["cohorts"]["logreg"]["test_accuracy"] > 0.8
+
+
+def test_server_momentum_state_survives_a_checkpoint():
+    """FedAvgM's momentum is part of the checkpoint: aggregating round 2 after a restore
+    gives the same model as without the interruption."""
+    from flwr.app import ConfigRecord
+
+    def round_replies(r: int):
+        return [update(n, honest(n, 10 * r + n)) for n in (1, 2)]
+
+    def fresh():
+        return cohort_strategy("fedavg", "logreg", [1, 2], server_momentum=0.9, server_lr=0.5)
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            from flwr.app import Message
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    straight = fresh()
+    list(straight.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
+    after1, _ = straight.aggregate_train(1, round_replies(1))
+    after2, _ = straight.aggregate_train(2, round_replies(2))
+
+    first = fresh()
+    list(first.configure_train(1, GLOBAL, ConfigRecord(), Grid()))
+    saved_model, _ = first.aggregate_train(1, round_replies(1))
+    ckpt = Checkpoint(round=1, cohorts={"logreg": {k: v.numpy() for k, v in saved_model.items()}},
+                      history=[], strategies={"logreg": first.state_arrays()})
+    restored = Checkpoint.from_bytes(ckpt.to_bytes())
+    model = ArrayRecord({k: Array(v) for k, v in restored.cohorts["logreg"].items()})
+    resumed = fresh()
+    resumed.restore_state(restored.strategies["logreg"], model)
+    again, _ = resumed.aggregate_train(2, round_replies(2))
+    assert restored.strategies["logreg"]  # the momentum was saved
+    for key in after2.keys():
+        np.testing.assert_array_equal(again[key].numpy(), after2[key].numpy())
+    assert not np.array_equal(after1["w"].numpy(), after2["w"].numpy())
