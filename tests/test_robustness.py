@@ -175,13 +175,28 @@ def final_models(run: Path) -> dict[str, np.ndarray]:
             for k, v in load_file(p).items()}
 
 
+PLAINTEXT = """
+[secure_aggregation]
+enabled = false
+
+[robustness]
+max_update_norm = 100.0
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
+@pytest.mark.parametrize("plaintext", [False, True], ids=["secure", "plaintext-momentum"])
+def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path, plaintext: bool):
     """Killed with SIGKILL after round 3's checkpoint, with that checkpoint then
     corrupted: the resume warns, goes back to round 2, and ends with the same cohort
-    models as an uninterrupted run (within 1e-6)."""
+    models as an uninterrupted run (within 1e-6). Once with secure aggregation, once in
+    plaintext (update gates) with server momentum, whose state is in the checkpoint."""
     scenario = tmp_path / "resume.toml"
-    scenario.write_text(RESUME_SCENARIO)
+    text = RESUME_SCENARIO
+    if plaintext:
+        text = text.replace("local_epochs = 1", "local_epochs = 1\nserver_momentum = 0.5")
+        text += PLAINTEXT
+    scenario.write_text(text)
     straight = run_cli("simulate", scenario, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
 
