@@ -42,13 +42,13 @@ class LogisticRegression(nn.Module):
 
 
 class MLP(nn.Module):
-    """One hidden ReLU layer; kept narrow so DP-SGD's noise (which grows with the
+    """One hidden tanh layer; kept narrow so DP-SGD's noise (which grows with the
     parameter count) stays small."""
 
     def __init__(self, schema: DataSchema, hidden: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(schema.num_features, hidden), nn.ReLU(),
+            nn.Linear(schema.num_features, hidden), nn.Tanh(),
             nn.Linear(hidden, schema.num_classes),
         )
 
