@@ -30,7 +30,7 @@ def default_run_dir(cfg: FedfuseConfig, root: Path = Path("runs")) -> Path:
     return root / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def site_from_context(cfg: FedfuseConfig, state_root: Path, context: Context) -> Site:
+def site_from_context(cfg: FedfuseConfig, state_root: Path | None, context: Context) -> Site:
     """The simulated client behind a Flower node: its ``partition-id`` picks its split;
     its state lives under ``state_root`` so that it outlives the engine (resume)."""
     return simulated_site(cfg, int(context.node_config["partition-id"]), state_root)

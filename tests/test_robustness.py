@@ -19,7 +19,7 @@ from fedfuse.config import config_from_dict
 from fedfuse.errors import ConfigError
 from fedfuse.gates import check_update, gate_updates
 from fedfuse.strategies import cohort_strategy
-from tests.conftest import FEDFUSE, ROOT, reply_from, run_cli
+from tests.conftest import FEDFUSE, ROOT, SMALL_SCENARIO, reply_from, run_cli
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -144,30 +144,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path
 
 # -- a real simulation: killed and resumed ----------------------------------------------
 
-RESUME_SCENARIO = """
-name = "resume"
-seed = 11
-rounds = 4
-
-[data]
-source = "digits"
-
-[partition]
-method = "dirichlet"
-alpha = 0.5
-min_samples = 20
-
-[[cohorts]]
-arch = "mlp"
-clients = 3
-
-[[cohorts]]
-arch = "logreg"
-clients = 3
-
-[train]
-local_epochs = 1
-"""
+RESUME_SCENARIO = SMALL_SCENARIO.replace("rounds = 2", "rounds = 4")  # 3 cohorts x 2
 
 
 def final_models(run: Path) -> dict[str, np.ndarray]:

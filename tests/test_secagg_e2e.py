@@ -65,7 +65,7 @@ def run(secure: bool, clients: int = 5, threshold: float = 0.6,
     })
     keep = Keep()
     server = build_server_app(cfg, plan_federation(cfg).test, keep)
-    client = build_client_app(partial(site_from_context, cfg), mods=list(mods))
+    client = build_client_app(partial(site_from_context, cfg, None), mods=list(mods))
     run_simulation(server_app=server, client_app=client, num_supernodes=cfg.num_clients,
                    backend_config=backend_config(cfg))
     assert keep.result is not None
