@@ -7,7 +7,7 @@ SCENARIO ?= simulations/digits.toml
 RUN_DIR  ?= runs/digits-default
 PORT     ?= 8000
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# every benchmark, one after the other (about 25 min on 2 cores); each rewrites its table
+# in docs/ and its JSON in simulations/bench/results/
+bench: $(STAMP)
+	$(BIN)/python simulations/bench/scale.py
+	$(BIN)/python simulations/bench/secagg.py
+	$(BIN)/python simulations/bench/privacy.py
+	$(BIN)/python simulations/bench/serve.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
