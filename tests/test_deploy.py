@@ -203,6 +203,35 @@ def test_site_refuses_a_certificate_for_another_host(tmp_path: Path):
             probe_coordinator(Address("127.0.0.1", port), CertsDir(tmp_path).ca_cert, 5)
 
 
+def test_site_refuses_an_expired_coordinator_certificate(tmp_path: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedfuse.deploy.certs import load_ca
+
+    init_certs(tmp_path, ["a"], ["localhost", "127.0.0.1"])
+    d = CertsDir(tmp_path)
+    ca = load_ca(d)
+    key = serialization.load_pem_private_key(d.server_key.read_bytes(), password=None)
+    old = x509.load_pem_x509_certificate(d.server_cert.read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=30))
+               .not_valid_after(now - dt.timedelta(days=1))
+               .add_extension(old.extensions.get_extension_for_class(
+                   x509.SubjectAlternativeName).value, critical=False)
+               .sign(ca.key, hashes.SHA256()))
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    d.server_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(FedfuseError, match="not now"):
+        check_server_certificate(d)
+    with tls_server(d) as port:
+        with pytest.raises(FedfuseError, match="has expired"):
+            probe_coordinator(Address("127.0.0.1", port), d.ca_cert, 5)
+
+
 def test_site_gives_up_on_an_unreachable_coordinator_with_a_message(federation: Path):
     port = free_port()  # nothing listens there
     started = time.monotonic()
