@@ -38,8 +38,6 @@ from fedfuse.rundir import RunDirectory, build_summary
 from fedfuse.serverapp import Coordinator
 from fedfuse.sites import Site
 
-log = logging.getLogger("fedfuse")
-
 SECRET_FILE = "site-secret"
 
 

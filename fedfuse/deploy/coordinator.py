@@ -31,6 +31,7 @@ from fedfuse.deploy.process import FlowerProcess, strip_ansi
 from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models import build_model
 from fedfuse.privacy import check_dp_compatible
+from fedfuse.rundir import partial_path
 
 CONNECT_TIMEOUT = 60.0
 """Seconds to wait for the freshly started SuperLink to answer."""
@@ -183,6 +184,9 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     out = out.resolve()
     if out.exists():
         raise FedfuseError(f"output directory already exists: {out} (choose another --out)")
+    if partial_path(out).exists():
+        raise FedfuseError(f"{partial_path(out)} holds an interrupted run; the coordinator "
+                           "cannot resume it: delete it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fedfuse.deploy.superlink", "--ssl-ca-certfile", str(certs.ca_cert),
             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
