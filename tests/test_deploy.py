@@ -358,3 +358,10 @@ def test_superlink_guard_serves_only_the_fleet_api_beyond_loopback():
     assert status("/v1/control/start-run", local) == 200
     assert status("/v1/runtime/pull-messages", ("::1", 1)) == 200
     assert status("/v1/control/list-runs", ("::ffff:127.0.0.1", 1)) == 200
+
+
+def test_coordinator_refuses_an_out_with_an_interrupted_run(federation: Path, tmp_path: Path):
+    (tmp_path / ".run.partial").mkdir()
+    res = run_cli("coordinator", write_scenario(federation), "--certs", federation / "certs",
+                  "--address", f"127.0.0.1:{free_port()}", "--out", tmp_path / "run")
+    assert res.returncode == 2 and "holds an interrupted run" in res.stderr
