@@ -63,7 +63,6 @@ def _coordinate(grid: Grid, context: Context) -> None:
         Coordinator(cfg, test, Fanout(run, display), sites).run(grid)
         assert run.result is not None
         run.write_summary(build_summary(cfg, run.result, time.perf_counter() - started))
-    print(f"run directory: {run.final}", flush=True)
 
 
 _SITES: dict[tuple[str, ...], Site] = {}
