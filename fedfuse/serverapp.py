@@ -427,6 +427,8 @@ class Coordinator:
             log.info("resuming after round %d of %d", resume.round, self.cfg.rounds)
         for server_round in range(first, self.cfg.rounds + 1):
             if not any(c.strategy.trainers for c in cohorts.values()):
+                log.warning("every site has spent its privacy budget; the run stops after "
+                            "round %d of %d", server_round - 1, self.cfg.rounds)
                 break
             start = time.perf_counter()
             record: dict[str, Any] = {"round": server_round, "cohorts": {}}
@@ -444,9 +446,6 @@ class Coordinator:
                 write_checkpoint(self.checkpoints,
                                  self.snapshot(server_round, cohorts, members, history))
             self.listener.on_round(record)
-            if not any(c.strategy.trainers for c in cohorts.values()):
-                log.warning("every site has spent its privacy budget; the run stops after "
-                            "round %d of %d", server_round, self.cfg.rounds)
         result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members),
                                   dict(self.privacy), self.secure_sums)
         self.listener.on_finish(result)
