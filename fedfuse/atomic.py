@@ -34,6 +34,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def create_private(path: str | Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and write ``data``, fsynced; never replaces a file
+    (raises FileExistsError if it exists). For keys and secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_figure(fig: Any, path: str | Path) -> None:
     """Render a matplotlib figure to PNG and write it atomically; closes the figure."""
     import matplotlib.pyplot as plt

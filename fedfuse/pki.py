@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedfuse.atomic import create_private
 from fedfuse.errors import FedfuseError
 
 
@@ -81,7 +81,5 @@ def write_pem(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
     key_pem = pair.key.private_bytes(serialization.Encoding.PEM,
                                      serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key_pem)
+    create_private(key_path, key_pem)
     cert_path.write_bytes(pair.cert.public_bytes(serialization.Encoding.PEM))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import sys
 import time
@@ -28,6 +27,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedfuse.atomic import create_private
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
 from fedfuse.data import Dataset, load_dataset
@@ -111,13 +111,9 @@ def site_secret(state_dir: Path) -> bytes:
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            create_private(path, secrets.token_bytes(32))
         except FileExistsError:  # another process of this site made it first
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-            fh.flush()
-            os.fsync(fh.fileno())
+            pass
     return path.read_bytes()
 
 

@@ -15,7 +15,6 @@ Re-running ``init`` adds what is missing (new sites) and never replaces a key.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedfuse.atomic import create_private
 from fedfuse.config import SITE_NAME
 from fedfuse.errors import FedfuseError
 from fedfuse.pki import KeyPair, create_ca, issue_server_cert, write_pem
@@ -137,9 +137,7 @@ def write_auth_key(key: ec.EllipticCurvePrivateKey, key_path: Path, pub_path: Pa
     and never overwrites a file."""
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                              serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    create_private(key_path, data)
     pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                        serialization.PublicFormat.OpenSSH)
                          + b"\n")
