@@ -321,7 +321,7 @@ class FedfuseConfig:
                               f"{r.aggregation!r}")
         if r.aggregation in ("krum", "multikrum"):
             for i, cohort in enumerate(self.cohorts):
-                sampled = max(1, int(self.simulation.fraction_train * cohort.clients))
+                sampled = self.sampled_per_round(cohort)
                 if sampled <= 2 * r.max_malicious + 2:
                     raise ConfigError(f"cohorts[{i}].clients", f"Krum tolerates f = "
                                       f"robustness.max_malicious = {r.max_malicious} "
@@ -340,7 +340,7 @@ class FedfuseConfig:
                 raise ConfigError(f"cohorts[{i}].arch", f"architecture {cohort.arch!r} "
                                   "appears in two cohorts; merge them into one")
             seen.add(cohort.arch)
-            sampled = max(1, int(self.simulation.fraction_train * cohort.clients))  # as FedAvg
+            sampled = self.sampled_per_round(cohort)
             if self.secure_aggregation.enabled and sampled < 2:
                 raise ConfigError(f"cohorts[{i}].clients", f"secure aggregation needs at "
                                   f"least 2 clients per cohort and round, and cohort "
@@ -348,6 +348,11 @@ class FedfuseConfig:
                                   "is its update); add clients, raise "
                                   "simulation.fraction_train, or set "
                                   "secure_aggregation.enabled = false")
+
+    def sampled_per_round(self, cohort: CohortConfig) -> int:
+        """How many of ``cohort``'s clients train each round, as flwr's FedAvg samples:
+        ``max(1, int(fraction_train * clients))``."""
+        return max(1, int(self.simulation.fraction_train * cohort.clients))
 
     @property
     def num_clients(self) -> int:
