@@ -550,7 +550,9 @@ class Coordinator:
 
 class BoundedGrid:
     """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless told
-    otherwise: a client that never answers counts as failed instead of stalling the run."""
+    otherwise: a client that never answers counts as failed instead of stalling the run.
+    Each message expires when the wait ends (its TTL), so a site that connects later is
+    not handed work for a phase that is over (training it would spend ε for nothing)."""
 
     def __init__(self, grid: Grid, timeout: float) -> None:
         self._grid = grid
@@ -558,7 +560,12 @@ class BoundedGrid:
 
     def send_and_receive(self, messages: Iterable[Message],
                          timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout or self._timeout)
+        limit = timeout or self._timeout
+        now = time.time()
+        batch = list(messages)
+        for msg in batch:
+            msg.metadata.ttl = now - msg.metadata.created_at + limit
+        return self._grid.send_and_receive(batch, timeout=limit)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
