@@ -308,3 +308,31 @@ def test_server_momentum_state_survives_a_checkpoint():
     for key in after2.keys():
         np.testing.assert_array_equal(again[key].numpy(), after2[key].numpy())
     assert not np.array_equal(after1["w"].numpy(), after2["w"].numpy())
+
+
+def test_messages_expire_when_the_wait_for_their_replies_ends(task_identity):
+    """A message not picked up within the phase's timeout is dropped by the SuperLink
+    (created_at + ttl), so a site that reconnects late never trains for a finished round."""
+    from flwr.app import Message
+
+    from fedfuse.serverapp import BoundedGrid
+
+    class Recording:
+        def send_and_receive(self, messages, timeout=None):
+            self.sent, self.timeout = list(messages), timeout
+            return []
+
+    inner = Recording()
+    old = Message(RecordDict(), dst_node_id=7, message_type="train")
+    old.metadata.created_at -= 30.0  # built 30 s before it is sent
+    fresh = Message(RecordDict(), dst_node_id=8, message_type="train")
+    before = time.time()
+    BoundedGrid(inner, timeout=25.0).send_and_receive([old, fresh])
+    after = time.time()
+    assert inner.timeout == 25.0
+    for msg in inner.sent:
+        expires = msg.metadata.created_at + msg.metadata.ttl
+        assert before + 25.0 <= expires <= after + 25.0
+    BoundedGrid(inner, timeout=25.0).send_and_receive([fresh], timeout=5.0)
+    assert inner.timeout == 5.0
+    assert fresh.metadata.created_at + fresh.metadata.ttl <= time.time() + 5.0
