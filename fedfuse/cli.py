@@ -87,9 +87,15 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
         table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}")
     if summary["fused"]:
         f = summary["fused"]
-        weights = ", ".join(f"{a} {w:.2f}" for a, w in f["weights"].items())
-        table.add_row(f"[bold]fused[/bold] ({f['method']}: {weights})", str(summary["clients"]),
-                      f"[bold]{f['test_accuracy']:.4f}[/bold]")
+        for method, score in f["methods"].items():
+            if method == "soft_vote":
+                how = ", ".join(f"{a} {w:.2f}" for a, w in score["weights"].items())
+            else:
+                how = f"{score['student']} student, {score['transfer_examples']} unlabeled"
+            row = f"fused ({method}: {how})", f"{score['test_accuracy']:.4f}"
+            if method == f["method"]:
+                row = f"[bold]{row[0]}[/bold] served", f"[bold]{row[1]}[/bold]"
+            table.add_row(row[0], str(summary["clients"]), row[1])
     console.print(table)
 
 

@@ -265,6 +265,42 @@ class RobustnessConfig:
 
 
 @dataclass
+class FusionConfig:
+    """How the cohort models become one predictor (see docs/architecture.md, "Fusion")."""
+
+    method: Literal["auto", "soft_vote", "distill"] = "auto"
+    """``soft_vote``: the members' probabilities averaged with weights fitted on the
+    sites' validation statistics. ``distill``: one student model taught by that soft
+    vote on the coordinator's unlabeled transfer data (FedDF), for single-model
+    serving. ``auto``: whichever of the two has the lower Brier score on the sites'
+    validation data (soft vote alone when there is no transfer data)."""
+    unlabeled_fraction: float = 0.0
+    """Share of the coordinator's held-out data used, without its labels, as the
+    distillation transfer set; the rest stays the test split. 0 disables distillation."""
+    student: str = ""
+    """Architecture of the distilled model, one of the cohorts'; empty: the member
+    with the lowest validation Brier score. It starts from that cohort's model."""
+    distill_steps: int = 400
+    """Adam steps on the transfer set (the best step by held-out KL is kept)."""
+    distill_lr: float = 1e-3
+    temperature: float = 1.0
+    """Softening T of teacher and student distributions (the loss is scaled by T^2)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.unlabeled_fraction < 1.0, "unlabeled_fraction",
+               f"must be in [0, 1), got {self.unlabeled_fraction}")
+        _check(self.distill_steps >= 1, "distill_steps", "must be >= 1")
+        _check(math.isfinite(self.distill_lr) and self.distill_lr > 0.0, "distill_lr",
+               f"must be a finite number > 0, got {self.distill_lr}")
+        _check(math.isfinite(self.temperature) and self.temperature > 0.0, "temperature",
+               f"must be a finite number > 0, got {self.temperature}")
+        if self.method == "distill" and self.unlabeled_fraction == 0.0:
+            raise ConfigError("unlabeled_fraction", "method \"distill\" needs "
+                              "transfer data: set a share of the coordinator's held-out "
+                              "data, e.g. unlabeled_fraction = 0.5")
+
+
+@dataclass
 class DeploymentConfig:
     """The coordinator's patience with partner sites (``fedfuse coordinator``)."""
 
@@ -294,6 +330,7 @@ class FedfuseConfig:
         default_factory=SecureAggregationConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     round_timeout: float = 600.0
     """Seconds the coordinator waits for the answers to one message exchange (a round's
     training, evaluation, a secure-aggregation stage); a client that has not answered by
@@ -328,6 +365,10 @@ class FedfuseConfig:
                                       f"poisoned updates only among more than 2f + 2 = "
                                       f"{2 * r.max_malicious + 2}; cohort {cohort.arch!r} "
                                       f"trains {sampled} per round")
+        archs = [c.arch for c in self.cohorts]
+        if self.fusion.student and self.fusion.student not in archs:
+            raise ConfigError("fusion.student", f"{self.fusion.student!r} is not a cohort's "
+                              f"architecture; choose one of {', '.join(archs)}")
         names = [n for c in self.cohorts for n in c.sites or []]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

@@ -62,6 +62,22 @@ class Dataset:
         return Dataset(self.X[idx], self.y[idx], self.schema)
 
 
+def split_transfer(data: Dataset, fraction: float,
+                   seed: int) -> tuple[Dataset, np.ndarray | None]:
+    """The coordinator's held-out data as (test split, transfer inputs): a seeded
+    ``fraction`` of it becomes the unlabeled distillation transfer set (only its inputs
+    are returned, so its labels cannot be used), the rest stays the test split."""
+    if fraction <= 0.0:
+        return data, None
+    order = np.random.default_rng([seed, 0x7E57]).permutation(len(data))
+    n = int(round(fraction * len(data)))
+    if n < 2 or n > len(data) - 1:
+        raise DataError(f"fusion.unlabeled_fraction = {fraction} of the coordinator's "
+                        f"{len(data)} held-out examples leaves {n} for transfer and "
+                        f"{len(data) - n} for testing; each needs at least 2 and 1")
+    return data.subset(np.sort(order[n:])), data.X[np.sort(order[:n])]
+
+
 def load_dataset(cfg: DataConfig, base_dir: Path | None = None,
                  class_labels: tuple[str, ...] | None = None) -> Dataset:
     """Load ``cfg.source``; a relative file path is taken relative to ``base_dir``.

@@ -1,4 +1,5 @@
-"""Weighted soft voting: fusion weights fitted from sites' aggregate statistics only.
+"""Fusion of the cohort models: weighted soft voting, with weights fitted from the sites'
+aggregate statistics only, and the choice between it and a distilled student.
 
 For M members with class probabilities ``p_m(x)`` (vectors over K classes), the fused
 predictor is ``q_w(x) = sum_m w_m p_m(x)`` with ``w`` on the simplex (``w >= 0``,
@@ -15,6 +16,9 @@ federated optimisation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -53,3 +57,116 @@ def brier_score(A: np.ndarray, b: np.ndarray, n: float, w: np.ndarray) -> float:
 def fuse_proba(probas: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     """``q = sum_m w_m p_m``, shape (n, K)."""
     return np.tensordot(np.asarray(weights, dtype=np.float64), np.stack(probas), axes=1)
+
+
+def member_briers(A: np.ndarray, b: np.ndarray, n: float) -> np.ndarray:
+    """Each member's own mean Brier score, ``B(e_m) / N = (A[m, m] - 2 b[m] + N) / N``."""
+    return (np.diag(A) - 2 * b + n) / n
+
+
+def choose_method(requested: str, soft_vote_brier: float, student_brier: float | None) -> str:
+    """The method whose predictor is served: ``soft_vote`` when there is no student;
+    for ``auto``, ``distill`` only if the student's validation Brier score is strictly
+    lower than the soft vote's; otherwise ``requested``."""
+    if student_brier is None:
+        return "soft_vote"
+    if requested == "auto":
+        return "distill" if student_brier < soft_vote_brier else "soft_vote"
+    return requested
+
+
+@dataclass(frozen=True)
+class StudentResult:
+    """The distilled student (``fedfuse.distill``) and its scores: ``A`` and ``b`` are its
+    summed Brier statistics over the sites' validation splits."""
+
+    arch: str
+    state: dict[str, Any]
+    """Its weights (a torch state dict); empty when read back from ``to_dict``."""
+    A: float
+    b: float
+    num_examples: int
+    val_brier: float
+    test_accuracy: float
+    fit: dict[str, Any]
+    """How distillation went: steps, best_step, holdout_kl, start_kl, transfer_examples."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "A": self.A, "b": self.b, "num_examples": self.num_examples,
+                "val_brier": self.val_brier, "test_accuracy": self.test_accuracy,
+                "fit": self.fit}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], state: dict[str, Any]) -> StudentResult:
+        return cls(str(d["arch"]), state, float(d["A"]), float(d["b"]),
+                   int(d["num_examples"]), float(d["val_brier"]), float(d["test_accuracy"]),
+                   dict(d["fit"]))
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """Soft-vote weights fitted from the sites' summed Brier statistics (A, b, N), the
+    soft vote's scores, and the distilled student where there is one. ``method`` is the
+    one served: ``soft_vote`` or ``distill``."""
+
+    method: str
+    members: list[str]
+    weights: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+    num_examples: int
+    val_brier: float
+    """The soft vote's mean validation Brier score."""
+    test_accuracy: float
+    """The soft vote's accuracy on the coordinator's test split."""
+    sites: int
+    student: StudentResult | None = None
+
+    @property
+    def fused_test_accuracy(self) -> float:
+        """Test accuracy of the predictor that is served."""
+        return self.student.test_accuracy if self.method == "distill" and self.student \
+            else self.test_accuracy
+
+    def with_student(self, student: StudentResult, requested: str) -> FusionResult:
+        return replace(self, student=student,
+                       method=choose_method(requested, self.val_brier, student.val_brier))
+
+    def scores(self) -> dict[str, dict[str, Any]]:
+        """Every method's validation Brier score and test accuracy, side by side."""
+        out: dict[str, dict[str, Any]] = {"soft_vote": {
+            "val_brier": self.val_brier, "test_accuracy": self.test_accuracy,
+            "weights": dict(zip(self.members, map(float, self.weights)))}}
+        if self.student is not None:
+            out["distill"] = {"val_brier": self.student.val_brier,
+                              "test_accuracy": self.student.test_accuracy,
+                              "student": self.student.arch,
+                              "transfer_examples": self.student.fit["transfer_examples"]}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "members": self.members,
+                "weights": self.weights.tolist(), "A": self.A.tolist(), "b": self.b.tolist(),
+                "num_examples": self.num_examples, "val_brier": self.val_brier,
+                "test_accuracy": self.test_accuracy, "sites": self.sites,
+                "student": None if self.student is None else self.student.to_dict()}
+
+    @classmethod
+    def fit(cls, members: list[str], A: np.ndarray, b: np.ndarray, num_examples: int,
+            sites: int, test_probas: list[np.ndarray], test_y: np.ndarray) -> FusionResult:
+        """Soft-vote weights from the summed statistics, scored on the coordinator's test
+        split (``test_probas[m]``: member m's probabilities there)."""
+        weights = fit_simplex_weights(A, b)
+        acc = float((fuse_proba(test_probas, weights).argmax(1) == test_y).mean())
+        return cls("soft_vote", members, weights, A, b, num_examples,
+                   brier_score(A, b, num_examples, weights), acc, sites)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any],
+                  student_state: dict[str, Any] | None = None) -> FusionResult:
+        student = d.get("student")
+        return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
+                   np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
+                   float(d["val_brier"]), float(d["test_accuracy"]), int(d["sites"]),
+                   None if student is None else StudentResult.from_dict(student,
+                                                                         student_state or {}))

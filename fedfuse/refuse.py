@@ -1,7 +1,8 @@
 """``fedfuse fuse RUN_DIR``: rebuild a run's fused artifact from what the run kept.
 
-Inputs are the cohort models (``cohorts/*.safetensors``) and the sites' summed validation
-statistics (``fusion_stats.json``), so no site is contacted again. The weights are refitted
+Inputs are the cohort models (``cohorts/*.safetensors``), the distilled student if the
+run made one (``student.safetensors``) and the sites' summed validation statistics
+(``fusion_stats.json``), so no site is contacted again. The weights are refitted
 from those sums, the fused model is re-scored on the coordinator's test split, and the new
 ``model/`` replaces the old one only once it is complete.
 """
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,10 @@ from fedfuse.artifact import Member
 from fedfuse.errors import FedfuseError
 from fedfuse.models import load_model
 from fedfuse.rundir import write_model
-from fedfuse.serverapp import FusionResult
+from fedfuse.config import load_config
+from fedfuse.fusion import FusionResult
 from fedfuse.sites import run_test_split
-from fedfuse.training import predict_proba
+from fedfuse.training import evaluate, predict_proba
 
 
 def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
@@ -34,19 +37,25 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
         raise FedfuseError(f"{run_dir}: not a complete run directory (missing "
                            f"{', '.join(missing)})")
     summary = json.loads((run_dir / "summary.json").read_text())
-    stats = FusionResult.from_dict(json.loads((run_dir / "fusion_stats.json").read_text()))
+    saved = json.loads((run_dir / "fusion_stats.json").read_text())
+    student_state = None
+    if saved.get("student"):
+        student_state = load_weights(run_dir / "student.safetensors", run_dir)
+    stats = FusionResult.from_dict(saved, student_state)
     test = run_test_split(run_dir)
     members, probas = [], []
     for arch in stats.members:
-        path = run_dir / "cohorts" / f"{arch}.safetensors"
-        if not path.is_file():
-            raise FedfuseError(f"{run_dir}: cohort model {path.name} is missing")
-        state = load_file(path)
+        state = load_weights(run_dir / "cohorts" / f"{arch}.safetensors", run_dir)
         probas.append(predict_proba(load_model(arch, test.schema, state), test.X))
         cohort = summary["cohorts"][arch]
         members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
                               stats.sites, probas, test.y)
+    if stats.student is not None:
+        model = load_model(stats.student.arch, test.schema, stats.student.state)
+        student = replace(stats.student,
+                          test_accuracy=evaluate(model, test.X, test.y).accuracy)
+        fusion = fusion.with_student(student, load_config(run_dir / "config.toml").fusion.method)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
         manifest = write_model(partial, test.schema, fusion, members,
@@ -62,3 +71,9 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return manifest
+
+
+def load_weights(path: Path, run_dir: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedfuseError(f"{run_dir}: model weights {path.name} are missing")
+    return load_file(path)

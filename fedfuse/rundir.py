@@ -12,7 +12,9 @@ Layout::
     metrics.jsonl          one JSON line per round
     privacy.json           each client's ε, δ, σ, sample rate, steps (runs with DP)
     cohorts/<arch>.safetensors   final cohort models (arch and schema in the metadata)
-    fusion_stats.json      the sites' summed Brier statistics (A, b, N) and fitted weights
+    fusion_stats.json      the sites' summed Brier statistics (A, b, N), fitted weights,
+                           and the distilled student's statistics and fit (if any)
+    student.safetensors    the distilled student (``fusion.unlabeled_fraction`` > 0)
     model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
     summary.json           the run's figures (see ``build_summary``)
@@ -30,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from safetensors.torch import save as safetensors_bytes
 
 from fedfuse.artifact import Member, write_artifact
@@ -38,7 +41,8 @@ from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_writ
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.serverapp import FederationResult, FusionResult
+from fedfuse.fusion import FusionResult
+from fedfuse.serverapp import FederationResult
 from fedfuse.serverapp import Member as Client
 
 
@@ -147,12 +151,9 @@ class RunDirectory:
     def on_finish(self, result: FederationResult) -> None:
         self.result = result
         (self.path / "cohorts").mkdir(exist_ok=True)
-        meta = {"schema": json.dumps(self.schema.to_dict())}
         for arch, cohort in result.cohorts.items():
-            data = safetensors_bytes(
-                {k: v.contiguous() for k, v in cohort.arrays.to_torch_state_dict().items()},
-                metadata={**meta, "arch": arch})
-            atomic_write_bytes(self.path / "cohorts" / f"{arch}.safetensors", data)
+            save_weights(self.path / "cohorts" / f"{arch}.safetensors", arch,
+                         cohort.arrays.to_torch_state_dict(), self.schema)
         plot_accuracy(result.history, self.path / "accuracy.png")
         if self.cfg.privacy.enabled:
             atomic_write_json(self.path / "privacy.json",
@@ -190,16 +191,25 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
             "method": cfg.partition.method, "alpha": cfg.partition.alpha,
             "label_skew": round(label_skew, 4)},
         "cohorts": cohorts,
-        "fused": None if result.fusion is None else {
-            "method": result.fusion.method,
-            "test_accuracy": result.fusion.test_accuracy,
-            "weights": dict(zip(result.fusion.members, map(float, result.fusion.weights))),
-            "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
-        },
+        "fused": None if result.fusion is None else fused_summary(result.fusion, cohorts),
         "privacy": privacy_summary(cfg, result),
         "secure_aggregation": cfg.secure_aggregation.enabled and result.secure_sums > 0,
         "secure_sums": result.secure_sums,
         "wall_seconds": round(wall_seconds, 2),
+    }
+
+
+def fused_summary(fusion: FusionResult, cohorts: dict[str, Any]) -> dict[str, Any]:
+    """The served method and its test accuracy, its artifact weights, and every method
+    beside the best member (FedAvg's best single model)."""
+    scores = fusion.scores()
+    return {
+        "method": fusion.method,
+        "test_accuracy": fusion.fused_test_accuracy,
+        "weights": ({fusion.student.arch: 1.0} if fusion.method == "distill" and fusion.student
+                    else scores["soft_vote"]["weights"]),
+        "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
+        "methods": scores,
     }
 
 
@@ -228,11 +238,22 @@ def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write_figure(fig, path)
 
 
+def save_weights(path: Path, arch: str, state: dict[str, Any], schema: DataSchema) -> None:
+    """A model's weights as safetensors, with its architecture and data schema."""
+    atomic_write_bytes(path, safetensors_bytes(
+        {k: v.contiguous() for k, v in state.items()},
+        metadata={"schema": json.dumps(schema.to_dict()), "arch": arch}))
+
+
 def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationResult,
                          privacy: dict[str, Any]) -> None:
-    """``fusion_stats.json`` and ``model/`` from a finished federation."""
+    """``fusion_stats.json`` (and ``student.safetensors``) and ``model/`` from a finished
+    federation."""
     assert result.fusion is not None
     atomic_write_json(run_path / "fusion_stats.json", result.fusion.to_dict())
+    if result.fusion.student is not None:
+        save_weights(run_path / "student.safetensors", result.fusion.student.arch,
+                     result.fusion.student.state, schema)
     last = result.history[-1]["cohorts"]
     members = [Member(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
                       len(result.cohorts[arch].members), last[arch]["test_accuracy"])
@@ -243,7 +264,21 @@ def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationR
 def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
                 members: list[Member], privacy: dict[str, Any],
                 semver: str = "1.0.0") -> dict[str, Any]:
-    """The fused artifact for ``fusion``'s weights over ``members``."""
+    """The fused artifact of the method ``fusion`` serves: the soft vote over
+    ``members``, or the distilled student alone (weight 1)."""
+    student = fusion.student
+    if fusion.method == "distill" and student is not None:
+        clients = sum(m.cohort_clients for m in members)
+        return write_artifact(
+            directory, members=[Member(student.arch, student.state, clients,
+                                       student.test_accuracy)],
+            weights=np.ones(1), method="distill", schema=schema,
+            fusion_fit={"objective": "kl_to_soft_vote", "sites": fusion.sites,
+                        "val_examples": student.num_examples,
+                        "val_brier": round(student.val_brier, 6),
+                        "teacher": dict(zip(fusion.members, map(float, fusion.weights))),
+                        **student.fit},
+            privacy=privacy, fused_test_accuracy=student.test_accuracy, semver=semver)
     return write_artifact(directory, members=members, weights=fusion.weights,
                           method=fusion.method, schema=schema,
                           fusion_fit={"objective": "brier", "sites": fusion.sites,

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.checkpoint import Checkpoint, write_checkpoint
 from fedfuse.config import FedfuseConfig
-from fedfuse.data import Dataset
+from fedfuse.data import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
@@ -34,7 +34,9 @@ from fedfuse.secagg.encoding import check_ring, decode_fixed, payload_length
 from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_masked,
                                    open_sessions, sizes, with_session)
 from fedfuse.stats import pooled_mean_std
-from fedfuse.fusion import brier_score, fit_simplex_weights, fuse_proba
+from fedfuse.distill import distill
+from fedfuse.fusion import (FusionResult, StudentResult, brier_score, fuse_proba,
+                             member_briers)
 from fedfuse.gates import gate_updates
 from fedfuse.strategies import CohortStrategy, cohort_strategy
 from fedfuse.training import evaluate, predict_proba
@@ -61,43 +63,6 @@ class Cohort:
     arrays: ArrayRecord
     lr: float
     members: list[Member] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class FusionResult:
-    """Soft-vote weights fitted from the sites' summed Brier statistics (A, b, N)."""
-
-    method: str
-    members: list[str]
-    weights: np.ndarray
-    A: np.ndarray
-    b: np.ndarray
-    num_examples: int
-    val_brier: float
-    test_accuracy: float
-    sites: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "members": self.members,
-                "weights": self.weights.tolist(), "A": self.A.tolist(), "b": self.b.tolist(),
-                "num_examples": self.num_examples, "val_brier": self.val_brier,
-                "test_accuracy": self.test_accuracy, "sites": self.sites}
-
-    @classmethod
-    def fit(cls, members: list[str], A: np.ndarray, b: np.ndarray, num_examples: int,
-            sites: int, test_probas: list[np.ndarray], test_y: np.ndarray) -> FusionResult:
-        """Soft-vote weights from the summed statistics, scored on the coordinator's test
-        split (``test_probas[m]``: member m's probabilities there)."""
-        weights = fit_simplex_weights(A, b)
-        acc = float((fuse_proba(test_probas, weights).argmax(1) == test_y).mean())
-        return cls("soft_vote", members, weights, A, b, num_examples,
-                   brier_score(A, b, num_examples, weights), acc, sites)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FusionResult:
-        return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
-                   np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
-                   float(d["val_brier"]), float(d["test_accuracy"]), int(d["sites"]))
 
 
 @dataclass
@@ -141,7 +106,9 @@ class Coordinator:
     def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
                  sites: dict[int, str] | None = None, checkpoints: Path | None = None) -> None:
         self.cfg = cfg
-        self.test = test
+        self.test, self.transfer = split_transfer(test, cfg.fusion.unlabeled_fraction, cfg.seed)
+        """``test`` is the coordinator's held-out data: its test split, and with
+        ``fusion.unlabeled_fraction`` the inputs it distils on."""
         self.listener = listener
         self.checkpoints = checkpoints
         """Where the state after every round is saved (``fedfuse.checkpoint``)."""
@@ -496,16 +463,12 @@ class Coordinator:
     def fuse(self, grid: Grid, cohorts: dict[str, Cohort],
              members: list[Member]) -> FusionResult | None:
         """Every site scores every cohort model on its validation split and returns only
-        the Brier statistics (A, b, N); their sums give the soft-vote weights."""
+        the Brier statistics (A, b, N); their sums give the soft-vote weights. With
+        transfer data, a student distilled from that soft vote is scored the same way
+        and ``fusion.method`` picks the predictor to serve."""
         archs = list(cohorts)
-        content = RecordDict({f"member/{a}": c.arrays for a, c in cohorts.items()})
-        content["fusion"] = ConfigRecord({"members": archs})
-        live = set(grid.get_node_ids())
-        nodes = [m.node_id for m in members if m.node_id in live]
-        msgs = [Message(content, dst_node_id=n, message_type="query.fusion") for n in nodes]
-        collect = (self.secure_fusion_statistics if self.cfg.secure_aggregation.enabled
-                   else self.fusion_statistics)
-        stats = collect(grid, msgs, members, len(archs))
+        stats = self.validation_statistics(grid, {a: cohorts[a].arrays for a in archs},
+                                           members)
         if stats is None:
             log.warning("fusion skipped: no validation statistics came back")
             return None
@@ -515,7 +478,54 @@ class Coordinator:
         log.info("fusion weights %s from %d sites (%d validation examples); test accuracy %.4f",
                  {a: round(float(w), 3) for a, w in zip(archs, fusion.weights)}, fusion.sites,
                  n, fusion.test_accuracy)
+        if self.transfer is None or self.cfg.fusion.method == "soft_vote":
+            return fusion
+        student = self.distilled_student(grid, cohorts, members, fusion)
+        if student is None:
+            log.warning("the distilled student was not scored by any site; serving the "
+                        "soft vote")
+            return fusion
+        fusion = fusion.with_student(student, self.cfg.fusion.method)
+        log.info("distilled %s student: validation Brier %.4f (soft vote %.4f), test "
+                 "accuracy %.4f; serving %s", student.arch, student.val_brier,
+                 fusion.val_brier, student.test_accuracy, fusion.method)
         return fusion
+
+    def distilled_student(self, grid: Grid, cohorts: dict[str, Cohort], members: list[Member],
+                          fusion: FusionResult) -> StudentResult | None:
+        """FedDF: the soft vote teaches a copy of one cohort's model on the transfer
+        inputs (``fedfuse.distill``); the sites then score the student like a member."""
+        cfg = self.cfg.fusion
+        assert self.transfer is not None
+        arch = cfg.student or fusion.members[
+            int(np.argmin(member_briers(fusion.A, fusion.b, fusion.num_examples)))]
+        teacher = fuse_proba([predict_proba(self.cohort_model(cohorts[a]), self.transfer)
+                              for a in fusion.members], fusion.weights)
+        model, report = distill(self.cohort_model(cohorts[arch]), self.transfer, teacher,
+                                steps=cfg.distill_steps, lr=cfg.distill_lr,
+                                temperature=cfg.temperature, seed=self.cfg.seed)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stats = self.validation_statistics(grid, {arch: ArrayRecord(state)}, members)
+        if stats is None:
+            return None
+        A, b, n, _ = stats
+        test_accuracy = evaluate(model, self.test.X, self.test.y).accuracy
+        return StudentResult(arch, state, float(A[0, 0]), float(b[0]), n,
+                             brier_score(A, b, n, np.ones(1)), test_accuracy,
+                             asdict(report))
+
+    def validation_statistics(self, grid: Grid, models: dict[str, ArrayRecord],
+                              members: list[Member]) -> Statistics | None:
+        """The Brier statistics of ``models`` (architecture -> weights) summed over the
+        live sites' validation splits, through secure aggregation where it is on."""
+        content = RecordDict({f"member/{a}": arrays for a, arrays in models.items()})
+        content["fusion"] = ConfigRecord({"members": list(models)})
+        live = set(grid.get_node_ids())
+        nodes = [m.node_id for m in members if m.node_id in live]
+        msgs = [Message(content, dst_node_id=n, message_type="query.fusion") for n in nodes]
+        collect = (self.secure_fusion_statistics if self.cfg.secure_aggregation.enabled
+                   else self.fusion_statistics)
+        return collect(grid, msgs, members, len(models))
 
     def fusion_statistics(self, grid: Grid, msgs: list[Message], members: list[Member],
                           num_members: int) -> Statistics | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.config import FedfuseConfig, load_config
-from fedfuse.data import Dataset, load_dataset
+from fedfuse.data import Dataset, load_dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.models import check_compatible
 from fedfuse.partition import Federation, build_federation
@@ -72,13 +72,14 @@ def plan_federation(cfg: FedfuseConfig) -> Plan:
 
 
 def run_test_split(run_dir: Path) -> Dataset:
-    """The coordinator's held-out test split of a finished run, rebuilt from its
-    ``config.toml`` (the split is a function of the data, the partition settings and
-    the seed)."""
+    """The coordinator's test split of a finished run, rebuilt from its ``config.toml``
+    (the split is a function of the data, the partition and fusion settings and the
+    seed)."""
     config = run_dir / "config.toml"
     if not config.is_file():
         raise FedfuseError(f"{run_dir}: not a run directory (config.toml is missing)")
-    return plan_federation(load_config(config)).test
+    cfg = load_config(config)
+    return split_transfer(plan_federation(cfg).test, cfg.fusion.unlabeled_fraction, cfg.seed)[0]
 
 
 def simulated_site(cfg: FedfuseConfig, partition_id: int,

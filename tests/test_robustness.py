@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -14,10 +15,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
+from fedfuse.artifact import FusedPredictor
 from fedfuse.checkpoint import Checkpoint, load_latest, path_for, write_checkpoint
-from fedfuse.config import config_from_dict
+from fedfuse.config import config_from_dict, load_config
 from fedfuse.errors import ConfigError
 from fedfuse.gates import check_update, gate_updates
+from fedfuse.sites import plan_federation, run_test_split
 from fedfuse.strategies import cohort_strategy
 from tests.conftest import FEDFUSE, ROOT, SMALL_SCENARIO, reply_from, run_cli
 
@@ -152,28 +155,25 @@ def final_models(run: Path) -> dict[str, np.ndarray]:
             for k, v in load_file(p).items()}
 
 
-PLAINTEXT = """
-[secure_aggregation]
-enabled = false
-
-[robustness]
-max_update_norm = 100.0
+RESUME_EXTRAS = """
+[fusion]
+method = "distill"
+unlabeled_fraction = 0.5
+distill_steps = 150
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plaintext", [False, True], ids=["secure", "plaintext-momentum"])
-def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path, plaintext: bool):
+def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     """Killed with SIGKILL after round 3's checkpoint, with that checkpoint then
     corrupted: the resume warns, goes back to round 2, and ends with the same cohort
-    models as an uninterrupted run (within 1e-6). Once with secure aggregation, once in
-    plaintext (update gates) with server momentum, whose state is in the checkpoint."""
+    models as an uninterrupted run (within 1e-6), under secure aggregation and with
+    server momentum, whose state is in the checkpoint. Both runs then distil the same
+    student (FedDF fusion), which is the artifact served."""
     scenario = tmp_path / "resume.toml"
-    text = RESUME_SCENARIO
-    if plaintext:
-        text = text.replace("local_epochs = 1", "local_epochs = 1\nserver_momentum = 0.5")
-        text += PLAINTEXT
-    scenario.write_text(text)
+    scenario.write_text(RESUME_SCENARIO.replace("local_epochs = 1",
+                                                "local_epochs = 1\nserver_momentum = 0.5")
+                        + RESUME_EXTRAS)
     straight = run_cli("simulate", scenario, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
 
@@ -208,6 +208,41 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path, plai
     history = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [int(line.split('"round": ')[1].split(",")[0]) for line in history] == [1, 2, 3, 4]
     assert not (out / "checkpoints").exists()
+    check_distilled_artifact(tmp_path / "straight", tmp_path / "rebuilt")
+    test = run_test_split(out)
+    np.testing.assert_allclose(FusedPredictor.load(out / "model").predict_proba(test.X),
+                               FusedPredictor.load(tmp_path / "straight" / "model")
+                               .predict_proba(test.X), atol=1e-5, rtol=0)
+
+
+def check_distilled_artifact(run: Path, copy: Path) -> None:
+    """The served artifact is the distilled student alone; both methods are reported,
+    scored on the same test split; ``fedfuse fuse`` rebuilds the same artifact."""
+    import shutil
+
+    summary = json.loads((run / "summary.json").read_text())
+    fused = summary["fused"]
+    assert fused["method"] == "distill"
+    assert set(fused["methods"]) == {"soft_vote", "distill"}
+    student = fused["methods"]["distill"]
+    assert student["transfer_examples"] > 100 and student["student"] in summary["cohorts"]
+    assert fused["weights"] == {student["student"]: 1.0}
+    assert fused["test_accuracy"] == student["test_accuracy"] > 0.3
+    predictor = FusedPredictor.load(run / "model")
+    assert [m["arch"] for m in predictor.manifest["members"]] == [student["student"]]
+    fit = predictor.manifest["fusion"]["fit"]
+    assert fit["objective"] == "kl_to_soft_vote" and fit["holdout_kl"] < fit["start_kl"]
+    test = run_test_split(run)
+    labels = np.array(test.schema.class_labels)[test.y]
+    assert float((predictor.predict(test.X) == labels).mean()) == pytest.approx(
+        fused["test_accuracy"], abs=1e-9)
+    assert len(test) + student["transfer_examples"] == len(
+        plan_federation(load_config(run / "config.toml")).test)
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "model")
+    assert run_cli("fuse", copy).returncode == 0
+    np.testing.assert_allclose(FusedPredictor.load(copy / "model").predict_proba(test.X),
+                               predictor.predict_proba(test.X), atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow
