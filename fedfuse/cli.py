@@ -80,22 +80,24 @@ def simulate(
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:
     table = Table(title=f"{name}: {summary['rounds']} rounds, {summary['clients']} clients")
-    table.add_column("cohort")
+    table.add_column("model")
     table.add_column("clients", justify="right")
     table.add_column("test accuracy", justify="right")
+    table.add_column("served")
     for arch, c in summary["cohorts"].items():
-        table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}")
+        table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}", "")
     if summary["fused"]:
         f = summary["fused"]
         for method, score in f["methods"].items():
             if method == "soft_vote":
                 how = ", ".join(f"{a} {w:.2f}" for a, w in score["weights"].items())
             else:
-                how = f"{score['student']} student, {score['transfer_examples']} unlabeled"
-            row = f"fused ({method}: {how})", f"{score['test_accuracy']:.4f}"
-            if method == f["method"]:
-                row = f"[bold]{row[0]}[/bold] served", f"[bold]{row[1]}[/bold]"
-            table.add_row(row[0], str(summary["clients"]), row[1])
+                how = f"{score['student']} from {score['transfer_examples']} unlabeled"
+            served = method == f["method"]
+            accuracy = f"{score['test_accuracy']:.4f}"
+            table.add_row(f"fused, {method}: {how}", str(summary["clients"]),
+                          f"[bold]{accuracy}[/bold]" if served else accuracy,
+                          "[bold]yes[/bold]" if served else "")
     console.print(table)
 
 

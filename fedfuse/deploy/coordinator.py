@@ -24,7 +24,7 @@ import tomli_w
 
 from fedfuse import __version__
 from fedfuse.config import FedfuseConfig
-from fedfuse.data import load_dataset
+from fedfuse.data import load_dataset, split_transfer
 from fedfuse.deploy.apps import run_config
 from fedfuse.deploy.certs import CertsDir, check_server_certificate, load_site_public_key
 from fedfuse.deploy.process import FlowerProcess, strip_ansi
@@ -178,6 +178,7 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     keys = check_deployment(cfg, certs)
     where = Address.parse(address)
     test = load_dataset(cfg.data)
+    split_transfer(test, cfg.fusion.unlabeled_fraction, cfg.seed)  # refused here, not mid-run
     if cfg.privacy.mode == "sample":
         for cohort in cfg.cohorts:
             check_dp_compatible(build_model(cohort.arch, test.schema), cohort.arch)
