@@ -98,6 +98,9 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
             table.add_row(f"fused, {method}: {how}", str(summary["clients"]),
                           f"[bold]{accuracy}[/bold]" if served else accuracy,
                           "[bold]yes[/bold]" if served else "")
+        gain = 100 * (f["test_accuracy"] - f["best_member_test_accuracy"])
+        table.caption = (f"served predictor vs the best member: {gain:+.1f} points"
+                         + ("" if gain >= 1.0 else " (less than the +1 point fusion aims for)"))
     console.print(table)
 
 
