@@ -108,12 +108,17 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
 def fuse(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     version: Annotated[str, typer.Option(help="semantic version for the artifact")] = "1.0.0",
+    method: Annotated[Optional[str], typer.Option(
+        help="auto, soft_vote or distill; default: the run's fusion.method")] = None,
 ) -> None:
     """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
     from fedfuse.refuse import fuse_run
 
     try:
-        manifest = fuse_run(run_dir, version)
+        if method not in (None, "auto", "soft_vote", "distill"):
+            raise FedfuseError(f"--method {method!r}: expected 'auto', 'soft_vote' or "
+                               "'distill'")
+        manifest = fuse_run(run_dir, version, method)
     except FedfuseError as exc:
         _fail(exc)
     weights = ", ".join(f"{a} {w:.3f}" for a, w in manifest["fusion"]["weights"].items())

@@ -20,17 +20,19 @@ from typing import Any
 from safetensors.torch import load_file
 
 from fedfuse.artifact import Member
+from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
 from fedfuse.models import load_model
-from fedfuse.rundir import write_model
+from fedfuse.rundir import fused_summary, write_model
 from fedfuse.config import load_config
 from fedfuse.fusion import FusionResult
 from fedfuse.sites import run_test_split
 from fedfuse.training import evaluate, predict_proba
 
 
-def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
-    """Refit and rewrite ``run_dir/model``; returns the new manifest."""
+def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) -> dict[str, Any]:
+    """Refit and rewrite ``run_dir/model`` (and ``summary.json``'s fused figures) for
+    ``method`` (default: the run's ``fusion.method``); returns the new manifest."""
     needed = ["config.toml", "summary.json", "fusion_stats.json"]
     missing = [n for n in needed if not (run_dir / n).is_file()]
     if missing:
@@ -38,6 +40,10 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
                            f"{', '.join(missing)})")
     summary = json.loads((run_dir / "summary.json").read_text())
     saved = json.loads((run_dir / "fusion_stats.json").read_text())
+    if method == "distill" and not saved.get("student"):
+        raise FedfuseError(f"{run_dir}: the run has no distilled student (it ran with "
+                           "fusion.unlabeled_fraction = 0 or no site scored the student); "
+                           "choose --method soft_vote")
     student_state = None
     if saved.get("student"):
         student_state = load_weights(run_dir / "student.safetensors", run_dir)
@@ -55,7 +61,8 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
         model = load_model(stats.student.arch, test.schema, stats.student.state)
         student = replace(stats.student,
                           test_accuracy=evaluate(model, test.X, test.y).accuracy)
-        fusion = fusion.with_student(student, load_config(run_dir / "config.toml").fusion.method)
+        fusion = fusion.with_student(
+            student, method or load_config(run_dir / "config.toml").fusion.method)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
         manifest = write_model(partial, test.schema, fusion, members,
@@ -70,6 +77,8 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0") -> dict[str, Any]:
             os.replace(partial, old)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    summary["fused"] = fused_summary(fusion, summary["cohorts"])
+    atomic_write_json(run_dir / "summary.json", summary)
     return manifest
 
 

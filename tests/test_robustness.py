@@ -243,6 +243,16 @@ def check_distilled_artifact(run: Path, copy: Path) -> None:
     assert run_cli("fuse", copy).returncode == 0
     np.testing.assert_allclose(FusedPredictor.load(copy / "model").predict_proba(test.X),
                                predictor.predict_proba(test.X), atol=1e-6, rtol=0)
+    # the user prefers the ensemble after all: no federation needed to switch
+    assert run_cli("fuse", copy, "--method", "soft_vote").returncode == 0
+    ensemble = FusedPredictor.load(copy / "model")
+    assert sorted(m["arch"] for m in ensemble.manifest["members"]) == sorted(summary["cohorts"])
+    switched = json.loads((copy / "summary.json").read_text())["fused"]
+    assert switched["method"] == "soft_vote" and set(switched["methods"]) == {"soft_vote",
+                                                                              "distill"}
+    assert float((ensemble.predict(test.X) == labels).mean()) == pytest.approx(
+        switched["test_accuracy"], abs=1e-9)
+    assert switched["test_accuracy"] == fused["methods"]["soft_vote"]["test_accuracy"]
 
 
 @pytest.mark.slow

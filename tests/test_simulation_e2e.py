@@ -155,6 +155,10 @@ def test_fuse_rebuilds_the_artifact_from_the_run(two_runs, tmp_path):
     X = plan_federation(load_config(run / "config.toml")).test.X
     np.testing.assert_allclose(rebuilt.predict_proba(X), original.predict_proba(X), atol=1e-6)
     assert not [p for p in copy.iterdir() if p.name.startswith(".model")]
+    proc = run_cli("fuse", copy, "--method", "distill")
+    assert proc.returncode == 2 and "has no distilled student" in proc.stderr
+    proc = run_cli("fuse", copy, "--method", "stacking")
+    assert proc.returncode == 2 and "--method 'stacking'" in proc.stderr
     (copy / "fusion_stats.json").unlink()
     proc = run_cli("fuse", copy)
     assert proc.returncode == 2 and "missing fusion_stats.json" in proc.stderr
