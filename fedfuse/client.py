@@ -11,8 +11,10 @@ failure is one of the exceptions below, with the server's message in it.
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -73,15 +75,22 @@ class Prediction:
     probabilities: np.ndarray
 
 
+def tls_context(verify: bool | str | Path | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """``verify`` as httpx takes it: a CA file path becomes an SSL context trusting it."""
+    if isinstance(verify, (str, Path)):
+        return ssl.create_default_context(cafile=str(verify))
+    return verify
+
+
 class PredictClient:
     """Calls one predict server; reuse it (connections are kept alive)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.2, max_retry_wait: float = 10.0,
-                 verify: bool | str = True) -> None:
+                 verify: bool | str | Path | ssl.SSLContext = True) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
-                                  timeout=timeout, verify=verify)
+                                  timeout=timeout, verify=tls_context(verify))
         self.retries = retries
         self.backoff = backoff
         self.max_retry_wait = max_retry_wait

@@ -142,6 +142,8 @@ class Server:
     def __enter__(self) -> Server:
         import httpx
 
+        from fedfuse.client import tls_context
+
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -150,7 +152,8 @@ class Server:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n"
                                    f"{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", verify=self.verify).status_code == 200:
+                if httpx.get(f"{self.url}/readyz",
+                             verify=tls_context(self.verify)).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -17,7 +17,7 @@ import pytest
 
 from fedfuse.artifact import FusedPredictor
 from fedfuse.client import (AuthenticationError, ConnectionFailed, InvalidInput, NotFound,
-                            PredictClient, RateLimited)
+                            PredictClient, RateLimited, tls_context)
 from fedfuse.config import DataConfig
 from fedfuse.data import load_dataset
 from fedfuse.serving.auth import create_key
@@ -45,7 +45,7 @@ def post(server: Server, body, key: str | None, path: str = "/v1/predict",
          **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, verify=server.verify,
+    return httpx.post(server.url + path, content=content, verify=tls_context(server.verify),
                       headers={"content-type": "application/json", **headers}, **kwargs)
 
 
