@@ -88,7 +88,9 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
         table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}", "")
     if summary["fused"]:
         f = summary["fused"]
-        for method, score in f["methods"].items():
+        methods = f.get("methods") or {  # a run written before distillation existed
+            f["method"]: {"test_accuracy": f["test_accuracy"], "weights": f["weights"]}}
+        for method, score in methods.items():
             if method == "soft_vote":
                 how = ", ".join(f"{a} {w:.2f}" for a, w in score["weights"].items())
             else:
@@ -102,6 +104,31 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
         table.caption = (f"served predictor vs the best member: {gain:+.1f} points"
                          + ("" if gain >= 1.0 else " (less than the +1 point fusion aims for)"))
     console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+) -> None:
+    """Print a finished run's table: every member, every fusion method, the one served."""
+    import json
+
+    summary_path = run_dir / "summary.json"
+    try:
+        if not summary_path.is_file():
+            raise FedfuseError(f"{run_dir}: not a finished run directory (summary.json is "
+                               "missing)")
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FedfuseError(f"{summary_path}: not valid JSON ({exc})") from None
+    except FedfuseError as exc:
+        _fail(exc)
+    _print_summary(str(summary["scenario"]), summary)
+    privacy = summary["privacy"]
+    if privacy["mode"] != "off":
+        console.print(f"privacy: {privacy['mode']}, max ε {privacy['max_epsilon']:.3f} at "
+                      f"δ = {privacy['delta']:g}")
 
 
 @app.command()

@@ -59,3 +59,11 @@ def test_existing_output_directory_is_not_touched(scenario, tmp_path):
     proc = run_cli("simulate", scenario(), "--out", out)
     assert proc.returncode == 2 and "output directory already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_report_refuses_a_directory_without_a_summary(tmp_path):
+    proc = run_cli("report", tmp_path)
+    assert proc.returncode == 2 and "summary.json is missing" in proc.stderr
+    (tmp_path / "summary.json").write_text("{not json")
+    proc = run_cli("report", tmp_path)
+    assert proc.returncode == 2 and "summary.json: not valid JSON" in proc.stderr

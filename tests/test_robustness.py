@@ -253,6 +253,15 @@ def check_distilled_artifact(run: Path, copy: Path) -> None:
     assert float((ensemble.predict(test.X) == labels).mean()) == pytest.approx(
         switched["test_accuracy"], abs=1e-9)
     assert switched["test_accuracy"] == fused["methods"]["soft_vote"]["test_accuracy"]
+    shown = run_cli("report", copy)
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[1].strip().split(":")[0]: line for line in shown.stderr.splitlines()
+            if line.startswith("│ fused")}
+    assert set(rows) == {"fused, soft_vote", "fused, distill"}
+    assert "yes" in rows["fused, soft_vote"] and "yes" not in rows["fused, distill"]
+    assert f"{student['test_accuracy']:.4f}" in rows["fused, distill"]
+    gain = 100 * (switched["test_accuracy"] - fused["best_member_test_accuracy"])
+    assert f"served predictor vs the best member: {gain:+.1f} points" in shown.stderr
 
 
 @pytest.mark.slow
