@@ -30,6 +30,7 @@ Message layout (all keys fixed):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from fedfuse.secagg import Quantizer, encode_update
 from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.models import load_model
+from fedfuse.replay import ReplayStore, request_key
 from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
                              open_ledger, plan_round, report)
 from fedfuse.sites import Site
@@ -94,6 +96,14 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         store = ledger_store_for(site.state_dir, context)
         ledger = open_ledger(store, request, len(site.train))
         plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
+        replays = None if site.state_dir is None else ReplayStore(site.state_dir / "replay")
+        key = request_key(msg.content["arrays"], cfg)
+        if replays is not None and (stored := replays.load(key)) is not None:
+            state, metrics = stored  # this very request was trained and charged before
+            model.load_state_dict(state)
+            reply = _train_reply(msg, context, site, model, LoopResult(**metrics), seed)
+            reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
+            return reply
         if plan.exhausted:
             ledger.refused_rounds.append(int(cfg["server-round"]))
             store.save(ledger)
@@ -107,6 +117,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
         ledger.history = [tuple(h) for h in engine.accountant.history]
         store.save(ledger)  # spent before the update leaves the site
+        if replays is not None:
+            replays.save(key, model.state_dict(), asdict(result))
         reply = _train_reply(msg, context, site, model, result, seed)
         reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
         return reply

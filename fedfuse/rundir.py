@@ -18,7 +18,8 @@ Layout::
     model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
     summary.json           the run's figures (see ``build_summary``)
-    sites/client-<i>/      a simulated client's privacy ledger (runs with DP)
+    sites/client-<i>/      a simulated client's privacy ledger (runs with DP), and while
+                           the run is in progress its replay store (``fedfuse.replay``)
     checkpoints/           while the run is in progress only: the newest round states
 """
 
@@ -127,6 +128,8 @@ class RunDirectory:
                  tb: TracebackType | None) -> None:
         if exc_type is None:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
+            for replays in self.path.glob("sites/*/replay"):  # only a resume needs them
+                shutil.rmtree(replays, ignore_errors=True)
             os.rename(self.path, self.final)
             self.path = self.final
         elif not any(self.checkpoints.glob("round-*.ckpt")):

@@ -156,6 +156,10 @@ def final_models(run: Path) -> dict[str, np.ndarray]:
 
 
 RESUME_EXTRAS = """
+[privacy]
+mode = "sample"
+target_epsilon = 8.0
+
 [fusion]
 method = "distill"
 unlabeled_fraction = 0.5
@@ -167,9 +171,10 @@ distill_steps = 150
 def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     """Killed with SIGKILL after round 3's checkpoint, with that checkpoint then
     corrupted: the resume warns, goes back to round 2, and ends with the same cohort
-    models as an uninterrupted run (within 1e-6), under secure aggregation and with
-    server momentum, whose state is in the checkpoint. Both runs then distil the same
-    student (FedDF fusion), which is the artifact served."""
+    models as an uninterrupted run (within 1e-6), under secure aggregation, DP-SGD and
+    server momentum, whose state is in the checkpoint; no site's ledger is charged twice
+    for a repeated round. Both runs then distil the same student (FedDF fusion), which
+    is the artifact served."""
     scenario = tmp_path / "resume.toml"
     scenario.write_text(RESUME_SCENARIO.replace("local_epochs = 1",
                                                 "local_epochs = 1\nserver_momentum = 0.5")
@@ -208,11 +213,28 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     history = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [int(line.split('"round": ')[1].split(",")[0]) for line in history] == [1, 2, 3, 4]
     assert not (out / "checkpoints").exists()
+    # rounds 3 and 4 were trained before the kill and requested again after the resume:
+    # each site answered from its replay store, so no round is charged twice
+    straight_ledgers = ledgers(tmp_path / "straight")
+    assert ledgers(out) == straight_ledgers and len(straight_ledgers) == 6
+    assert not list(out.glob("sites/*/replay"))  # needed only while the run can resume
+    assert all(steps > 0 for steps, _ in straight_ledgers.values())
     check_distilled_artifact(tmp_path / "straight", tmp_path / "rebuilt")
     test = run_test_split(out)
     np.testing.assert_allclose(FusedPredictor.load(out / "model").predict_proba(test.X),
                                FusedPredictor.load(tmp_path / "straight" / "model")
                                .predict_proba(test.X), atol=1e-5, rtol=0)
+
+
+def ledgers(run: Path) -> dict[str, tuple[int, float]]:
+    """Each simulated site's spent steps and ε, from its ledger file in the run."""
+    from fedfuse.privacy import FileLedgerStore
+
+    found = {}
+    for path in sorted((run / "sites").glob("*/privacy-ledger.json")):
+        ledger = FileLedgerStore(path).load()
+        found[path.parent.name] = (ledger.steps, round(ledger.epsilon(), 9))
+    return found
 
 
 def check_distilled_artifact(run: Path, copy: Path) -> None:
@@ -390,3 +412,33 @@ def test_messages_expire_when_the_wait_for_their_replies_ends(task_identity):
     BoundedGrid(inner, timeout=25.0).send_and_receive([fresh], timeout=5.0)
     assert inner.timeout == 5.0
     assert fresh.metadata.created_at + fresh.metadata.ttl <= time.time() + 5.0
+
+
+def test_replay_store_keys_on_the_whole_request_and_keeps_the_newest(tmp_path: Path):
+    import torch
+    from flwr.app import ConfigRecord
+
+    from fedfuse.replay import ReplayStore, request_key
+
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
+    config = ConfigRecord({"server-round": 3, "lr": 0.5, "seed": 11})
+    key = request_key(arrays, config)
+    assert key == request_key(ArrayRecord({"w": Array(np.arange(6, dtype=np.float32)
+                                                      .reshape(2, 3))}), config)
+    other_round = ConfigRecord({"server-round": 4, "lr": 0.5, "seed": 11})
+    nudged = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3) + 1e-7)})
+    assert len({key, request_key(arrays, other_round), request_key(nudged, config)}) == 3
+
+    store = ReplayStore(tmp_path / "replay", keep=2)
+    assert store.load(key) is None
+    store.save(key, {"w": torch.ones(2, 3)}, {"loss": 0.5, "accuracy": 0.75,
+                                              "num_examples": 40})
+    state, metrics = store.load(key)
+    assert torch.equal(state["w"], torch.ones(2, 3))
+    assert metrics == {"loss": 0.5, "accuracy": 0.75, "num_examples": 40}
+    for i in range(3):
+        time.sleep(0.01)
+        store.save(f"k{i}", {"w": torch.zeros(1)}, {})
+    assert sorted(p.stem for p in (tmp_path / "replay").iterdir()) == ["k1", "k2"]
+    (tmp_path / "replay" / "k2.safetensors").write_bytes(b"\x00garbage")
+    assert store.load("k2") is None  # unreadable: the site trains (and is charged) again

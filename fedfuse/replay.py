@@ -1,0 +1,71 @@
+"""A site's recent DP-trained updates, kept so that a repeated request is answered
+without training, and without charging the site's privacy ledger, again.
+
+A coordinator resumed from a checkpoint repeats the rounds after it. A site that had
+already trained one of them would train again and its ledger would charge a second
+DP-SGD release for the same round, which can stop the site a round early. Answering
+with the stored update instead sends the same mechanism output twice, which costs no
+more privacy than sending it once.
+
+An entry is keyed by everything the output depends on (the received weights and the
+round's whole configuration, which carries the round number and the seed), and it is
+written only after the ledger has recorded the charge, so no uncharged update is ever
+stored. An unreadable entry is treated as absent: the site trains again, which is the
+safe side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+from fedfuse.atomic import atomic_write_bytes
+
+
+def request_key(arrays: ArrayRecord, config: ConfigRecord) -> str:
+    """SHA-256 over the configuration (as sorted JSON) and every received tensor's name,
+    dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: config[k] for k in sorted(config.keys())},
+                                  sort_keys=True, default=str).encode())
+    for name, array in arrays.items():
+        values = array.numpy()
+        h.update(f"{name}|{values.dtype}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    return h.hexdigest()
+
+
+class ReplayStore:
+    """The newest ``keep`` trained updates as ``<directory>/<key>.safetensors``."""
+
+    def __init__(self, directory: Path, keep: int = 4) -> None:
+        self.directory = directory
+        self.keep = keep
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The trained weights and training metrics stored for ``key``, if any."""
+        path = self.directory / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as fh:
+                metrics = json.loads(fh.metadata()["metrics"])
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            return None
+        return state, metrics
+
+    def save(self, key: str, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = safetensors_save({k: v.detach().contiguous() for k, v in state.items()},
+                                metadata={"metrics": json.dumps(metrics)})
+        atomic_write_bytes(self.directory / f"{key}.safetensors", data)
+        entries = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-self.keep]:
+            old.unlink(missing_ok=True)
