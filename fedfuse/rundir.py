@@ -176,7 +176,8 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
     """The run's headline figures. ``secure_aggregation`` is true only when every cohort
     update the coordinator applied came out of a secure sum (and at least one did).
     ``label_skew`` is known in simulation only (a deployment's partition is the sites'
-    own data), so a deployed run's ``partition`` is null."""
+    own data), so a deployed run (``label_skew`` None) has ``deployment`` true and a
+    null ``partition``."""
     last = result.history[-1]["cohorts"]
     cohorts = {
         arch: {"clients": len(c.members), "test_accuracy": last[arch]["test_accuracy"],
@@ -190,6 +191,7 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
         "seed": cfg.seed,
         "rounds": len(result.history),
         "clients": len(result.members),
+        "deployment": label_skew is None,
         "partition": None if label_skew is None else {
             "method": cfg.partition.method, "alpha": cfg.partition.alpha,
             "label_skew": round(label_skew, 4)},

@@ -72,14 +72,17 @@ def plan_federation(cfg: FedfuseConfig) -> Plan:
 
 
 def run_test_split(run_dir: Path) -> Dataset:
-    """The coordinator's test split of a finished run, rebuilt from its ``config.toml``
-    (the split is a function of the data, the partition and fusion settings and the
-    seed)."""
-    config = run_dir / "config.toml"
+    """The coordinator's test split of a finished run, rebuilt from its ``config.toml``:
+    in simulation the held-out share of the data set (a function of the data, the
+    partition settings and the seed), in a deployment (``summary.json`` says which) the
+    coordinator's whole data file; less the distillation transfer inputs, if any."""
+    config, summary = run_dir / "config.toml", run_dir / "summary.json"
     if not config.is_file():
         raise FedfuseError(f"{run_dir}: not a run directory (config.toml is missing)")
     cfg = load_config(config)
-    return split_transfer(plan_federation(cfg).test, cfg.fusion.unlabeled_fraction, cfg.seed)[0]
+    deployed = summary.is_file() and json.loads(summary.read_text()).get("deployment", False)
+    held_out = load_dataset(cfg.data) if deployed else plan_federation(cfg).test
+    return split_transfer(held_out, cfg.fusion.unlabeled_fraction, cfg.seed)[0]
 
 
 def simulated_site(cfg: FedfuseConfig, partition_id: int,

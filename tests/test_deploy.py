@@ -23,6 +23,7 @@ from fedfuse.deploy.certs import CertsDir, check_server_certificate, init_certs
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.site import probe_coordinator
 from fedfuse.errors import FedfuseError
+from fedfuse.sites import run_test_split
 from tests.conftest import FEDFUSE, ROOT, free_port, run_cli, stop_process
 
 SCENARIO = """
@@ -187,6 +188,7 @@ def test_three_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federat
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 4 and summary["secure_aggregation"] is True
+    assert summary["deployment"] is True and summary["partition"] is None
     assert summary["privacy"]["mode"] == "sample"
     assert summary["privacy"]["max_epsilon"] <= 8.0 * 1.0001
     history = recorded_rounds(out)
@@ -204,6 +206,7 @@ def test_three_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federat
     predictor = FusedPredictor.load(out / "model")
     test = np.load(tmp / "data" / "test.npz")
     accuracy = float((predictor.predict(test["X"]) == test["y"].astype(str)).mean())
+    assert len(run_test_split(out)) == len(test["y"])  # what `fuse` and `query --run` use
     assert accuracy == pytest.approx(summary["fused"]["test_accuracy"], abs=1e-9)
     assert accuracy > 0.6
 

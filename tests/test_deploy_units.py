@@ -138,3 +138,25 @@ def test_every_exchange_is_bounded_by_round_timeout():
     members, _ = coordinator({11: "a"}).discover(bounded)
     assert members and grid.timeouts == [12.5]
     assert bounded.get_node_ids() == [11]
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.0, 40), (0.25, 30)])
+def test_a_deployed_runs_test_split_is_the_coordinators_whole_file(tmp_path: Path,
+                                                                   fraction, expected):
+    """`fedfuse fuse` and `query --run` rescore a deployed run on the data its coordinator
+    held (less the transfer inputs), not on a simulated partition of that file."""
+    from fedfuse.sites import run_test_split
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", X=rng.normal(size=(40, 5)).astype(np.float32),
+             y=np.arange(40) % 3)
+    cfg = config_from_dict({"name": "deployed", "data": {"source": str(tmp_path / "test.npz")},
+                            "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+                            "fusion": {"unlabeled_fraction": fraction}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(cfg.to_toml())
+    (run / "summary.json").write_text(json.dumps({"deployment": True}))
+    assert len(run_test_split(run)) == expected
+    (run / "summary.json").write_text(json.dumps({"deployment": False}))
+    assert len(run_test_split(run)) < expected  # a simulation holds out only a share
