@@ -32,12 +32,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# every benchmark, one after the other (about 25 min on 2 cores); each rewrites its table
+# every benchmark, one after the other (about 30 min on 2 cores); each rewrites its table
 # in docs/ and its JSON in simulations/bench/results/
 bench: $(STAMP)
 	$(BIN)/python simulations/bench/scale.py
 	$(BIN)/python simulations/bench/secagg.py
 	$(BIN)/python simulations/bench/privacy.py
+	$(BIN)/python simulations/bench/fusion.py
 	$(BIN)/python simulations/bench/serve.py
 
 clean:
