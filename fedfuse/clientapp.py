@@ -96,8 +96,10 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         store = ledger_store_for(site.state_dir, context)
         ledger = open_ledger(store, request, len(site.train))
         plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
-        replays = None if site.state_dir is None else ReplayStore(site.state_dir / "replay")
-        key = request_key(msg.content["arrays"], cfg)
+        replays, key = None, ""
+        if site.state_dir is not None:  # without a state directory nothing outlives a crash
+            replays = ReplayStore(site.state_dir / "replay")
+            key = request_key(msg.content["arrays"], cfg)
         if replays is not None and (stored := replays.load(key)) is not None:
             state, metrics = stored  # this very request was trained and charged before
             model.load_state_dict(state)

@@ -123,10 +123,15 @@ class FusionResult:
     student: StudentResult | None = None
 
     @property
+    def served_student(self) -> StudentResult | None:
+        """The student when it is the predictor served, else None (the soft vote is)."""
+        return self.student if self.method == "distill" else None
+
+    @property
     def fused_test_accuracy(self) -> float:
         """Test accuracy of the predictor that is served."""
-        return self.student.test_accuracy if self.method == "distill" and self.student \
-            else self.test_accuracy
+        served = self.served_student
+        return self.test_accuracy if served is None else served.test_accuracy
 
     def with_student(self, student: StudentResult, requested: str) -> FusionResult:
         return replace(self, student=student,

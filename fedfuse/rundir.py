@@ -211,8 +211,8 @@ def fused_summary(fusion: FusionResult, cohorts: dict[str, Any]) -> dict[str, An
     return {
         "method": fusion.method,
         "test_accuracy": fusion.fused_test_accuracy,
-        "weights": ({fusion.student.arch: 1.0} if fusion.method == "distill" and fusion.student
-                    else scores["soft_vote"]["weights"]),
+        "weights": (scores["soft_vote"]["weights"] if fusion.served_student is None
+                    else {fusion.served_student.arch: 1.0}),
         "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
         "methods": scores,
     }
@@ -271,8 +271,8 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
                 semver: str = "1.0.0") -> dict[str, Any]:
     """The fused artifact of the method ``fusion`` serves: the soft vote over
     ``members``, or the distilled student alone (weight 1)."""
-    student = fusion.student
-    if fusion.method == "distill" and student is not None:
+    student = fusion.served_student
+    if student is not None:
         clients = sum(m.cohort_clients for m in members)
         return write_artifact(
             directory, members=[Member(student.arch, student.state, clients,
