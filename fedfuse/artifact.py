@@ -4,6 +4,7 @@ Layout of an artifact directory::
 
     manifest.json                 canonical JSON (sorted keys, 2-space indent)
     members/<arch>.safetensors    each member's weights (no pickle anywhere)
+    head.safetensors              the stacking head (fusion method "stack" only)
 
 The manifest lists the SHA-256 of every other file, and ``content_sha256`` hashes the
 manifest's own content (all keys but ``content_sha256`` and ``model_version``). The
@@ -33,9 +34,11 @@ from fedfuse.atomic import atomic_write_bytes
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.models import count_parameters, get_architecture, load_model
+from fedfuse.stacking import HEAD, StackedModel, load_head
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+HEAD_FILE = "head.safetensors"
 
 
 class ArtifactError(FedfuseError):
@@ -83,10 +86,17 @@ def content_hash(manifest: Mapping[str, Any]) -> str:
 def write_artifact(directory: Path, *, members: list[Member], weights: np.ndarray,
                    method: str, schema: DataSchema, fusion_fit: dict[str, Any],
                    privacy: dict[str, Any], fused_test_accuracy: float | None,
-                   semver: str = "1.0.0") -> dict[str, Any]:
-    """Write members and manifest into ``directory`` (member files first, manifest last)."""
+                   semver: str = "1.0.0",
+                   head: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write members (and the stacking ``head``) and the manifest into ``directory``
+    (weight files first, manifest last)."""
     (directory / "members").mkdir(parents=True, exist_ok=True)
     files, entries = {}, []
+    if head is not None:
+        data = safetensors_save({k: v.contiguous() for k, v in head.items()},
+                                metadata={"arch": HEAD})
+        atomic_write_bytes(directory / HEAD_FILE, data)
+        files[HEAD_FILE] = sha256(data)
     for member in members:
         rel = f"members/{member.arch}.safetensors"
         data = safetensors_save({k: v.contiguous() for k, v in member.state.items()},
@@ -104,7 +114,7 @@ def write_artifact(directory: Path, *, members: list[Member], weights: np.ndarra
         "members": entries,
         "fusion": {"method": method,
                    "weights": {m.arch: float(w) for m, w in zip(members, weights)},
-                   "fit": fusion_fit},
+                   "fit": fusion_fit, **({"head": HEAD_FILE} if head is not None else {})},
         "fused_test_accuracy": fused_test_accuracy,
         "privacy": privacy,
         "schema": schema.to_dict(),
@@ -147,9 +157,11 @@ def read_verified_manifest(directory: Path) -> dict[str, Any]:
 
 
 class FusedPredictor:
-    """The fused ensemble behind a schema-checked ``predict`` / ``predict_proba``."""
+    """The fused predictor behind a schema-checked ``predict`` / ``predict_proba``: the
+    weighted soft vote, the stacked members with their head, or one distilled student
+    (a single member of weight 1)."""
 
-    def __init__(self, manifest: dict[str, Any], model: FusedModel) -> None:
+    def __init__(self, manifest: dict[str, Any], model: nn.Module) -> None:
         self.manifest = manifest
         self.model = model.eval()
         self.schema = DataSchema.from_dict(manifest["schema"])
@@ -168,6 +180,10 @@ class FusedPredictor:
         for entry in manifest["members"]:
             state = safetensors_load((directory / entry["file"]).read_bytes())
             members.append(load_model(entry["arch"], schema, state))
+        if manifest["fusion"]["method"] == HEAD:
+            head = load_head(safetensors_load((directory / manifest["fusion"]["head"])
+                                              .read_bytes()))
+            return cls(manifest, nn.Sequential(StackedModel(members, head), nn.Softmax(dim=1)))
         weights = np.array([manifest["fusion"]["weights"][e["arch"]]
                             for e in manifest["members"]])
         return cls(manifest, FusedModel(members, weights))

@@ -93,6 +93,8 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
         for method, score in methods.items():
             if method == "soft_vote":
                 how = ", ".join(f"{a} {w:.2f}" for a, w in score["weights"].items())
+            elif method == "stack":
+                how = f"head trained {score['rounds']} rounds"
             else:
                 how = f"{score['student']} from {score['transfer_examples']} unlabeled"
             served = method == f["method"]
@@ -136,15 +138,15 @@ def fuse(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     version: Annotated[str, typer.Option(help="semantic version for the artifact")] = "1.0.0",
     method: Annotated[Optional[str], typer.Option(
-        help="auto, soft_vote or distill; default: the run's fusion.method")] = None,
+        help="auto, soft_vote, stack or distill; default: the run's fusion.method")] = None,
 ) -> None:
     """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
     from fedfuse.refuse import fuse_run
 
     try:
-        if method not in (None, "auto", "soft_vote", "distill"):
-            raise FedfuseError(f"--method {method!r}: expected 'auto', 'soft_vote' or "
-                               "'distill'")
+        if method not in (None, "auto", "soft_vote", "stack", "distill"):
+            raise FedfuseError(f"--method {method!r}: expected 'auto', 'soft_vote', "
+                               "'stack' or 'distill'")
         manifest = fuse_run(run_dir, version, method)
     except FedfuseError as exc:
         _fail(exc)

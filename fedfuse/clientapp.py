@@ -20,7 +20,11 @@ Message layout (all keys fixed):
           "secagg": the protocol stages of ``fedfuse.secagg.client``.
 - evaluate <- ArrayRecord "arrays" -> MetricRecord "metrics" {num-examples, val-loss,
              val-accuracy}
+- train with ConfigRecord "stack" {members} and ArrayRecord "member/<arch>" per member:
+             the same, for the stacking head in "arrays" on the members' probabilities
+             (``fedfuse.stacking``)
 - query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}
+             (a member "stack" is the stacking head over the members in "stack")
              -> ArrayRecord "stats" {A, b} (Brier sufficient statistics of the members on
              the validation split, see ``fedfuse.fusion``), MetricRecord "metrics"
              {num-examples}; under secure aggregation (a "secagg" record in the
@@ -48,6 +52,7 @@ from fedfuse.replay import ReplayStore, request_key
 from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
                              open_ledger, plan_round, report)
 from fedfuse.sites import Site
+from fedfuse.stacking import HEAD, StackedModel, load_head, stack_features
 from fedfuse.stats import local_moments
 from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
                               train_epochs)
@@ -81,12 +86,11 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         torch.set_num_threads(threads)
         site = site_of(context)
         cfg = msg.content["config"]
-        model = load_model(site.arch, site.train.schema,
-                           msg.content["arrays"].to_torch_state_dict())
+        model, X = _trainee(msg, site)
         seed = int(cfg["seed"]) + 7919 * site.index
         torch.manual_seed(seed)
         batch_size, epochs = int(cfg["batch-size"]), int(cfg["local-epochs"])
-        loader = make_loader(site.train.X, site.train.y, batch_size, seed=seed)
+        loader = make_loader(X, site.train.y, batch_size, seed=seed)
         optimizer = make_optimizer(model, float(cfg["lr"]), float(cfg["momentum"]),
                                    float(cfg["weight-decay"]))
         request = PrivacyRequest.from_config(cfg)
@@ -141,11 +145,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def fusion_statistics(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
-        probas = []
-        for arch in msg.content["fusion"]["members"]:
-            model = load_model(str(arch), site.train.schema,
-                               msg.content[f"member/{arch}"].to_torch_state_dict())
-            probas.append(predict_proba(model, site.val.X))
+        probas = [predict_proba(model, site.val.X) for model in _member_models(
+            msg, site, [str(a) for a in msg.content["fusion"]["members"]])]
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:
             return _masked_reply(msg, context, encode_fixed(
@@ -169,6 +170,31 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
                                                 str(context.node_id)))
 
     return app
+
+
+def _member_models(msg: Message, site: Site, names: list[str]) -> list[torch.nn.Module]:
+    """The models named ``names`` from the message's ``member/<name>`` records; the
+    stacking head (``stack``) comes with the members listed in its "stack" record."""
+    models = []
+    for name in names:
+        state = msg.content[f"member/{name}"].to_torch_state_dict()
+        if name == HEAD:
+            members = _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
+            models.append(StackedModel(members, load_head(state)))
+        else:
+            models.append(load_model(name, site.train.schema, state))
+    return models
+
+
+def _trainee(msg: Message, site: Site) -> tuple[torch.nn.Module, np.ndarray]:
+    """What a train message trains, and on which inputs: the site's cohort model on its
+    training split; or, when the message carries a "stack" record, the stacking head
+    on the members' probabilities for that split (``fedfuse.stacking``)."""
+    state = msg.content["arrays"].to_torch_state_dict()
+    if HEAD not in msg.content:
+        return load_model(site.arch, site.train.schema, state), site.train.X
+    members = _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
+    return load_head(state), stack_features(members, site.train.X)
 
 
 def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:

@@ -268,12 +268,14 @@ class RobustnessConfig:
 class FusionConfig:
     """How the cohort models become one predictor (see docs/architecture.md, "Fusion")."""
 
-    method: Literal["auto", "soft_vote", "distill"] = "auto"
+    method: Literal["auto", "soft_vote", "stack", "distill"] = "auto"
     """``soft_vote``: the members' probabilities averaged with weights fitted on the
-    sites' validation statistics. ``distill``: one student model taught by that soft
-    vote on the coordinator's unlabeled transfer data (FedDF), for single-model
-    serving. ``auto``: whichever of the two has the lower Brier score on the sites'
-    validation data (soft vote alone when there is no transfer data)."""
+    sites' validation statistics. ``stack``: a logistic-regression head over the
+    members' probabilities, trained by FedAvg (and DP-SGD under DP) on the sites'
+    training splits for ``stacking_rounds``. ``distill``: one student model taught by
+    the soft vote on the coordinator's unlabeled transfer data (FedDF), for
+    single-model serving. ``auto``: whichever of those that ran has the lowest Brier
+    score on the sites' validation data."""
     unlabeled_fraction: float = 0.0
     """Share of the coordinator's held-out data used, without its labels, as the
     distillation transfer set; the rest stays the test split. 0 disables distillation."""
@@ -285,6 +287,12 @@ class FusionConfig:
     distill_lr: float = 1e-3
     temperature: float = 1.0
     """Softening T of teacher and student distributions (the loss is scaled by T^2)."""
+    stacking_rounds: int = 0
+    """FedAvg rounds that train the stacking head (0: no stacking). Under DP each is
+    one more private round on every site's training split, planned into the noise
+    calibration with the training rounds."""
+    stacking_lr: float = 0.5
+    """Learning rate of the head's local SGD."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.unlabeled_fraction < 1.0, "unlabeled_fraction",
@@ -294,10 +302,22 @@ class FusionConfig:
                f"must be a finite number > 0, got {self.distill_lr}")
         _check(math.isfinite(self.temperature) and self.temperature > 0.0, "temperature",
                f"must be a finite number > 0, got {self.temperature}")
+        _check(self.stacking_rounds >= 0, "stacking_rounds", "must be >= 0")
+        _check(math.isfinite(self.stacking_lr) and self.stacking_lr > 0.0, "stacking_lr",
+               f"must be a finite number > 0, got {self.stacking_lr}")
+        if self.method == "stack" and self.stacking_rounds == 0:
+            raise ConfigError("stacking_rounds", "method \"stack\" needs rounds to train "
+                              "the head: set e.g. stacking_rounds = 10")
         if self.method == "distill" and self.unlabeled_fraction == 0.0:
             raise ConfigError("unlabeled_fraction", "method \"distill\" needs "
                               "transfer data: set a share of the coordinator's held-out "
                               "data, e.g. unlabeled_fraction = 0.5")
+
+
+    @property
+    def stacks(self) -> bool:
+        """Whether the run trains a stacking head (``stack`` or ``auto`` with rounds)."""
+        return self.stacking_rounds > 0 and self.method in ("auto", "stack")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Fusion of the cohort models: weighted soft voting, with weights fitted from the sites'
-aggregate statistics only, and the choice between it and a distilled student.
+aggregate statistics only, and the choice between it, a stacking head
+(``fedfuse.stacking``) and a distilled student (``fedfuse.distill``).
 
 For M members with class probabilities ``p_m(x)`` (vectors over K classes), the fused
 predictor is ``q_w(x) = sum_m w_m p_m(x)`` with ``w`` on the simplex (``w >= 0``,
@@ -64,21 +65,22 @@ def member_briers(A: np.ndarray, b: np.ndarray, n: float) -> np.ndarray:
     return (np.diag(A) - 2 * b + n) / n
 
 
-def choose_method(requested: str, soft_vote_brier: float, student_brier: float | None) -> str:
-    """The method whose predictor is served: ``soft_vote`` when there is no student;
-    for ``auto``, ``distill`` only if the student's validation Brier score is strictly
-    lower than the soft vote's; otherwise ``requested``."""
-    if student_brier is None:
-        return "soft_vote"
+def choose_method(requested: str, briers: dict[str, float]) -> str:
+    """The method whose predictor is served, from each available method's validation
+    Brier score (``soft_vote`` is always available). ``auto``: the lowest score, a tie
+    going to the earlier of soft_vote, stack, distill. A requested method that did not
+    run (no site scored it) falls back to ``soft_vote``."""
     if requested == "auto":
-        return "distill" if student_brier < soft_vote_brier else "soft_vote"
-    return requested
+        order = [m for m in ("soft_vote", "stack", "distill") if m in briers]
+        return min(order, key=lambda m: (briers[m], order.index(m)))
+    return requested if requested in briers else "soft_vote"
 
 
 @dataclass(frozen=True)
-class StudentResult:
-    """The distilled student (``fedfuse.distill``) and its scores: ``A`` and ``b`` are its
-    summed Brier statistics over the sites' validation splits."""
+class ScoredModel:
+    """One model the sites scored like a member: the distilled student (``arch`` is a
+    cohort's) or the stacking head (``arch`` is ``stack``). ``A`` and ``b`` are its summed
+    Brier statistics over the sites' validation splits."""
 
     arch: str
     state: dict[str, Any]
@@ -89,7 +91,8 @@ class StudentResult:
     val_brier: float
     test_accuracy: float
     fit: dict[str, Any]
-    """How distillation went: steps, best_step, holdout_kl, start_kl, transfer_examples."""
+    """How it was fitted (distillation: steps, best_step, holdout_kl, start_kl,
+    transfer_examples; stacking: rounds, lr, train_loss per round)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "A": self.A, "b": self.b, "num_examples": self.num_examples,
@@ -97,7 +100,7 @@ class StudentResult:
                 "fit": self.fit}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], state: dict[str, Any]) -> StudentResult:
+    def from_dict(cls, d: dict[str, Any], state: dict[str, Any]) -> ScoredModel:
         return cls(str(d["arch"]), state, float(d["A"]), float(d["b"]),
                    int(d["num_examples"]), float(d["val_brier"]), float(d["test_accuracy"]),
                    dict(d["fit"]))
@@ -106,8 +109,8 @@ class StudentResult:
 @dataclass(frozen=True)
 class FusionResult:
     """Soft-vote weights fitted from the sites' summed Brier statistics (A, b, N), the
-    soft vote's scores, and the distilled student where there is one. ``method`` is the
-    one served: ``soft_vote`` or ``distill``."""
+    soft vote's scores, and the stacking head and distilled student where they were
+    made. ``method`` is the one served: ``soft_vote``, ``stack`` or ``distill``."""
 
     method: str
     members: list[str]
@@ -120,28 +123,44 @@ class FusionResult:
     test_accuracy: float
     """The soft vote's accuracy on the coordinator's test split."""
     sites: int
-    student: StudentResult | None = None
+    student: ScoredModel | None = None
+    stack: ScoredModel | None = None
 
     @property
-    def served_student(self) -> StudentResult | None:
-        """The student when it is the predictor served, else None (the soft vote is)."""
-        return self.student if self.method == "distill" else None
+    def candidates(self) -> dict[str, ScoredModel]:
+        """The single-model methods that ran: ``stack`` and ``distill``."""
+        found = {"stack": self.stack, "distill": self.student}
+        return {m: c for m, c in found.items() if c is not None}
+
+    @property
+    def served_model(self) -> ScoredModel | None:
+        """The stacking head or the student when it is served, else None (the soft vote
+        is)."""
+        return self.candidates.get(self.method)
 
     @property
     def fused_test_accuracy(self) -> float:
         """Test accuracy of the predictor that is served."""
-        served = self.served_student
+        served = self.served_model
         return self.test_accuracy if served is None else served.test_accuracy
 
-    def with_student(self, student: StudentResult, requested: str) -> FusionResult:
-        return replace(self, student=student,
-                       method=choose_method(requested, self.val_brier, student.val_brier))
+    def with_candidates(self, requested: str, *, student: ScoredModel | None = None,
+                        stack: ScoredModel | None = None) -> FusionResult:
+        """This result with the given student and head, serving ``requested``'s choice."""
+        out = replace(self, student=student or self.student, stack=stack or self.stack)
+        briers = {"soft_vote": self.val_brier,
+                  **{m: c.val_brier for m, c in out.candidates.items()}}
+        return replace(out, method=choose_method(requested, briers))
 
     def scores(self) -> dict[str, dict[str, Any]]:
         """Every method's validation Brier score and test accuracy, side by side."""
         out: dict[str, dict[str, Any]] = {"soft_vote": {
             "val_brier": self.val_brier, "test_accuracy": self.test_accuracy,
             "weights": dict(zip(self.members, map(float, self.weights)))}}
+        if self.stack is not None:
+            out["stack"] = {"val_brier": self.stack.val_brier,
+                            "test_accuracy": self.stack.test_accuracy,
+                            "rounds": self.stack.fit["rounds"]}
         if self.student is not None:
             out["distill"] = {"val_brier": self.student.val_brier,
                               "test_accuracy": self.student.test_accuracy,
@@ -154,7 +173,8 @@ class FusionResult:
                 "weights": self.weights.tolist(), "A": self.A.tolist(), "b": self.b.tolist(),
                 "num_examples": self.num_examples, "val_brier": self.val_brier,
                 "test_accuracy": self.test_accuracy, "sites": self.sites,
-                "student": None if self.student is None else self.student.to_dict()}
+                "student": None if self.student is None else self.student.to_dict(),
+                "stack": None if self.stack is None else self.stack.to_dict()}
 
     @classmethod
     def fit(cls, members: list[str], A: np.ndarray, b: np.ndarray, num_examples: int,
@@ -167,11 +187,14 @@ class FusionResult:
                    brier_score(A, b, num_examples, weights), acc, sites)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any],
-                  student_state: dict[str, Any] | None = None) -> FusionResult:
-        student = d.get("student")
+    def from_dict(cls, d: dict[str, Any], states: dict[str, dict[str, Any]] | None = None
+                  ) -> FusionResult:
+        """A result read back; ``states`` holds the weights of "student" and "stack"."""
+        states = states or {}
+        scored = {key: None if d.get(key) is None else
+                  ScoredModel.from_dict(d[key], states.get(key, {}))
+                  for key in ("student", "stack")}
         return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
                    np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
                    float(d["val_brier"]), float(d["test_accuracy"]), int(d["sites"]),
-                   None if student is None else StudentResult.from_dict(student,
-                                                                         student_state or {}))
+                   **scored)

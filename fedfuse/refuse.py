@@ -1,7 +1,8 @@
 """``fedfuse fuse RUN_DIR``: rebuild a run's fused artifact from what the run kept.
 
-Inputs are the cohort models (``cohorts/*.safetensors``), the distilled student if the
-run made one (``student.safetensors``) and the sites' summed validation statistics
+Inputs are the cohort models (``cohorts/*.safetensors``), the stacking head and the
+distilled student if the run made them (``stack_head.safetensors``,
+``student.safetensors``) and the sites' summed validation statistics
 (``fusion_stats.json``), so no site is contacted again. The weights are refitted
 from those sums, the fused model is re-scored on the coordinator's test split, and the new
 ``model/`` replaces the old one only once it is complete.
@@ -23,10 +24,11 @@ from fedfuse.artifact import Member
 from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
 from fedfuse.models import load_model
-from fedfuse.rundir import fused_summary, write_model
+from fedfuse.rundir import SCORED_FILES, fused_summary, write_model
 from fedfuse.config import load_config
 from fedfuse.fusion import FusionResult
 from fedfuse.sites import run_test_split
+from fedfuse.stacking import StackedModel, load_head
 from fedfuse.training import evaluate, predict_proba
 
 
@@ -44,10 +46,13 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
         raise FedfuseError(f"{run_dir}: the run has no distilled student (it ran with "
                            "fusion.unlabeled_fraction = 0 or no site scored the student); "
                            "choose --method soft_vote")
-    student_state = None
-    if saved.get("student"):
-        student_state = load_weights(run_dir / "student.safetensors", run_dir)
-    stats = FusionResult.from_dict(saved, student_state)
+    if method == "stack" and not saved.get("stack"):
+        raise FedfuseError(f"{run_dir}: the run has no stacking head (it ran with "
+                           "fusion.stacking_rounds = 0 or no site scored the head); "
+                           "choose --method soft_vote")
+    states = {key: load_weights(run_dir / SCORED_FILES[m], run_dir)
+              for key, m in (("student", "distill"), ("stack", "stack")) if saved.get(key)}
+    stats = FusionResult.from_dict(saved, states)
     test = run_test_split(run_dir)
     members, probas = [], []
     for arch in stats.members:
@@ -57,12 +62,18 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
         members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
                               stats.sites, probas, test.y)
+    rescored = {}
+    if stats.stack is not None:
+        model = StackedModel([load_model(m.arch, test.schema, m.state) for m in members],
+                             load_head(stats.stack.state))
+        rescored["stack"] = replace(stats.stack,
+                                    test_accuracy=evaluate(model, test.X, test.y).accuracy)
     if stats.student is not None:
         model = load_model(stats.student.arch, test.schema, stats.student.state)
-        student = replace(stats.student,
-                          test_accuracy=evaluate(model, test.X, test.y).accuracy)
-        fusion = fusion.with_student(
-            student, method or load_config(run_dir / "config.toml").fusion.method)
+        rescored["student"] = replace(stats.student,
+                                      test_accuracy=evaluate(model, test.X, test.y).accuracy)
+    fusion = fusion.with_candidates(
+        method or load_config(run_dir / "config.toml").fusion.method, **rescored)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
         manifest = write_model(partial, test.schema, fusion, members,

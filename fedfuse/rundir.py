@@ -13,7 +13,9 @@ Layout::
     privacy.json           each client's ε, δ, σ, sample rate, steps (runs with DP)
     cohorts/<arch>.safetensors   final cohort models (arch and schema in the metadata)
     fusion_stats.json      the sites' summed Brier statistics (A, b, N), fitted weights,
-                           and the distilled student's statistics and fit (if any)
+                           and the stacking head's and distilled student's statistics and
+                           fit (if any)
+    stack_head.safetensors the stacking head (``fusion.stacking_rounds`` > 0)
     student.safetensors    the distilled student (``fusion.unlabeled_fraction`` > 0)
     model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
@@ -43,6 +45,7 @@ from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion import FusionResult
+from fedfuse.stacking import member_shares
 from fedfuse.serverapp import FederationResult
 from fedfuse.serverapp import Member as Client
 
@@ -207,15 +210,28 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
 def fused_summary(fusion: FusionResult, cohorts: dict[str, Any]) -> dict[str, Any]:
     """The served method and its test accuracy, its artifact weights, and every method
     beside the best member (FedAvg's best single model)."""
-    scores = fusion.scores()
     return {
         "method": fusion.method,
         "test_accuracy": fusion.fused_test_accuracy,
-        "weights": (scores["soft_vote"]["weights"] if fusion.served_student is None
-                    else {fusion.served_student.arch: 1.0}),
+        "weights": served_weights(fusion),
         "best_member_test_accuracy": max(c["test_accuracy"] for c in cohorts.values()),
-        "methods": scores,
+        "methods": fusion.scores(),
     }
+
+
+SCORED_FILES = {"stack": "stack_head.safetensors", "distill": "student.safetensors"}
+"""Where a run directory keeps the stacking head and the distilled student."""
+
+
+def served_weights(fusion: FusionResult) -> dict[str, float]:
+    """Each served model's weight: the soft vote's weights; for the stacking head each
+    member's share of it (``fedfuse.stacking.member_shares``); the student alone: 1."""
+    if fusion.method == "stack" and fusion.stack is not None:
+        shares = member_shares(fusion.stack.state["weight"].numpy(), len(fusion.members))
+        return dict(zip(fusion.members, map(float, shares)))
+    if fusion.method == "distill" and fusion.student is not None:
+        return {fusion.student.arch: 1.0}
+    return dict(zip(fusion.members, map(float, fusion.weights)))
 
 
 def plot_accuracy(history: list[dict[str, Any]], path: Path) -> None:
@@ -256,9 +272,8 @@ def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationR
     federation."""
     assert result.fusion is not None
     atomic_write_json(run_path / "fusion_stats.json", result.fusion.to_dict())
-    if result.fusion.student is not None:
-        save_weights(run_path / "student.safetensors", result.fusion.student.arch,
-                     result.fusion.student.state, schema)
+    for method, scored in result.fusion.candidates.items():
+        save_weights(run_path / SCORED_FILES[method], scored.arch, scored.state, schema)
     last = result.history[-1]["cohorts"]
     members = [Member(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
                       len(result.cohorts[arch].members), last[arch]["test_accuracy"])
@@ -270,8 +285,22 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
                 members: list[Member], privacy: dict[str, Any],
                 semver: str = "1.0.0") -> dict[str, Any]:
     """The fused artifact of the method ``fusion`` serves: the soft vote over
-    ``members``, or the distilled student alone (weight 1)."""
-    student = fusion.served_student
+    ``members``, the members with the stacking head, or the distilled student alone
+    (weight 1)."""
+    weights = served_weights(fusion)
+    if fusion.method == "stack":
+        stack = fusion.stack
+        assert stack is not None
+        return write_artifact(
+            directory, members=members, weights=np.array([weights[m.arch] for m in members]),
+            method="stack", schema=schema,
+            fusion_fit={"objective": "cross_entropy", "sites": fusion.sites,
+                        "val_examples": stack.num_examples,
+                        "val_brier": round(stack.val_brier, 6),
+                        "weights": "each member's share of the head's weight norm", **stack.fit},
+            privacy=privacy, fused_test_accuracy=stack.test_accuracy, semver=semver,
+            head=stack.state)
+    student = fusion.served_model
     if student is not None:
         clients = sum(m.cohort_clients for m in members)
         return write_artifact(

@@ -35,9 +35,10 @@ from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_mask
                                    open_sessions, sizes, with_session)
 from fedfuse.stats import pooled_mean_std
 from fedfuse.distill import distill
-from fedfuse.fusion import (FusionResult, StudentResult, brier_score, fuse_proba,
+from fedfuse.fusion import (FusionResult, ScoredModel, brier_score, fuse_proba,
                              member_briers)
 from fedfuse.gates import gate_updates
+from fedfuse.stacking import HEAD, StackedModel, initial_head, load_head
 from fedfuse.strategies import CohortStrategy, cohort_strategy
 from fedfuse.training import evaluate, predict_proba
 
@@ -63,6 +64,9 @@ class Cohort:
     arrays: ArrayRecord
     lr: float
     members: list[Member] = field(default_factory=list)
+    extra: dict[str, ArrayRecord | ConfigRecord] = field(default_factory=dict)
+    """Records sent with every train message besides the model (the stacking head's
+    members)."""
 
 
 @dataclass
@@ -228,10 +232,16 @@ class Coordinator:
             p = self.cfg.privacy
             items.update(PrivacyRequest(
                 mode=p.mode, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
-                planned_rounds=self.cfg.rounds, target_epsilon=p.target_epsilon,
+                planned_rounds=self.planned_rounds, target_epsilon=p.target_epsilon,
                 noise_multiplier=p.noise_multiplier, budget=p.budget, delta=p.delta,
             ).to_config())
         return ConfigRecord(items)
+
+    @property
+    def planned_rounds(self) -> int:
+        """Private rounds each site plans its noise for: training, then stacking."""
+        f = self.cfg.fusion
+        return self.cfg.rounds + (f.stacking_rounds if f.stacks else 0)
 
     def collect_privacy(self, cohort: Cohort, replies: list[Message],
                         server_round: int) -> list[Message]:
@@ -267,6 +277,10 @@ class Coordinator:
         train_msgs = {a: list(c.strategy.configure_train(
             server_round, c.arrays, self.train_config(c, server_round), grid))
             for a, c in cohorts.items()}
+        for arch, msgs in train_msgs.items():
+            for msg in msgs:
+                for key, rec in cohorts[arch].extra.items():
+                    msg.content[key] = rec
         sessions: dict[str, SecAggSession] = {}
         failed: dict[str, str] = {}
         if secure.enabled:
@@ -324,7 +338,7 @@ class Coordinator:
                 self.cfg.robustness.max_update_norm)
             record["cohorts"][arch]["rejected"] = len(rejected)
             for r in rejected:
-                log.warning("round %d: cohort %s: update of %s rejected: %s", record["round"],
+                log.warning("round %s: cohort %s: update of %s rejected: %s", record["round"],
                             arch, names.get(r.node_id, r.node_id), r.reason)
         return gated
 
@@ -358,7 +372,7 @@ class Coordinator:
                     raise ValueError(f"it counts {total.num_examples} training examples, the "
                                      f"{len(session.u3)} clients in it reported {expected}")
             except ValueError as exc:
-                log.warning("round %d: cohort %s: the secure sum is rejected (%s): a client "
+                log.warning("round %s: cohort %s: the secure sum is rejected (%s): a client "
                             "sent a dishonest or malformed vector; the cohort keeps its model",
                             record["round"], arch, exc)
                 entry["secagg_failed"] = True
@@ -464,8 +478,9 @@ class Coordinator:
              members: list[Member]) -> FusionResult | None:
         """Every site scores every cohort model on its validation split and returns only
         the Brier statistics (A, b, N); their sums give the soft-vote weights. With
-        transfer data, a student distilled from that soft vote is scored the same way
-        and ``fusion.method`` picks the predictor to serve."""
+        ``fusion.stacking_rounds``, a stacking head is trained by FedAvg and, with
+        transfer data, a student is distilled from the soft vote; both are scored the
+        same way and ``fusion.method`` picks the predictor to serve."""
         archs = list(cohorts)
         stats = self.validation_statistics(grid, {a: cohorts[a].arrays for a in archs},
                                            members)
@@ -478,21 +493,69 @@ class Coordinator:
         log.info("fusion weights %s from %d sites (%d validation examples); test accuracy %.4f",
                  {a: round(float(w), 3) for a, w in zip(archs, fusion.weights)}, fusion.sites,
                  n, fusion.test_accuracy)
-        if self.transfer is None or self.cfg.fusion.method == "soft_vote":
-            return fusion
-        student = self.distilled_student(grid, cohorts, members, fusion)
-        if student is None:
-            log.warning("the distilled student was not scored by any site; serving the "
-                        "soft vote")
-            return fusion
-        fusion = fusion.with_student(student, self.cfg.fusion.method)
-        log.info("distilled %s student: validation Brier %.4f (soft vote %.4f), test "
-                 "accuracy %.4f; serving %s", student.arch, student.val_brier,
-                 fusion.val_brier, student.test_accuracy, fusion.method)
+        requested = self.cfg.fusion.method
+        if self.cfg.fusion.stacks:
+            stack = self.stacked_head(grid, cohorts, members, fusion)
+            if stack is None:
+                log.warning("the stacking head was not scored by any site")
+            else:
+                fusion = fusion.with_candidates(requested, stack=stack)
+                log.info("stacking head after %d rounds: validation Brier %.4f (soft vote "
+                         "%.4f), test accuracy %.4f", stack.fit["rounds"], stack.val_brier,
+                         fusion.val_brier, stack.test_accuracy)
+        if self.transfer is not None and requested in ("auto", "distill"):
+            student = self.distilled_student(grid, cohorts, members, fusion)
+            if student is None:
+                log.warning("the distilled student was not scored by any site")
+            else:
+                fusion = fusion.with_candidates(requested, student=student)
+                log.info("distilled %s student: validation Brier %.4f (soft vote %.4f), "
+                         "test accuracy %.4f", student.arch, student.val_brier,
+                         fusion.val_brier, student.test_accuracy)
+        fusion = fusion.with_candidates(requested)
+        log.info("serving %s", fusion.method)
         return fusion
 
+    def stacked_head(self, grid: Grid, cohorts: dict[str, Cohort], members: list[Member],
+                     fusion: FusionResult) -> ScoredModel | None:
+        """Federated stacking (``fedfuse.stacking``): a head over the members'
+        probabilities, started at the soft vote, trained for ``fusion.stacking_rounds``
+        FedAvg rounds over every site (secure aggregation and DP-SGD as for the
+        cohorts), then scored by the sites like a member."""
+        cfg = self.cfg.fusion
+        archs = fusion.members
+        records: dict[str, ArrayRecord | ConfigRecord] = {
+            f"member/{a}": cohorts[a].arrays for a in archs}
+        records[HEAD] = ConfigRecord({"members": archs})
+        head = initial_head(fusion.weights, self.test.schema.num_classes)
+        strategy = cohort_strategy("fedavg", HEAD, [m.node_id for m in members])
+        for node in {n for c in cohorts.values() for n in c.strategy.members
+                     if n not in c.strategy.trainers}:
+            strategy.retire(node)  # out of budget (or declared so) during training
+        group = Cohort(HEAD, strategy, ArrayRecord(head.state_dict()), cfg.stacking_lr,
+                       members, records)
+        losses = []
+        for r in range(1, cfg.stacking_rounds + 1):
+            if not strategy.trainers:
+                log.warning("stacking stops after %d rounds: no site may train", r - 1)
+                break
+            record: dict[str, Any] = {"round": f"stacking {r}", "cohorts": {}}
+            self.train_round(grid, {HEAD: group}, self.cfg.rounds + r, record)
+            losses.append(record["cohorts"][HEAD].get("train_loss"))
+        state = group.arrays.to_torch_state_dict()
+        stats = self.validation_statistics(grid, {HEAD: group.arrays}, members, records)
+        if stats is None:
+            return None
+        A, b, n, _ = stats
+        model = StackedModel([self.cohort_model(cohorts[a]) for a in archs], load_head(state))
+        return ScoredModel(HEAD, state, float(A[0, 0]), float(b[0]), n,
+                           brier_score(A, b, n, np.ones(1)),
+                           evaluate(model, self.test.X, self.test.y).accuracy,
+                           {"rounds": len(losses), "lr": cfg.stacking_lr,
+                            "train_loss": losses})
+
     def distilled_student(self, grid: Grid, cohorts: dict[str, Cohort], members: list[Member],
-                          fusion: FusionResult) -> StudentResult | None:
+                          fusion: FusionResult) -> ScoredModel | None:
         """FedDF: the soft vote teaches a copy of one cohort's model on the transfer
         inputs (``fedfuse.distill``); the sites then score the student like a member."""
         cfg = self.cfg.fusion
@@ -510,15 +573,20 @@ class Coordinator:
             return None
         A, b, n, _ = stats
         test_accuracy = evaluate(model, self.test.X, self.test.y).accuracy
-        return StudentResult(arch, state, float(A[0, 0]), float(b[0]), n,
+        return ScoredModel(arch, state, float(A[0, 0]), float(b[0]), n,
                              brier_score(A, b, n, np.ones(1)), test_accuracy,
                              asdict(report))
 
     def validation_statistics(self, grid: Grid, models: dict[str, ArrayRecord],
-                              members: list[Member]) -> Statistics | None:
+                              members: list[Member],
+                              records: dict[str, ArrayRecord | ConfigRecord] | None = None,
+                              ) -> Statistics | None:
         """The Brier statistics of ``models`` (architecture -> weights) summed over the
-        live sites' validation splits, through secure aggregation where it is on."""
-        content = RecordDict({f"member/{a}": arrays for a, arrays in models.items()})
+        live sites' validation splits, through secure aggregation where it is on;
+        ``records`` travel along (the members a stacking head needs)."""
+        content = RecordDict(dict(records or {}))
+        for a, arrays in models.items():
+            content[f"member/{a}"] = arrays
         content["fusion"] = ConfigRecord({"members": list(models)})
         live = set(grid.get_node_ids())
         nodes = [m.node_id for m in members if m.node_id in live]

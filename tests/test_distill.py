@@ -94,7 +94,8 @@ def test_member_briers_are_each_members_own_score():
     ("soft_vote", 0.30, 0.10, "soft_vote"),
 ])
 def test_the_served_method(requested, soft, student, chosen):
-    assert choose_method(requested, soft, student) == chosen
+    briers = {"soft_vote": soft, **({} if student is None else {"distill": student})}
+    assert choose_method(requested, briers) == chosen
 
 
 def test_transfer_split_is_seeded_disjoint_and_label_free(digits):
@@ -119,3 +120,15 @@ def test_fusion_config_is_checked():
         config_from_dict({**base, "fusion": {"student": "cnn"}})
     cfg = config_from_dict({**base, "fusion": {"unlabeled_fraction": 0.5}})
     assert cfg.fusion.method == "auto"
+
+
+@pytest.mark.parametrize("briers,requested,chosen", [
+    ({"soft_vote": 0.20, "stack": 0.18, "distill": 0.19}, "auto", "stack"),
+    ({"soft_vote": 0.20, "stack": 0.19, "distill": 0.18}, "auto", "distill"),
+    ({"soft_vote": 0.18, "stack": 0.18, "distill": 0.18}, "auto", "soft_vote"),
+    ({"soft_vote": 0.20, "stack": 0.18, "distill": 0.18}, "auto", "stack"),  # tie: earlier
+    ({"soft_vote": 0.10, "stack": 0.30}, "stack", "stack"),
+    ({"soft_vote": 0.10}, "stack", "soft_vote"),  # no site scored the head
+])
+def test_the_served_method_among_three(briers, requested, chosen):
+    assert choose_method(requested, briers) == chosen
