@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
 
 from fedfuse.artifact import FusedPredictor
+from fedfuse.models import load_model
+from fedfuse.sites import run_test_split
+from fedfuse.stacking import StackedModel, initial_head, load_head
 from fedfuse.privacy import default_delta, epsilon_of, steps_per_epoch
 from tests.conftest import SMALL_SCENARIO, run_cli
 
@@ -26,10 +33,17 @@ def simulate(root: Path, name: str, privacy: str, rounds: int) -> Path:
     return root / name
 
 
+STACKING_ROUNDS = 2
+
+
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory) -> Path:
+    """Three training rounds and two stacking rounds, all DP-SGD under one budget, with
+    secure aggregation; the stacking head is served."""
     return simulate(tmp_path_factory.mktemp("dp"), "dp",
-                    f'\n[privacy]\nmode = "sample"\ntarget_epsilon = {TARGET}\n', rounds=3)
+                    f'\n[privacy]\nmode = "sample"\ntarget_epsilon = {TARGET}\n'
+                    f'\n[fusion]\nmethod = "stack"\nstacking_rounds = {STACKING_ROUNDS}\n',
+                    rounds=3)
 
 
 def load(run: Path, name: str):
@@ -45,12 +59,13 @@ def test_reported_epsilon_equals_opacus_accountant(dp_run):
         n = clients[e["client_id"]]["num_train"]
         per_round = steps_per_epoch(n, 32)  # DP defaults: batch 32, one local epoch
         assert e["sample_rate"] == pytest.approx(1 / per_round)
-        assert e["steps"] <= 3 * per_round and e["steps"] >= 3 * per_round - 1
+        planned = (3 + STACKING_ROUNDS) * per_round
+        assert planned - 1 <= e["steps"] <= planned
         assert e["delta"] == default_delta(n)
         reference = RDPAccountant()
         reference.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"])]
         assert e["epsilon"] == pytest.approx(reference.get_epsilon(e["delta"]), rel=0.01)
-        # σ was calibrated so the three planned rounds spend the target, no more
+        # σ was calibrated so the 3 + 2 planned rounds spend the target, no more
         assert 0.9 * TARGET < e["epsilon"] <= TARGET
         assert e["status"] == "trained" and e["accountant"] == "rdp"
 
@@ -69,6 +84,46 @@ def test_summary_and_artifact_carry_the_privacy_figures(dp_run):
     assert privacy["max_epsilon"] == max(e["epsilon"] for e in entries)
     assert privacy["delta"] == max(e["delta"] for e in entries)
     assert FusedPredictor.load(dp_run / "model").manifest["privacy"] == privacy
+
+
+def test_the_private_stacking_head_is_trained_scored_and_served(dp_run, tmp_path):
+    summary = load(dp_run, "summary.json")
+    fused = summary["fused"]
+    assert fused["method"] == "stack" and set(fused["methods"]) == {"soft_vote", "stack"}
+    assert fused["methods"]["stack"]["rounds"] == STACKING_ROUNDS
+    assert summary["secure_sums"] == 3 * 3 + STACKING_ROUNDS  # the head's sums were secure
+    assert summary["secure_aggregation"] is True
+    fit = load(dp_run, "fusion_stats.json")["stack"]["fit"]
+    assert len(fit["train_loss"]) == STACKING_ROUNDS and all(v > 0 for v in fit["train_loss"])
+
+    test = run_test_split(dp_run)
+    predictor = FusedPredictor.load(dp_run / "model")
+    assert predictor.manifest["fusion"]["method"] == "stack"
+    members = [load_model(m["arch"], test.schema,
+                          load_file(dp_run / "cohorts" / f"{m['arch']}.safetensors"))
+               for m in predictor.manifest["members"]]
+    head = load_head(load_file(dp_run / "stack_head.safetensors"))
+    expected = torch.softmax(StackedModel(members, head)(torch.as_tensor(test.X)), 1)
+    np.testing.assert_allclose(predictor.predict_proba(test.X), expected.detach().numpy(),
+                               atol=1e-6)
+    labels = np.array(test.schema.class_labels)[test.y]
+    assert float((predictor.predict(test.X) == labels).mean()) == pytest.approx(
+        fused["test_accuracy"], abs=1e-9)
+    vote = fused["methods"]["soft_vote"]["weights"]
+    start = initial_head(np.array([vote[m["arch"]] for m in predictor.manifest["members"]]),
+                         test.schema.num_classes)
+    assert np.abs(head.weight.detach().numpy() - start.weight.detach().numpy()).max() > 1e-3
+    assert sum(fused["weights"].values()) == pytest.approx(1.0)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dp_run, copy)
+    assert run_cli("fuse", copy, "--method", "soft_vote").returncode == 0
+    assert not (copy / "model" / "head.safetensors").exists()
+    assert load(copy, "summary.json")["fused"]["method"] == "soft_vote"
+    assert run_cli("fuse", copy, "--method", "stack").returncode == 0
+    np.testing.assert_allclose(FusedPredictor.load(copy / "model").predict_proba(test.X),
+                               predictor.predict_proba(test.X), atol=1e-6)
+    assert load(copy, "summary.json")["fused"] == fused
 
 
 def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
