@@ -291,8 +291,9 @@ class FusionConfig:
     """FedAvg rounds that train the stacking head (0: no stacking). Under DP each is
     one more private round on every site's training split, planned into the noise
     calibration with the training rounds."""
-    stacking_lr: float = 0.5
-    """Learning rate of the head's local SGD."""
+    stacking_lr: float = 8.0
+    """Learning rate of the head's local SGD (its inputs are probabilities, so its
+    gradients are small; under DP they are also clipped to ``privacy.max_grad_norm``)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.unlabeled_fraction < 1.0, "unlabeled_fraction",
