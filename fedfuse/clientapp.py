@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,11 +61,30 @@ from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer,
 SiteProvider = Callable[[Context], Site]
 
 
+class RecipeClientApp(ClientApp):
+    """A ClientApp that pickles as the arguments it was built from.
+
+    Flower's simulation engine sends the ClientApp to a Ray actor with every message,
+    and cloudpickle serialises its handlers (closures) by value, scanning ``sys.modules``
+    for each of them: with torch loaded, that is most of the engine's per-message cost.
+    Pickled as ``build_client_app`` (by reference) and its arguments, the same app costs
+    a few hundred bytes and is rebuilt on arrival."""
+
+    def __init__(self, recipe: tuple[SiteProvider, int, list[Mod] | None]) -> None:
+        super().__init__(mods=recipe[2])
+        self._recipe = recipe
+
+    def __reduce__(self) -> tuple[Callable[..., ClientApp], tuple[Any, ...]]:
+        return build_client_app, self._recipe
+
+
 def build_client_app(site_of: SiteProvider, threads: int = 1,
                      mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp whose local data and architecture come from ``site_of(context)``;
-    ``mods`` are Flower client mods wrapped around every handler."""
-    app = ClientApp(mods=mods)
+    ``mods`` are Flower client mods wrapped around every handler. It pickles as these
+    arguments, so ``site_of`` should be picklable by reference (a module-level function,
+    or a ``functools.partial`` of one) to keep messages in simulation cheap."""
+    app = RecipeClientApp((site_of, threads, mods))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -143,6 +143,10 @@ class SimulationConfig:
     """torch intra-op threads inside each ClientApp."""
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    max_in_flight: int = 32
+    """Most messages handed to the engine at once (0: all of a batch). Flower's
+    in-memory SuperLink scans every stored message for every node it serves, so a batch
+    of n messages costs O(n^2) per scan; a sliding window of this many keeps it O(n)."""
     verbose: bool = False
     """Show Flower's own INFO logs."""
 
@@ -153,6 +157,7 @@ class SimulationConfig:
         _check(self.threads_per_client >= 1, "threads_per_client", "must be >= 1")
         _check(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]")
+        _check(self.max_in_flight >= 0, "max_in_flight", "must be >= 0 (0: no window)")
 
 
 @dataclass

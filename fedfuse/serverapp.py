@@ -101,14 +101,16 @@ def build_server_app(cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Coordinator(cfg, test, listener, checkpoints=checkpoints).run(grid, resume)
+        Coordinator(cfg, test, listener, checkpoints=checkpoints,
+                    max_in_flight=cfg.simulation.max_in_flight).run(grid, resume)
 
     return app
 
 
 class Coordinator:
     def __init__(self, cfg: FedfuseConfig, test: Dataset, listener: RoundListener,
-                 sites: dict[int, str] | None = None, checkpoints: Path | None = None) -> None:
+                 sites: dict[int, str] | None = None, checkpoints: Path | None = None,
+                 max_in_flight: int = 0) -> None:
         self.cfg = cfg
         self.test, self.transfer = split_transfer(test, cfg.fusion.unlabeled_fraction, cfg.seed)
         """``test`` is the coordinator's held-out data: its test split, and with
@@ -123,6 +125,8 @@ class Coordinator:
         """The latest privacy report of each site (node id -> figures)."""
         self.secure_sums = 0
         """Cohort rounds aggregated by secure aggregation."""
+        self.max_in_flight = max_in_flight
+        """Simulation: the most messages handed to the engine at once (0: no limit)."""
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -394,7 +398,7 @@ class Coordinator:
 
     def run(self, grid: Grid, resume: Checkpoint | None = None) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
-        grid = BoundedGrid(grid, self.cfg.round_timeout)
+        grid = BoundedGrid(grid, self.cfg.round_timeout, self.max_in_flight)
         members, replies = self.discover(grid)
         if not members:
             raise FedfuseError("no client answered the discovery query")
@@ -494,24 +498,18 @@ class Coordinator:
                  {a: round(float(w), 3) for a, w in zip(archs, fusion.weights)}, fusion.sites,
                  n, fusion.test_accuracy)
         requested = self.cfg.fusion.method
-        if self.cfg.fusion.stacks:
-            stack = self.stacked_head(grid, cohorts, members, fusion)
-            if stack is None:
-                log.warning("the stacking head was not scored by any site")
-            else:
-                fusion = fusion.with_candidates(requested, stack=stack)
-                log.info("stacking head after %d rounds: validation Brier %.4f (soft vote "
-                         "%.4f), test accuracy %.4f", stack.fit["rounds"], stack.val_brier,
-                         fusion.val_brier, stack.test_accuracy)
-        if self.transfer is not None and requested in ("auto", "distill"):
-            student = self.distilled_student(grid, cohorts, members, fusion)
-            if student is None:
-                log.warning("the distilled student was not scored by any site")
-            else:
-                fusion = fusion.with_candidates(requested, student=student)
-                log.info("distilled %s student: validation Brier %.4f (soft vote %.4f), "
-                         "test accuracy %.4f", student.arch, student.val_brier,
-                         fusion.val_brier, student.test_accuracy)
+        makers = {"stack": (self.cfg.fusion.stacks, self.stacked_head),
+                  "student": (self.transfer is not None and requested in ("auto", "distill"),
+                              self.distilled_student)}
+        for key, (wanted, make) in makers.items():
+            made = make(grid, cohorts, members, fusion) if wanted else None
+            if wanted and made is None:
+                log.warning("the %s was not scored by any site", key)
+            if made is not None:
+                fusion = fusion.with_candidates(requested, **{key: made})
+                log.info("%s (%s): validation Brier %.4f (soft vote %.4f), test accuracy "
+                         "%.4f", key, made.arch, made.val_brier, fusion.val_brier,
+                         made.test_accuracy)
         fusion = fusion.with_candidates(requested)
         log.info("serving %s", fusion.method)
         return fusion
@@ -630,11 +628,19 @@ class BoundedGrid:
     """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless told
     otherwise: a client that never answers counts as failed instead of stalling the run.
     Each message expires when the wait ends (its TTL), so a site that connects later is
-    not handed work for a phase that is over (training it would spend ε for nothing)."""
+    not handed work for a phase that is over (training it would spend ε for nothing).
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    With ``window`` > 0, at most that many messages are in the engine at once: the next
+    one is pushed as soon as a reply comes back (see ``SimulationConfig.max_in_flight``).
+    """
+
+    POLL = 0.005
+    """Seconds between pulls for replies inside a window."""
+
+    def __init__(self, grid: Grid, timeout: float, window: int = 0) -> None:
         self._grid = grid
         self._timeout = timeout
+        self._window = window
 
     def send_and_receive(self, messages: Iterable[Message],
                          timeout: float | None = None) -> Iterable[Message]:
@@ -643,7 +649,28 @@ class BoundedGrid:
         batch = list(messages)
         for msg in batch:
             msg.metadata.ttl = now - msg.metadata.created_at + limit
-        return self._grid.send_and_receive(batch, timeout=limit)
+        if not self._window or len(batch) <= self._window:
+            return self._grid.send_and_receive(batch, timeout=limit)
+        return self._windowed(batch, time.monotonic() + limit)
+
+    def _windowed(self, batch: list[Message], deadline: float) -> list[Message]:
+        """Push up to ``window`` messages, and one more for every reply pulled, until every
+        message is answered or ``deadline`` passes (the unsent ones then count as
+        unanswered, like messages that timed out)."""
+        pending = batch[::-1]
+        in_flight: set[str] = set()
+        replies: list[Message] = []
+        while (pending or in_flight) and time.monotonic() < deadline:
+            room = self._window - len(in_flight)
+            if room > 0 and pending:
+                in_flight.update(self._grid.push_messages(
+                    [pending.pop() for _ in range(min(room, len(pending)))]))
+            pulled = list(self._grid.pull_messages(in_flight))
+            replies += pulled
+            in_flight -= {r.metadata.reply_to_message_id for r in pulled}
+            if not pulled:
+                time.sleep(self.POLL)
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
