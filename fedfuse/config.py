@@ -144,7 +144,8 @@ class SimulationConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     max_in_flight: int = 32
-    """Most messages handed to the engine at once (0: all of a batch). Flower's
+    """Most messages handed to the engine at once, replies polled every 5 ms (0: Flower's
+    own send_and_receive, all of a batch at once, replies polled every 0.1 s). Flower's
     in-memory SuperLink scans every stored message for every node it serves, so a batch
     of n messages costs O(n^2) per scan; a sliding window of this many keeps it O(n)."""
     verbose: bool = False

@@ -630,8 +630,10 @@ class BoundedGrid:
     Each message expires when the wait ends (its TTL), so a site that connects later is
     not handed work for a phase that is over (training it would spend ε for nothing).
 
-    With ``window`` > 0, at most that many messages are in the engine at once: the next
-    one is pushed as soon as a reply comes back (see ``SimulationConfig.max_in_flight``).
+    With ``window`` > 0 (simulation), at most that many messages are in the engine at
+    once: the next one is pushed as soon as a reply comes back (see
+    ``SimulationConfig.max_in_flight``), and replies are pulled every ``POLL`` seconds
+    instead of the in-memory Grid's 0.1 s.
     """
 
     POLL = 0.005
@@ -649,7 +651,7 @@ class BoundedGrid:
         batch = list(messages)
         for msg in batch:
             msg.metadata.ttl = now - msg.metadata.created_at + limit
-        if not self._window or len(batch) <= self._window:
+        if not self._window:
             return self._grid.send_and_receive(batch, timeout=limit)
         return self._windowed(batch, time.monotonic() + limit)
 

@@ -39,11 +39,13 @@ STACKING_ROUNDS = 2
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory) -> Path:
     """Three training rounds and two stacking rounds, all DP-SGD under one budget, with
-    secure aggregation; the stacking head is served."""
+    secure aggregation; the stacking head is served. The coordinator keeps at most two
+    messages in the engine at once (``simulation.max_in_flight``)."""
     return simulate(tmp_path_factory.mktemp("dp"), "dp",
                     f'\n[privacy]\nmode = "sample"\ntarget_epsilon = {TARGET}\n'
-                    f'\n[fusion]\nmethod = "stack"\nstacking_rounds = {STACKING_ROUNDS}\n',
-                    rounds=3)
+                    f'\n[fusion]\nmethod = "stack"\nstacking_rounds = {STACKING_ROUNDS}\n'
+                    # two messages at a time in the engine: every exchange is windowed
+                    '\n[simulation]\nmax_in_flight = 2\n', rounds=3)
 
 
 def load(run: Path, name: str):

@@ -414,6 +414,52 @@ def test_messages_expire_when_the_wait_for_their_replies_ends(task_identity):
     assert fresh.metadata.created_at + fresh.metadata.ttl <= time.time() + 5.0
 
 
+def test_a_window_keeps_at_most_n_messages_in_flight(task_identity):
+    """With a window of 3, at most 3 messages are pushed before their replies come back;
+    every answered message's reply is returned; a node that never answers holds its
+    slot until the deadline, and messages not yet sent by then count as unanswered."""
+    from flwr.app import Message
+
+    from fedfuse.serverapp import BoundedGrid
+
+    class Engine:
+        """Answers each pushed message on the next pull, except those to node 99."""
+
+        def __init__(self):
+            self.queued, self.in_flight, self.most, self.pushed = {}, set(), 0, []
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                mid = f"m{len(self.pushed)}"
+                m.metadata.__dict__["_message_id"] = mid
+                self.pushed.append(m.metadata.dst_node_id)
+                self.queued[mid] = m
+                ids.append(mid)
+            self.in_flight |= set(ids)
+            self.most = max(self.most, len(self.in_flight))
+            return ids
+
+        def pull_messages(self, ids):
+            out = [Message(RecordDict(), reply_to=self.queued[i]) for i in ids
+                   if i in self.in_flight and self.queued[i].metadata.dst_node_id != 99]
+            self.in_flight -= {r.metadata.reply_to_message_id for r in out}
+            return out
+
+    engine = Engine()
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(1, 11)]
+    replies = BoundedGrid(engine, timeout=5.0, window=3).send_and_receive(msgs)
+    assert engine.most == 3 and engine.pushed == list(range(1, 11))
+    assert sorted(r.metadata.src_node_id for r in replies) == list(range(1, 11))
+
+    engine = Engine()
+    stuck = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (99, 99, 1, 2)]
+    start = time.monotonic()
+    replies = BoundedGrid(engine, timeout=0.5, window=2).send_and_receive(stuck)
+    assert 0.5 <= time.monotonic() - start < 2.0
+    assert replies == [] and engine.pushed == [99, 99]  # 1 and 2 never got a slot
+
+
 def test_replay_store_keys_on_the_whole_request_and_keeps_the_newest(tmp_path: Path):
     import torch
     from flwr.app import ConfigRecord
