@@ -10,8 +10,10 @@ more privacy than sending it once.
 An entry is keyed by everything the output depends on (the received weights and the
 round's whole configuration, which carries the round number and the seed), and it is
 written only after the ledger has recorded the charge, so no uncharged update is ever
-stored. An unreadable entry is treated as absent: the site trains again, which is the
-safe side.
+stored. An unreadable entry, or one whose tensors do not match the SHA-256 stored with
+them, is treated as absent: the site trains again, which is the safe side. For the same
+reason entries are written atomically but not fsynced: an entry lost in a power cut
+costs a second charge, never an uncharged release.
 """
 
 from __future__ import annotations
@@ -30,14 +32,23 @@ from fedfuse.atomic import atomic_write_bytes
 
 
 def request_key(arrays: ArrayRecord, config: ConfigRecord) -> str:
-    """SHA-256 over the configuration (as sorted JSON) and every received tensor's name,
-    dtype, shape and bytes."""
+    """SHA-256 over the configuration (as sorted JSON) and every received tensor's name
+    and serialised bytes (which carry its dtype and shape)."""
     h = hashlib.sha256(json.dumps({k: config[k] for k in sorted(config.keys())},
                                   sort_keys=True, default=str).encode())
     for name, array in arrays.items():
-        values = array.numpy()
-        h.update(f"{name}|{values.dtype}|{values.shape}|".encode())
-        h.update(values.tobytes())
+        h.update(f"{name}|{len(array.data)}|".encode())
+        h.update(array.data)
+    return h.hexdigest()
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -55,17 +66,21 @@ class ReplayStore:
             return None
         try:
             with safe_open(path, framework="pt") as fh:
-                metrics = json.loads(fh.metadata()["metrics"])
+                meta = fh.metadata()
+                metrics = json.loads(meta["metrics"])
                 state = {k: fh.get_tensor(k) for k in fh.keys()}
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            return None
+        if meta.get("sha256") != _digest(state):
             return None
         return state, metrics
 
     def save(self, key: str, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        data = safetensors_save({k: v.detach().contiguous() for k, v in state.items()},
-                                metadata={"metrics": json.dumps(metrics)})
-        atomic_write_bytes(self.directory / f"{key}.safetensors", data)
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        data = safetensors_save(tensors, metadata={"metrics": json.dumps(metrics),
+                                                   "sha256": _digest(tensors)})
+        atomic_write_bytes(self.directory / f"{key}.safetensors", data, durable=False)
         entries = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-self.keep]:
             old.unlink(missing_ok=True)

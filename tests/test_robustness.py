@@ -469,6 +469,8 @@ def test_replay_store_keys_on_the_whole_request_and_keeps_the_newest(tmp_path: P
     arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
     config = ConfigRecord({"server-round": 3, "lr": 0.5, "seed": 11})
     key = request_key(arrays, config)
+    reshaped = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(3, 2))})
+    assert request_key(reshaped, config) != key  # same bytes, another shape
     assert key == request_key(ArrayRecord({"w": Array(np.arange(6, dtype=np.float32)
                                                       .reshape(2, 3))}), config)
     other_round = ConfigRecord({"server-round": 4, "lr": 0.5, "seed": 11})
@@ -488,3 +490,8 @@ def test_replay_store_keys_on_the_whole_request_and_keeps_the_newest(tmp_path: P
     assert sorted(p.stem for p in (tmp_path / "replay").iterdir()) == ["k1", "k2"]
     (tmp_path / "replay" / "k2.safetensors").write_bytes(b"\x00garbage")
     assert store.load("k2") is None  # unreadable: the site trains (and is charged) again
+    entry = tmp_path / "replay" / "k1.safetensors"
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0x40  # a flipped bit in the tensor bytes still parses
+    entry.write_bytes(bytes(data))
+    assert store.load("k1") is None  # but its SHA-256 no longer matches

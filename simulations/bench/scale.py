@@ -1,7 +1,7 @@
 """Simulation scale benchmark: client updates per second and peak memory, fedfuse
 against a bare Flower FedAvg app (``scale_baseline.py``), on the same engine.
 
-    python simulations/bench/scale.py [--sizes 10 100 500] [--rounds 3]
+    python simulations/bench/scale.py [--sizes 10 100 500] [--rounds 5]
 
 For each number of clients n and DP off/on, both run ``--rounds`` rounds of one ``mlp``
 cohort on digits (IID split; one local epoch, batch 16, lr 0.05, no momentum; DP-SGD
@@ -149,7 +149,7 @@ def summarise(clients: int, seconds: list[float], peak: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     results: dict = {"machine": machine(), "rounds": args.rounds, "points": []}
     with tempfile.TemporaryDirectory() as tmp:
