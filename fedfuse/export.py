@@ -47,7 +47,8 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, int8:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"],
                                     output_names=["proba"], verbose=False,
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                                    # by position: the graph's argument may not be named x
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
     program.save(str(fp32), external_data=False)
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -8,6 +8,7 @@ from fedfuse.artifact import ArtifactError, FusedPredictor, Member, write_artifa
 from fedfuse.config import DataConfig, config_from_dict
 from fedfuse.data import load_dataset
 from fedfuse.errors import ConfigError
+from fedfuse.export import export_model, run_exported
 from fedfuse.fusion import fuse_proba
 from fedfuse.models import build_model
 from fedfuse.stacking import (StackedModel, build_head, initial_head, load_head,
@@ -77,6 +78,11 @@ def test_a_stacked_artifact_round_trips_and_refuses_a_tampered_head(setting, tmp
     expected = torch.softmax(StackedModel(members, head)(torch.as_tensor(X)), 1)
     np.testing.assert_allclose(predictor.predict_proba(X), expected.detach().numpy(),
                                atol=1e-6)
+    for fmt in ("onnx", "torchscript"):  # the whole stacked graph exports
+        out = tmp_path / f"stacked.{fmt}"
+        export_model(predictor, out, fmt)
+        np.testing.assert_allclose(run_exported(out, fmt, X), predictor.predict_proba(X),
+                                   atol=1e-5)
     original = (path / "head.safetensors").read_bytes()
     for offset in (0, len(original) // 2, len(original) - 2):
         data_ = bytearray(original)
