@@ -67,6 +67,9 @@ class Cohort:
     extra: dict[str, ArrayRecord | ConfigRecord] = field(default_factory=dict)
     """Records sent with every train message besides the model (the stacking head's
     members)."""
+    clip_range: float | None = None
+    """Secure aggregation's per-coordinate clip for this group's updates (None: the
+    configured ``secure_aggregation.clip_range``)."""
 
 
 @dataclass
@@ -293,7 +296,8 @@ class Coordinator:
                 secure.threshold, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
                 tag=f"round {server_round}")
             train_msgs = {a: with_session(msgs, sessions.get(a), **{
-                "clip-range": secure.clip_range, "quantization-bits": secure.quantization_bits})
+                "clip-range": self.clip_range(cohorts[a]),
+                "quantization-bits": secure.quantization_bits})
                           for a, msgs in train_msgs.items()}
         train_replies = exchange(grid, train_msgs)
         updates: dict[str, list[Message]] = {}
@@ -357,7 +361,6 @@ class Coordinator:
                     - {r.metadata.src_node_id for r in updates[a]} for a in cohorts}
         collect_masked(sessions, failed, train_replies, declined)
         sums = close_sessions(grid, sessions, failed)
-        quantizer = self.quantizer
         secure_updates: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             entry = record["cohorts"][arch]
@@ -371,7 +374,7 @@ class Coordinator:
             expected = sum(m.num_train for m in cohort.members if str(m.node_id) in session.u3)
             try:
                 total = decode_sum(sums[arch], [tuple(a.shape) for a in cohort.arrays.values()],
-                                   quantizer)
+                                   self.quantizer(cohort))
                 if total.num_examples != expected:
                     raise ValueError(f"it counts {total.num_examples} training examples, the "
                                      f"{len(session.u3)} clients in it reported {expected}")
@@ -391,10 +394,11 @@ class Coordinator:
             self.secure_sums += 1
         return secure_updates
 
-    @property
-    def quantizer(self) -> Quantizer:
-        s = self.cfg.secure_aggregation
-        return Quantizer(s.clip_range, s.quantization_bits)
+    def clip_range(self, cohort: Cohort) -> float:
+        return cohort.clip_range or self.cfg.secure_aggregation.clip_range
+
+    def quantizer(self, cohort: Cohort) -> Quantizer:
+        return Quantizer(self.clip_range(cohort), self.cfg.secure_aggregation.quantization_bits)
 
     def run(self, grid: Grid, resume: Checkpoint | None = None) -> FederationResult:
         random.seed(self.cfg.seed)  # flwr's FedAvg samples nodes with the `random` module
@@ -530,8 +534,12 @@ class Coordinator:
         for node in {n for c in cohorts.values() for n in c.strategy.members
                      if n not in c.strategy.trainers}:
             strategy.retire(node)  # out of budget (or declared so) during training
+        # The head's updates scale with its learning rate (under DP its noise does too);
+        # a clip of 4·lr keeps secure aggregation from truncating them, and on its few
+        # coordinates the wider quantisation step (2·clip / (2^bits - 1)) is negligible.
         group = Cohort(HEAD, strategy, ArrayRecord(head.state_dict()), cfg.stacking_lr,
-                       members, records)
+                       members, records, clip_range=max(self.cfg.secure_aggregation.clip_range,
+                                                        4.0 * cfg.stacking_lr))
         losses = []
         for r in range(1, cfg.stacking_rounds + 1):
             if not strategy.trainers:
@@ -540,6 +548,9 @@ class Coordinator:
             record: dict[str, Any] = {"round": f"stacking {r}", "cohorts": {}}
             self.train_round(grid, {HEAD: group}, self.cfg.rounds + r, record)
             losses.append(record["cohorts"][HEAD].get("train_loss"))
+            log.info("stacking round %d of %d: %d sites, train loss %s", r,
+                     cfg.stacking_rounds, record["cohorts"][HEAD].get("train_clients", 0),
+                     "n/a" if losses[-1] is None else f"{losses[-1]:.4f}")
         state = group.arrays.to_torch_state_dict()
         stats = self.validation_statistics(grid, {HEAD: group.arrays}, members, records)
         if stats is None:
