@@ -540,7 +540,7 @@ class Coordinator:
         group = Cohort(HEAD, strategy, ArrayRecord(head.state_dict()), cfg.stacking_lr,
                        members, records, clip_range=max(self.cfg.secure_aggregation.clip_range,
                                                         4.0 * cfg.stacking_lr))
-        losses = []
+        losses, clipped = [], []
         for r in range(1, cfg.stacking_rounds + 1):
             if not strategy.trainers:
                 log.warning("stacking stops after %d rounds: no site may train", r - 1)
@@ -548,6 +548,7 @@ class Coordinator:
             record: dict[str, Any] = {"round": f"stacking {r}", "cohorts": {}}
             self.train_round(grid, {HEAD: group}, self.cfg.rounds + r, record)
             losses.append(record["cohorts"][HEAD].get("train_loss"))
+            clipped.append(record["cohorts"][HEAD].get("secagg_clipped", 0))
             log.info("stacking round %d of %d: %d sites, train loss %s", r,
                      cfg.stacking_rounds, record["cohorts"][HEAD].get("train_clients", 0),
                      "n/a" if losses[-1] is None else f"{losses[-1]:.4f}")
@@ -561,7 +562,7 @@ class Coordinator:
                            brier_score(A, b, n, np.ones(1)),
                            evaluate(model, self.test.X, self.test.y).accuracy,
                            {"rounds": len(losses), "lr": cfg.stacking_lr,
-                            "train_loss": losses})
+                            "train_loss": losses, "secagg_clipped": clipped})
 
     def distilled_student(self, grid: Grid, cohorts: dict[str, Cohort], members: list[Member],
                           fusion: FusionResult) -> ScoredModel | None:

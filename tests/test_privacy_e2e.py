@@ -97,6 +97,7 @@ def test_the_private_stacking_head_is_trained_scored_and_served(dp_run, tmp_path
     assert summary["secure_aggregation"] is True
     fit = load(dp_run, "fusion_stats.json")["stack"]["fit"]
     assert len(fit["train_loss"]) == STACKING_ROUNDS and all(v > 0 for v in fit["train_loss"])
+    assert fit["secagg_clipped"] == [0] * STACKING_ROUNDS  # its own clip range fits it
 
     test = run_test_split(dp_run)
     predictor = FusedPredictor.load(dp_run / "model")
