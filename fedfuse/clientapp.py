@@ -201,8 +201,7 @@ def _member_models(msg: Message, site: Site, names: list[str]) -> list[torch.nn.
     for name in names:
         state = msg.content[f"member/{name}"].to_torch_state_dict()
         if name == HEAD:
-            members = _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
-            models.append(StackedModel(members, load_head(state)))
+            models.append(StackedModel(_head_members(msg, site), load_head(state)))
         else:
             models.append(load_model(name, site.train.schema, state))
     return models
@@ -215,8 +214,12 @@ def _trainee(msg: Message, site: Site) -> tuple[torch.nn.Module, np.ndarray]:
     state = msg.content["arrays"].to_torch_state_dict()
     if HEAD not in msg.content:
         return load_model(site.arch, site.train.schema, state), site.train.X
-    members = _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
-    return load_head(state), stack_features(members, site.train.X)
+    return load_head(state), stack_features(_head_members(msg, site), site.train.X)
+
+
+def _head_members(msg: Message, site: Site) -> list[torch.nn.Module]:
+    """The members the stacking head combines, in its "stack" record's order."""
+    return _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
 
 
 def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:

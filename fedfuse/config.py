@@ -320,7 +320,6 @@ class FusionConfig:
                               "transfer data: set a share of the coordinator's held-out "
                               "data, e.g. unlabeled_fraction = 0.5")
 
-
     @property
     def stacks(self) -> bool:
         """Whether the run trains a stacking head (``stack`` or ``auto`` with rounds)."""

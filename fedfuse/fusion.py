@@ -106,6 +106,10 @@ class ScoredModel:
                    dict(d["fit"]))
 
 
+SCORED = {"stack": "stack", "distill": "student"}
+"""Each single-model method -> the FusionResult field (and ``to_dict`` key) holding it."""
+
+
 @dataclass(frozen=True)
 class FusionResult:
     """Soft-vote weights fitted from the sites' summed Brier statistics (A, b, N), the
@@ -129,7 +133,7 @@ class FusionResult:
     @property
     def candidates(self) -> dict[str, ScoredModel]:
         """The single-model methods that ran: ``stack`` and ``distill``."""
-        found = {"stack": self.stack, "distill": self.student}
+        found = {m: getattr(self, key) for m, key in SCORED.items()}
         return {m: c for m, c in found.items() if c is not None}
 
     @property
@@ -193,7 +197,7 @@ class FusionResult:
         states = states or {}
         scored = {key: None if d.get(key) is None else
                   ScoredModel.from_dict(d[key], states.get(key, {}))
-                  for key in ("student", "stack")}
+                  for key in SCORED.values()}
         return cls(d["method"], list(d["members"]), np.asarray(d["weights"]),
                    np.asarray(d["A"]), np.asarray(d["b"]), int(d["num_examples"]),
                    float(d["val_brier"]), float(d["test_accuracy"]), int(d["sites"]),

@@ -26,10 +26,16 @@ from fedfuse.errors import FedfuseError
 from fedfuse.models import load_model
 from fedfuse.rundir import SCORED_FILES, fused_summary, write_model
 from fedfuse.config import load_config
-from fedfuse.fusion import FusionResult
+from fedfuse.fusion import SCORED, FusionResult
 from fedfuse.sites import run_test_split
 from fedfuse.stacking import StackedModel, load_head
 from fedfuse.training import evaluate, predict_proba
+
+
+MISSING = {"distill": ("distilled student", "fusion.unlabeled_fraction", "student"),
+           "stack": ("stacking head", "fusion.stacking_rounds", "head")}
+"""Why a run can lack a method's model: what it is, the setting that turns it on, and
+its short name."""
 
 
 def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) -> dict[str, Any]:
@@ -42,30 +48,26 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
                            f"{', '.join(missing)})")
     summary = json.loads((run_dir / "summary.json").read_text())
     saved = json.loads((run_dir / "fusion_stats.json").read_text())
-    if method == "distill" and not saved.get("student"):
-        raise FedfuseError(f"{run_dir}: the run has no distilled student (it ran with "
-                           "fusion.unlabeled_fraction = 0 or no site scored the student); "
-                           "choose --method soft_vote")
-    if method == "stack" and not saved.get("stack"):
-        raise FedfuseError(f"{run_dir}: the run has no stacking head (it ran with "
-                           "fusion.stacking_rounds = 0 or no site scored the head); "
-                           "choose --method soft_vote")
+    if method in SCORED and not saved.get(SCORED[method]):
+        what, setting, noun = MISSING[method]
+        raise FedfuseError(f"{run_dir}: the run has no {what} (it ran with {setting} = 0 "
+                           f"or no site scored the {noun}); choose --method soft_vote")
     states = {key: load_weights(run_dir / SCORED_FILES[m], run_dir)
-              for key, m in (("student", "distill"), ("stack", "stack")) if saved.get(key)}
+              for m, key in SCORED.items() if saved.get(key)}
     stats = FusionResult.from_dict(saved, states)
     test = run_test_split(run_dir)
-    members, probas = [], []
+    members, models, probas = [], [], []
     for arch in stats.members:
         state = load_weights(run_dir / "cohorts" / f"{arch}.safetensors", run_dir)
-        probas.append(predict_proba(load_model(arch, test.schema, state), test.X))
+        models.append(load_model(arch, test.schema, state))
+        probas.append(predict_proba(models[-1], test.X))
         cohort = summary["cohorts"][arch]
         members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
                               stats.sites, probas, test.y)
     rescored = {}
     if stats.stack is not None:
-        model = StackedModel([load_model(m.arch, test.schema, m.state) for m in members],
-                             load_head(stats.stack.state))
+        model = StackedModel(models, load_head(stats.stack.state))
         rescored["stack"] = replace(stats.stack,
                                     test_accuracy=evaluate(model, test.X, test.y).accuracy)
     if stats.student is not None:

@@ -287,10 +287,10 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
     """The fused artifact of the method ``fusion`` serves: the soft vote over
     ``members``, the members with the stacking head, or the distilled student alone
     (weight 1)."""
-    weights = served_weights(fusion)
     if fusion.method == "stack":
         stack = fusion.stack
         assert stack is not None
+        weights = served_weights(fusion)
         return write_artifact(
             directory, members=members, weights=np.array([weights[m.arch] for m in members]),
             method="stack", schema=schema,

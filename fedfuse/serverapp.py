@@ -553,16 +553,10 @@ class Coordinator:
                      cfg.stacking_rounds, record["cohorts"][HEAD].get("train_clients", 0),
                      "n/a" if losses[-1] is None else f"{losses[-1]:.4f}")
         state = group.arrays.to_torch_state_dict()
-        stats = self.validation_statistics(grid, {HEAD: group.arrays}, members, records)
-        if stats is None:
-            return None
-        A, b, n, _ = stats
         model = StackedModel([self.cohort_model(cohorts[a]) for a in archs], load_head(state))
-        return ScoredModel(HEAD, state, float(A[0, 0]), float(b[0]), n,
-                           brier_score(A, b, n, np.ones(1)),
-                           evaluate(model, self.test.X, self.test.y).accuracy,
+        return self.scored(grid, members, HEAD, state, model,
                            {"rounds": len(losses), "lr": cfg.stacking_lr,
-                            "train_loss": losses, "secagg_clipped": clipped})
+                            "train_loss": losses, "secagg_clipped": clipped}, records)
 
     def distilled_student(self, grid: Grid, cohorts: dict[str, Cohort], members: list[Member],
                           fusion: FusionResult) -> ScoredModel | None:
@@ -578,14 +572,21 @@ class Coordinator:
                                 steps=cfg.distill_steps, lr=cfg.distill_lr,
                                 temperature=cfg.temperature, seed=self.cfg.seed)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stats = self.validation_statistics(grid, {arch: ArrayRecord(state)}, members)
+        return self.scored(grid, members, arch, state, model, asdict(report))
+
+    def scored(self, grid: Grid, members: list[Member], name: str, state: dict[str, Any],
+               model: torch.nn.Module, fit: dict[str, Any],
+               records: dict[str, ArrayRecord | ConfigRecord] | None = None,
+               ) -> ScoredModel | None:
+        """``model`` (sent as ``name`` with weights ``state``) scored like a member: its
+        Brier statistics over the sites' validation splits and its test accuracy."""
+        stats = self.validation_statistics(grid, {name: ArrayRecord(state)}, members, records)
         if stats is None:
             return None
         A, b, n, _ = stats
-        test_accuracy = evaluate(model, self.test.X, self.test.y).accuracy
-        return ScoredModel(arch, state, float(A[0, 0]), float(b[0]), n,
-                             brier_score(A, b, n, np.ones(1)), test_accuracy,
-                             asdict(report))
+        return ScoredModel(name, state, float(A[0, 0]), float(b[0]), n,
+                           brier_score(A, b, n, np.ones(1)),
+                           evaluate(model, self.test.X, self.test.y).accuracy, fit)
 
     def validation_statistics(self, grid: Grid, models: dict[str, ArrayRecord],
                               members: list[Member],
