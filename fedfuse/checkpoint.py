@@ -6,7 +6,7 @@ A file ``round-NNNN.ckpt`` is::
     b"FFCKPT1\\n" | SHA-256 of the rest (32 bytes) | u64 length of J | J | S
 
 with J the JSON state (round, history, privacy reports and retired trainers by site
-name, secure-sum count, the ``random`` module's state) and S the cohort models and the
+name, secure-sum count, the ``random`` module's state, client-level privacy ledgers) and S the cohort models and the
 strategies' own state as safetensors (``model/<arch>/<tensor>``,
 ``strategy/<arch>/<name>``). Files are replaced atomically (temporary file,
 fsync, rename); the newest ``KEEP`` are kept. Reading takes the newest file that
@@ -51,11 +51,13 @@ class Checkpoint:
     secure_sums: int = 0
     random_state: Any = None
     """``random.getstate()`` after the round (Flower samples nodes with ``random``)."""
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each cohort's client-level privacy ledger (``privacy.mode = "user"``)."""
 
     def to_bytes(self) -> bytes:
         state = {"round": self.round, "history": self.history, "privacy": self.privacy,
                  "retired": self.retired, "secure_sums": self.secure_sums,
-                 "random_state": _jsonable(self.random_state),
+                 "random_state": _jsonable(self.random_state), "ledgers": self.ledgers,
                  "order": {part: {arch: list(arrays) for arch, arrays in by_arch.items()}
                            for part, by_arch in (("model", self.cohorts),
                                                  ("strategy", self.strategies))}}
@@ -86,7 +88,8 @@ class Checkpoint:
                    strategies=parts["strategy"], history=state["history"],
                    privacy=state["privacy"], retired=state["retired"],
                    secure_sums=int(state["secure_sums"]),
-                   random_state=_random_state(state["random_state"]))
+                   random_state=_random_state(state["random_state"]),
+                   ledgers=state.get("ledgers", {}))
 
 
 def _jsonable(value: Any) -> Any:

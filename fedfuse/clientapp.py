@@ -6,7 +6,9 @@ Message layout (all keys fixed):
              ArrayRecord "moments" {sum, sumsq} (feature sums of the training split)
 - train   <- ArrayRecord "arrays", ConfigRecord "config" {lr, local-epochs, batch-size,
              momentum, weight-decay, seed, server-round}
-             (+ dp-* keys under DP, see ``fedfuse.privacy.PrivacyRequest``)
+             (+ dp-* keys under DP, see ``fedfuse.privacy.PrivacyRequest``; under
+             client-level DP only dp-mode = "user" and dp-clipping-norm: the update is
+             clipped to that norm and weighted 1, see ``fedfuse.user_dp``)
           -> ArrayRecord "arrays", MetricRecord "metrics" {num-examples, train-loss,
              train-accuracy}; under DP also ConfigRecord "privacy" {status, epsilon,
              delta, noise-multiplier, sample-rate, steps, accountant, budget}. A site
@@ -57,6 +59,7 @@ from fedfuse.stacking import HEAD, StackedModel, load_head, stack_features
 from fedfuse.stats import local_moments
 from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
                               train_epochs)
+from fedfuse.user_dp import clip_update
 
 SiteProvider = Callable[[Context], Site]
 
@@ -118,6 +121,9 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         request = PrivacyRequest.from_config(cfg)
         if request is None:
             result = train_epochs(model, loader, optimizer, epochs)
+            if str(cfg.get("dp-mode", "off")) == "user":  # client-level DP (fedfuse.user_dp)
+                _clip_to(model, msg.content["arrays"], float(cfg["dp-clipping-norm"]))
+                return _train_reply(msg, context, site, model, result, seed, weight=1)
             return _train_reply(msg, context, site, model, result, seed)
         store = ledger_store_for(site.state_dir, context)
         ledger = open_ledger(store, request, len(site.train))
@@ -226,11 +232,22 @@ def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
     return Message(RecordDict({secagg.RECORD: record}), reply_to=msg)
 
 
+def _clip_to(model: torch.nn.Module, received: ArrayRecord, clip: float) -> None:
+    """Set ``model`` to ``w + clip_update(w_trained - w)`` (norm at most ``clip``)."""
+    state = model.state_dict()
+    delta = [state[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
+             for k, a in received.items()]
+    clipped, _ = clip_update(delta, clip)
+    model.load_state_dict({k: torch.as_tensor(a.numpy() + d, dtype=state[k].dtype)
+                           for (k, a), d in zip(received.items(), clipped, strict=True)})
+
+
 def _train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Module,
-                 result: LoopResult, seed: int) -> Message:
-    """The trained weights and metrics; under secure aggregation only the masked vector
-    of (weights - received weights, example count, metrics)."""
-    n = len(site.train)
+                 result: LoopResult, seed: int, weight: int | None = None) -> Message:
+    """The trained weights and metrics, weighted by ``weight`` (default: the training
+    examples); under secure aggregation only the masked vector of (weights - received
+    weights, weight, metrics)."""
+    n = len(site.train) if weight is None else weight
     if secagg.RECORD not in msg.content:
         return Message(RecordDict({
             "arrays": ArrayRecord(model.state_dict()),

@@ -166,8 +166,9 @@ class PrivacyConfig:
     """Differential privacy of the clients' training data (see docs/privacy.md)."""
 
     mode: Literal["off", "sample", "user"] = "off"
-    """``sample``: record-level DP-SGD at each client (Opacus); ``off``: no DP.
-    ``user`` (client-level DP) is reserved and refused until it is implemented."""
+    """``sample``: record-level DP-SGD at each client (Opacus); ``user``: client-level DP
+    (each site clips its whole update, the coordinator adds noise to each cohort's sum,
+    see ``fedfuse.user_dp``); ``off``: no DP."""
     target_epsilon: float | None = None
     """Calibrate the noise so the planned rounds spend exactly this ε; also the budget."""
     noise_multiplier: float | None = None
@@ -176,9 +177,12 @@ class PrivacyConfig:
     """Hard ε cap per client (defaults to ``target_epsilon``); a client at its cap stops
     training."""
     delta: float | None = None
-    """δ of the (ε, δ) guarantee; default: a power of ten below 1/(10·n) for n records."""
+    """δ of the (ε, δ) guarantee; default: a power of ten below 1/(10·n) for n records
+    (``sample``) or n sites in the cohort (``user``)."""
     max_grad_norm: float = 1.0
-    """Per-example gradient clipping bound of DP-SGD."""
+    """Per-example gradient clipping bound of DP-SGD (``sample``)."""
+    clipping_norm: float = 1.0
+    """Bound on the L2 norm of each site's update per round (``user``)."""
     accountant: Literal["rdp", "prv"] = "rdp"
 
     def __post_init__(self) -> None:
@@ -190,10 +194,8 @@ class PrivacyConfig:
                f"must be in (0, 1), got {self.delta}")
         _check(self.max_grad_norm > 0.0 and math.isfinite(self.max_grad_norm), "max_grad_norm",
                f"must be a finite number > 0, got {self.max_grad_norm}")
-        if self.mode == "user":
-            raise ConfigError("mode", "\"user\" (client-level DP with server-side clipping) "
-                              "is not implemented yet; use \"sample\" (record-level DP-SGD "
-                              "at every site)")
+        _check(self.clipping_norm > 0.0 and math.isfinite(self.clipping_norm), "clipping_norm",
+               f"must be a finite number > 0, got {self.clipping_norm}")
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ConfigError("noise_multiplier", "set either target_epsilon or "
                               "noise_multiplier, not both (target_epsilon calibrates σ)")
@@ -391,6 +393,8 @@ class FedfuseConfig:
                                       f"poisoned updates only among more than 2f + 2 = "
                                       f"{2 * r.max_malicious + 2}; cohort {cohort.arch!r} "
                                       f"trains {sampled} per round")
+        if self.privacy.mode == "user":
+            self._check_user_dp()
         archs = [c.arch for c in self.cohorts]
         if self.fusion.student and self.fusion.student not in archs:
             raise ConfigError("fusion.student", f"{self.fusion.student!r} is not a cohort's "
@@ -415,6 +419,24 @@ class FedfuseConfig:
                                   "is its update); add clients, raise "
                                   "simulation.fraction_train, or set "
                                   "secure_aggregation.enabled = false")
+
+    def _check_user_dp(self) -> None:
+        """Client-level DP bounds each site's share of a cohort's mean; refuse what would
+        break that bound or release a site's data outside it."""
+        if self.robustness.aggregation != "fedavg":
+            raise ConfigError("robustness.aggregation", "privacy.mode = \"user\" adds its "
+                              "noise to the cohort mean; keep \"fedavg\"")
+        if self.fusion.stacking_rounds:
+            raise ConfigError("fusion.stacking_rounds", "the stacking head has no "
+                              "client-level privacy account; set it to 0 with "
+                              "privacy.mode = \"user\" (soft vote and distillation spend "
+                              "no ε)")
+        if self.privacy.delta is not None:
+            smallest = min(c.clients for c in self.cohorts)
+            _check(self.privacy.delta < 1.0 / smallest, "privacy.delta",
+                   f"must be below 1/n for the n sites of every cohort; the smallest cohort "
+                   f"has {smallest}, so δ must be < {1.0 / smallest:.3g} (got "
+                   f"{self.privacy.delta:g}); leave it unset for the 1/(10·n) rule")
 
     def sampled_per_round(self, cohort: CohortConfig) -> int:
         """How many of ``cohort``'s clients train each round, as flwr's FedAvg samples:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from fedfuse.data import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.grid import exchange
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
-from fedfuse.privacy import PrivacyRequest
+from fedfuse.privacy import PrivacyLedger, PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import check_ring, decode_fixed, payload_length
 from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_masked,
@@ -41,6 +42,7 @@ from fedfuse.gates import gate_updates
 from fedfuse.stacking import HEAD, StackedModel, initial_head, load_head
 from fedfuse.strategies import CohortStrategy, cohort_strategy
 from fedfuse.training import evaluate, predict_proba
+from fedfuse.user_dp import SAMPLE_RATE, cohort_ledger, release
 
 log = logging.getLogger("fedfuse.server")
 
@@ -70,6 +72,8 @@ class Cohort:
     clip_range: float | None = None
     """Secure aggregation's per-coordinate clip for this group's updates (None: the
     configured ``secure_aggregation.clip_range``)."""
+    ledger: PrivacyLedger | None = None
+    """The cohort's client-level privacy account (``privacy.mode = "user"``)."""
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Coordinator:
         """Cohort rounds aggregated by secure aggregation."""
         self.max_in_flight = max_in_flight
         """Simulation: the most messages handed to the engine at once (0: no limit)."""
+        self.noise_key = cfg.seed if sites is None else secrets.randbits(63)
+        """Seeds the coordinator's DP noise (``privacy.mode = "user"``): the scenario seed
+        in simulation (reruns are identical), a fresh secret in deployment."""
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -221,6 +228,11 @@ class Coordinator:
             lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(self.local_dp)
             cohorts[cc.arch] = Cohort(cc.arch, strategy, ArrayRecord(model.state_dict()), lr,
                                       mine)
+            if self.user_dp:
+                p = self.cfg.privacy
+                cohorts[cc.arch].ledger = cohort_ledger(
+                    p.accountant, p.delta, p.budget, p.target_epsilon, p.noise_multiplier,
+                    len(mine), self.cfg.rounds)
         return cohorts
 
     # -- rounds -------------------------------------------------------------------------
@@ -229,6 +241,15 @@ class Coordinator:
     def local_dp(self) -> bool:
         """Record-level DP-SGD at the sites (``privacy.mode = "sample"``)."""
         return self.cfg.privacy.mode == "sample"
+
+    @property
+    def user_dp(self) -> bool:
+        """Client-level DP, noise added by the coordinator (``privacy.mode = "user"``)."""
+        return self.cfg.privacy.mode == "user"
+
+    def weight(self, member: Member) -> int:
+        """A site's FedAvg weight: its training examples, or 1 under client-level DP."""
+        return 1 if self.user_dp else member.num_train
 
     def train_config(self, cohort: Cohort, server_round: int) -> ConfigRecord:
         t = self.cfg.train.resolved(self.local_dp)
@@ -242,6 +263,8 @@ class Coordinator:
                 planned_rounds=self.planned_rounds, target_epsilon=p.target_epsilon,
                 noise_multiplier=p.noise_multiplier, budget=p.budget, delta=p.delta,
             ).to_config())
+        elif self.user_dp:
+            items.update({"dp-mode": "user", "dp-clipping-norm": self.cfg.privacy.clipping_norm})
         return ConfigRecord(items)
 
     @property
@@ -281,6 +304,8 @@ class Coordinator:
                             "aggregation cannot hide a lone update, so the cohort stops "
                             "training", server_round, arch)
                 cohort.strategy.retire(cohort.strategy.trainers[0])
+            if cohort.ledger is not None:
+                self.check_cohort_budget(cohort, server_round)
         train_msgs = {a: list(c.strategy.configure_train(
             server_round, c.arrays, self.train_config(c, server_round), grid))
             for a, c in cohorts.items()}
@@ -326,6 +351,9 @@ class Coordinator:
                             arch, contributors, self.cfg.robustness.min_clients)
                 entry["below_min_clients"] = True
                 continue
+            if cohort.ledger is not None:
+                updates[arch] = self.private_release(cohort, updates[arch], train_msgs[arch],
+                                                     server_round, entry)
             arrays, metrics = cohort.strategy.aggregate_train(server_round, updates[arch])
             if arrays is None:
                 log.warning("round %d: cohort %s got no valid update; keeping its model",
@@ -333,6 +361,47 @@ class Coordinator:
             else:
                 cohort.arrays = arrays
             record["cohorts"][arch].update(_renamed(metrics))
+
+    def check_cohort_budget(self, cohort: Cohort, server_round: int) -> None:
+        """Client-level DP: stop a cohort whose next release would take ε over budget."""
+        ledger = cohort.ledger
+        assert ledger is not None and ledger.noise_multiplier is not None
+        if not cohort.strategy.trainers or not ledger.would_exceed(
+                ledger.noise_multiplier, SAMPLE_RATE, 1):
+            return
+        log.warning("round %d: cohort %s stops training: its next release would exceed "
+                    "the privacy budget (ε %.3f of %.3f spent)", server_round, cohort.arch,
+                    ledger.epsilon(), ledger.budget)
+        for node in list(cohort.strategy.trainers):
+            cohort.strategy.retire(node)
+        self.report_cohort_privacy(cohort, "budget-exhausted")
+
+    def private_release(self, cohort: Cohort, updates: list[Message], sent: list[Message],
+                        server_round: int, entry: dict[str, Any]) -> list[Message]:
+        """Client-level DP: the cohort's replies as one noisy mean (``fedfuse.user_dp``),
+        charged to its ledger and reported for every member."""
+        assert cohort.ledger is not None
+        index = [c.arch for c in self.cfg.cohorts].index(cohort.arch)
+        rng = np.random.default_rng([self.noise_key, server_round, index])
+        released = release(cohort.arrays, updates, sent, cohort.ledger,
+                           self.cfg.privacy.clipping_norm, rng)
+        if released is None:
+            return []
+        self.report_cohort_privacy(cohort, "trained")
+        entry["max_epsilon"] = self.privacy[cohort.members[0].node_id]["epsilon"]
+        return [released]
+
+    def report_cohort_privacy(self, cohort: Cohort, status: str) -> None:
+        """Every member's privacy figures under client-level DP: its cohort's account."""
+        ledger = cohort.ledger
+        assert ledger is not None
+        figures = {"status": status, "epsilon": ledger.epsilon(), "delta": ledger.delta,
+                   "noise-multiplier": float(ledger.noise_multiplier or 0.0),
+                   "sample-rate": SAMPLE_RATE, "steps": ledger.steps,
+                   "accountant": ledger.accountant,
+                   "budget": -1.0 if ledger.budget is None else float(ledger.budget)}
+        for m in cohort.members:
+            self.privacy[m.node_id] = dict(figures)
 
     def gate(self, cohorts: dict[str, Cohort], updates: dict[str, list[Message]],
              record: dict[str, Any]) -> dict[str, list[Message]]:
@@ -371,7 +440,7 @@ class Coordinator:
             session = sessions[arch]
             entry["secagg_clients"] = len(session.u3)
             entry["secagg_dropped"] = len(session.dropped)
-            expected = sum(m.num_train for m in cohort.members if str(m.node_id) in session.u3)
+            expected = sum(self.weight(m) for m in cohort.members if str(m.node_id) in session.u3)
             try:
                 total = decode_sum(sums[arch], [tuple(a.shape) for a in cohort.arrays.values()],
                                    self.quantizer(cohort))
@@ -453,7 +522,8 @@ class Coordinator:
             privacy={names[n]: r for n, r in self.privacy.items() if n in names},
             retired={a: [names[n] for n in c.strategy.members if n not in c.strategy.trainers]
                      for a, c in cohorts.items()},
-            secure_sums=self.secure_sums, random_state=random.getstate())
+            secure_sums=self.secure_sums, random_state=random.getstate(),
+            ledgers={a: c.ledger.to_dict() for a, c in cohorts.items() if c.ledger is not None})
 
     def restore(self, ckpt: Checkpoint, cohorts: dict[str, Cohort],
                 members: list[Member]) -> list[dict[str, Any]]:
@@ -468,6 +538,8 @@ class Coordinator:
             for name in ckpt.retired.get(arch, []):
                 if name in ids:
                     cohort.strategy.retire(ids[name])
+            if cohort.ledger is not None and arch in ckpt.ledgers:
+                cohort.ledger = PrivacyLedger.from_dict(ckpt.ledgers[arch])
         self.privacy = {ids[name]: r for name, r in ckpt.privacy.items() if name in ids}
         self.secure_sums = ckpt.secure_sums
         random.setstate(ckpt.random_state)

@@ -42,7 +42,6 @@ def build(**privacy):
     ({"mode": "sample", "noise_multiplier": 1.0, "budget_epsilon": 0.0},
      "privacy.budget_epsilon"),
     ({"mode": "loud", "target_epsilon": 8.0}, "privacy.mode"),
-    ({"mode": "user", "target_epsilon": 8.0}, "privacy.mode"),
 ])
 def test_bad_privacy_settings_are_refused_naming_the_setting(privacy, key):
     with pytest.raises(ConfigError) as err:
