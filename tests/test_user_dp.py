@@ -136,3 +136,16 @@ def test_user_level_simulation_charges_every_site_and_stops_at_the_budget(tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "user"
     assert summary["privacy"]["max_epsilon"] == pytest.approx(entries[0]["epsilon"])
+
+
+def test_cohort_ledgers_survive_a_checkpoint_round_trip():
+    from fedfuse.checkpoint import Checkpoint
+    from fedfuse.privacy import PrivacyLedger
+
+    ledger = cohort_ledger("rdp", None, 8.0, 8.0, None, sites=4, planned_rounds=10)
+    ledger.history += [(ledger.noise_multiplier, 1.0, 1)] * 3
+    ckpt = Checkpoint(round=3, cohorts={"mlp": {"w": np.zeros(2, np.float32)}}, history=[],
+                      ledgers={"mlp": ledger.to_dict()})
+    back = PrivacyLedger.from_dict(Checkpoint.from_bytes(ckpt.to_bytes()).ledgers["mlp"])
+    assert back == ledger and back.steps == 3
+    assert back.epsilon() == pytest.approx(ledger.epsilon())
