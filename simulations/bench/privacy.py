@@ -3,8 +3,8 @@
     python simulations/bench/privacy.py [--scenario simulations/digits.toml] [--seeds 7]
 
 1. Runs the scenario (default: the default scenario) once per ε in {1, 3, 8, ∞} (∞: DP
-   off, with the plain-SGD defaults) and collects every cohort's and the fused model's
-   test accuracy.
+   off, with the plain-SGD defaults), and once with client-level DP (``privacy.mode =
+   "user"``) at ε = 8, and collects every cohort's and the fused model's test accuracy.
 2. Times one local epoch of each architecture on the scenario's whole training pool,
    plain and wrapped by Opacus (same model, data, batch size), alternating the two,
    and reports the median DP/plain ratio.
@@ -33,15 +33,17 @@ from fedfuse.sites import plan_federation  # noqa: E402
 from fedfuse.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, None)
+USER_EPSILON = 8.0
 
 
-def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path) -> dict:
+def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path,
+                 mode: str = "sample") -> dict:
     privacy = (["privacy.mode=\"off\""] if epsilon is None
-               else [f"privacy.target_epsilon={epsilon}"])
-    out = simulate(scenario, workdir / f"eps-{epsilon}-seed-{seed}",
+               else [f"privacy.mode=\"{mode}\"", f"privacy.target_epsilon={epsilon}"])
+    out = simulate(scenario, workdir / f"{mode}-eps-{epsilon}-seed-{seed}",
                    [f"seed={seed}", *privacy])
     summary = read_json(out / "summary.json")
-    return {"epsilon": epsilon, "seed": seed,
+    return {"epsilon": epsilon, "mode": mode if epsilon is not None else "off", "seed": seed,
             "max_epsilon": summary["privacy"]["max_epsilon"],
             "cohorts": {a: c["test_accuracy"] for a, c in summary["cohorts"].items()},
             "fused": summary["fused"]["test_accuracy"] if summary["fused"] else None,
@@ -94,6 +96,8 @@ def table(runs: list[dict], timing: dict, machine: str) -> str:
              "|---" * (len(archs) + 3) + "|"]
     for r in runs:
         eps = "∞ (DP off)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        if r["mode"] == "user":
+            eps += " (client-level, `user`)"
         spent = "—" if r["max_epsilon"] is None else f"{r['max_epsilon']:.3f}"
         lines.append(f"| {eps} | " + " | ".join(f"{r['cohorts'][a]:.4f}" for a in archs)
                      + f" | {r['fused']:.4f} | {spent} |")
@@ -121,8 +125,8 @@ def main() -> None:
     print(json.dumps(timing, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
-        for eps in EPSILONS:
-            runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp)))
+        for eps, mode in [(e, "sample") for e in EPSILONS] + [(USER_EPSILON, "user")]:
+            runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp), mode))
             print(json.dumps(runs[-1]), flush=True)
     results = {"scenario": str(args.scenario.relative_to(ROOT)), "machine": where,
                "runs": runs, "epoch_timing": timing}
