@@ -384,7 +384,8 @@ class Coordinator:
         index = [c.arch for c in self.cfg.cohorts].index(cohort.arch)
         rng = np.random.default_rng([self.noise_key, server_round, index])
         released = release(cohort.arrays, updates, sent, cohort.ledger,
-                           self.cfg.privacy.clipping_norm, rng)
+                           self.cfg.privacy.clipping_norm, rng,
+                           secure=self.cfg.secure_aggregation.enabled)
         if released is None:
             return []
         self.report_cohort_privacy(cohort, "trained")

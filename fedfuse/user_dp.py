@@ -59,13 +59,16 @@ def cohort_ledger(accountant: str, delta: float | None, budget: float | None,
 
 
 def release(arrays: ArrayRecord, updates: list[Message], sent: list[Message],
-            ledger: PrivacyLedger, clip: float, rng: np.random.Generator) -> Message | None:
-    """One private release of a cohort from its train replies (each carries weights and
-    a weight ``num-examples``: 1 for a site's own update, k for a secure sum of k sites):
+            ledger: PrivacyLedger, clip: float, rng: np.random.Generator,
+            secure: bool) -> Message | None:
+    """One private release of a cohort from its train replies:
     ``w + noisy_mean(Σ_r n_r (w_r - w))`` with ``m = len(sent)`` (the round's train
     messages), as a single reply for the cohort's strategy, and the release charged to
-    ``ledger``. Every plaintext update is clipped to C first. None when no reply carries
-    an update (nothing is released or charged)."""
+    ``ledger``. Without secure aggregation (``secure`` false) each reply is one site's
+    update: ``n_r = 1`` whatever it claims, and it is clipped to C here. With it, the one
+    reply is the sum of the sites it counts (``n_r`` = its ``num-examples``), each
+    clipped by its site. None when no reply carries an update (nothing is released or
+    charged)."""
     valid = [u for u in updates if not u.has_error()]
     if not valid:
         return None
@@ -74,10 +77,10 @@ def release(arrays: ArrayRecord, updates: list[Message], sent: list[Message],
     count, loss, accuracy = 0, 0.0, 0.0
     for reply in valid:
         metrics = reply.content["metrics"]
-        n = int(metrics["num-examples"])
+        n = int(metrics["num-examples"]) if secure else 1
         delta = [a.numpy().astype(np.float64) - b
                  for a, b in zip(reply.content["arrays"].values(), base, strict=True)]
-        if n == 1:  # one site's update: enforce the clip (a secure sum is clipped per site)
+        if not secure:
             delta, _ = clip_update(delta, clip)
         total = [t + n * d for t, d in zip(total, delta, strict=True)]
         count += n

@@ -66,9 +66,11 @@ def test_release_clips_each_site_and_divides_by_the_sampled_count(task_identity)
     arrays = ArrayRecord({k: Array(v) for k, v in w.items()})
     sent = [incoming(RecordDict(), node_id=i) for i in (1, 2, 3)]
     honest = _reply(sent[0], {"a": np.full(4, 0.1, np.float32), "b": np.ones(2, np.float32)}, 1)
-    huge = _reply(sent[1], {"a": np.full(4, 100.0, np.float32), "b": np.ones(2, np.float32)}, 1)
+    # a site claiming 5 examples still counts once without secure aggregation
+    huge = _reply(sent[1], {"a": np.full(4, 100.0, np.float32), "b": np.ones(2, np.float32)}, 5)
     ledger = cohort_ledger("rdp", 1e-3, None, None, 0.0 + 1e-12, sites=3, planned_rounds=5)
-    out = release(arrays, [honest, huge], sent, ledger, 1.0, np.random.default_rng(0))
+    out = release(arrays, [honest, huge], sent, ledger, 1.0, np.random.default_rng(0),
+                  secure=False)
     # Σ Δ = (0.1, 0.1, 0.1, 0.1) + (0.5, 0.5, 0.5, 0.5), the huge one clipped to norm 1,
     # over m = 3 sampled sites (site 3 did not answer)
     assert np.allclose(out.content["arrays"]["a"].numpy(), 0.6 / 3, atol=1e-6)
@@ -76,7 +78,8 @@ def test_release_clips_each_site_and_divides_by_the_sampled_count(task_identity)
     assert out.content["metrics"]["num-examples"] == 2
     assert out.metadata.src_node_id == 1  # a cohort member, so the strategy keeps it
     assert ledger.history == [(1e-12, 1.0, 1)]
-    assert release(arrays, [], sent, ledger, 1.0, np.random.default_rng(0)) is None
+    assert release(arrays, [], sent, ledger, 1.0, np.random.default_rng(0),
+                   secure=False) is None
     assert len(ledger.history) == 1  # nothing released, nothing charged
 
 
