@@ -161,9 +161,11 @@ class FusedPredictor:
     weighted soft vote, the stacked members with their head, or one distilled student
     (a single member of weight 1)."""
 
-    def __init__(self, manifest: dict[str, Any], model: nn.Module) -> None:
+    def __init__(self, manifest: dict[str, Any], model: nn.Module,
+                 device: str | torch.device = "cpu") -> None:
         self.manifest = manifest
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.schema = DataSchema.from_dict(manifest["schema"])
 
     @property
@@ -171,8 +173,9 @@ class FusedPredictor:
         return str(self.manifest["model_version"])
 
     @classmethod
-    def load(cls, path: str | Path) -> FusedPredictor:
-        """Load and verify an artifact directory; refuses tampered or incomplete ones."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FusedPredictor:
+        """Load and verify an artifact directory (refusing tampered or incomplete ones)
+        onto ``device``, where its forward pass will run."""
         directory = Path(path)
         manifest = read_verified_manifest(directory)
         schema = DataSchema.from_dict(manifest["schema"])
@@ -183,10 +186,11 @@ class FusedPredictor:
         if manifest["fusion"]["method"] == HEAD:
             head = load_head(safetensors_load((directory / manifest["fusion"]["head"])
                                               .read_bytes()))
-            return cls(manifest, nn.Sequential(StackedModel(members, head), nn.Softmax(dim=1)))
+            return cls(manifest, nn.Sequential(StackedModel(members, head), nn.Softmax(dim=1)),
+                       device)
         weights = np.array([manifest["fusion"]["weights"][e["arch"]]
                             for e in manifest["members"]])
-        return cls(manifest, FusedModel(members, weights))
+        return cls(manifest, FusedModel(members, weights), device)
 
     def check_input(self, X: Any) -> np.ndarray:
         """``X`` as float32 of shape (n, *input_shape); raises InputError naming the problem."""
@@ -214,7 +218,8 @@ class FusedPredictor:
     @torch.no_grad()
     def predict_proba(self, X: Any) -> np.ndarray:
         """Fused class probabilities, shape (n, K), columns in ``schema.class_labels`` order."""
-        return self.model(torch.as_tensor(self.check_input(X))).numpy()
+        x = torch.as_tensor(self.check_input(X)).to(self.device)
+        return self.model(x).cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class label (from ``schema.class_labels``) for each instance."""

@@ -51,6 +51,9 @@ def simulate(
     rounds: Annotated[Optional[int], typer.Option(help="override the number of rounds")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="override any key: --set partition.alpha=0.3 (repeatable)")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu, cuda, cuda:N or auto: where sites and coordinator compute "
+             "(the scenario's device, default cpu)")] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's own logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
@@ -63,7 +66,8 @@ def simulate(
         if resume is not None and (set_ or rounds or out):
             raise FedfuseError("--resume continues a run with its own settings; --set, "
                                "--rounds and --out do not apply")
-        cfg = load_config(config or resumable_config(resume), overrides=set_ or [],
+        overrides = [*(set_ or []), *([f"device={device}"] if device is not None else [])]
+        cfg = load_config(config or resumable_config(resume), overrides=overrides,
                           rounds=rounds)
         if verbose:
             cfg.simulation.verbose = True
@@ -241,6 +245,8 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option(help="batch forming delay")] = None,
     reload_interval: Annotated[Optional[float], typer.Option(
         help="seconds between rescans of SOURCE and the keys file; 0: off")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
 ) -> None:
     """Serve the fused model over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics."""
     from fedfuse.config import serve_config
@@ -251,7 +257,7 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"host": host, "port": port, "rate_limit": rate_limit,
                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-               "reload_interval": reload_interval,
+               "reload_interval": reload_interval, "device": device,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     try:
@@ -370,6 +376,8 @@ def site(
         help="seconds to retry an unreachable coordinator at start-up")] = 120.0,
     max_wait: Annotated[float, typer.Option(
         help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda, cuda:N or auto: where this site trains")] = "cpu",
 ) -> None:
     """Join a federation as a partner site (a Flower SuperNode on this site's data).
 
@@ -381,7 +389,7 @@ def site(
     _stop_on_sigterm()
     opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
                        state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,
-                       connect_timeout=connect_timeout, max_wait=max_wait)
+                       connect_timeout=connect_timeout, max_wait=max_wait, device=device)
     try:
         run_site(opts, lambda text: console.print(text, markup=False, highlight=False))
     except FedfuseError as exc:

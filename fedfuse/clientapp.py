@@ -46,6 +46,7 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metric
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedfuse.device import resolve_device
 from fedfuse.fusion import brier_statistics
 from fedfuse.secagg import Quantizer, encode_update
 from fedfuse.secagg import client as secagg
@@ -119,8 +120,10 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         optimizer = make_optimizer(model, float(cfg["lr"]), float(cfg["momentum"]),
                                    float(cfg["weight-decay"]))
         request = PrivacyRequest.from_config(cfg)
+        device = resolve_device(site.device)
         if request is None:
-            result = train_epochs(model, loader, optimizer, epochs)
+            result = train_epochs(model.to(device), loader, optimizer, epochs)
+            model.cpu()
             if str(cfg.get("dp-mode", "off")) == "user":  # client-level DP (fedfuse.user_dp)
                 _clip_to(model, msg.content["arrays"], float(cfg["dp-clipping-norm"]))
                 return _train_reply(msg, context, site, model, result, seed, weight=1)
@@ -145,10 +148,11 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
                 report(ledger, plan, "budget-exhausted"))}), reply_to=msg)
         generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
         dp_model, dp_optimizer, dp_loader, engine = make_private(
-            model, optimizer, loader, noise_multiplier=plan.noise_multiplier,
+            model.to(device), optimizer, loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=request.max_grad_norm, accountant=ledger.accountant,
             history=ledger.history, generator=generator)
         result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
+        model.cpu()
         ledger.history = [tuple(h) for h in engine.accountant.history]
         store.save(ledger)  # spent before the update leaves the site
         if replays is not None:
@@ -163,7 +167,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         site = site_of(context)
         model = load_model(site.arch, site.train.schema,
                            msg.content["arrays"].to_torch_state_dict())
-        result = evaluate(model, site.val.X, site.val.y)
+        result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
         content = RecordDict({"metrics": MetricRecord({
             "num-examples": result.num_examples, "val-loss": result.loss,
             "val-accuracy": result.accuracy})})
@@ -173,7 +177,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def fusion_statistics(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
-        probas = [predict_proba(model, site.val.X) for model in _member_models(
+        device = resolve_device(site.device)
+        probas = [predict_proba(model.to(device), site.val.X) for model in _member_models(
             msg, site, [str(a) for a in msg.content["fusion"]["members"]])]
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from fedfuse.device import check_device_name
 from fedfuse.errors import ConfigError
 
 EMBEDDED_DATASETS = ("digits", "breast_cancer")
@@ -141,6 +142,10 @@ class SimulationConfig:
     """CPUs reserved per running ClientApp; num_cpus / cpus_per_client run at once."""
     threads_per_client: int = 1
     """torch intra-op threads inside each ClientApp."""
+    gpus_per_client: float | None = None
+    """GPU share Ray reserves per running ClientApp when ``device`` is a GPU (0.25: four
+    clients per GPU). Unset: the clients that run at once (num_cpus / cpus_per_client)
+    share one GPU. Ignored on the CPU."""
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     max_in_flight: int = 32
@@ -156,6 +161,8 @@ class SimulationConfig:
         _check(0.0 < self.cpus_per_client <= self.num_cpus, "cpus_per_client",
                "must be in (0, num_cpus]")
         _check(self.threads_per_client >= 1, "threads_per_client", "must be >= 1")
+        _check(self.gpus_per_client is None or 0.0 < self.gpus_per_client <= 1.0,
+               "gpus_per_client", "must be in (0, 1]")
         _check(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]")
         _check(self.max_in_flight >= 0, "max_in_flight", "must be >= 0 (0: no window)")
@@ -359,6 +366,10 @@ class FedfuseConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    device: str = "cpu"
+    """Where training and evaluation run: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a
+    GPU when PyTorch sees one). In simulation it applies to the coordinator and every
+    site; a deployed site picks its own (``fedfuse site --device``)."""
     round_timeout: float = 600.0
     """Seconds the coordinator waits for the answers to one message exchange (a round's
     training, evaluation, a secure-aggregation stage); a client that has not answered by
@@ -367,6 +378,7 @@ class FedfuseConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
         _check(self.rounds >= 1, "rounds", "must be >= 1")
+        check_device_name(self.device, "device")
         _check(math.isfinite(self.round_timeout) and self.round_timeout > 0.0, "round_timeout",
                f"must be a finite number > 0, got {self.round_timeout}")
         r = self.robustness
@@ -495,8 +507,11 @@ class ServeConfig:
     """Seconds between rescans of the model directory and keys file; 0 turns it off."""
     threads: int = 1
     """torch threads for the forward pass."""
+    device: str = "cpu"
+    """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
 
     def __post_init__(self) -> None:
+        check_device_name(self.device, "device")
         _check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
         _check((self.tls_cert is None) == (self.tls_key is None), "tls_key",
                "tls_cert and tls_key go together: give both for HTTPS, or neither")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedfuse.device import model_device
+
 
 @dataclass(frozen=True)
 class DistillReport:
@@ -62,8 +64,9 @@ def distill(student: nn.Module, X: np.ndarray, teacher: np.ndarray, *, steps: in
     order = torch.randperm(len(X), generator=gen).numpy()
     n_hold = min(max(1, int(round(holdout * len(X)))), len(X) - 1)
     hold, fit = order[:n_hold], order[n_hold:]
-    target = torch.as_tensor(soften(teacher, temperature), dtype=torch.float32)
-    inputs = torch.as_tensor(X, dtype=torch.float32)
+    device = model_device(student)
+    target = torch.as_tensor(soften(teacher, temperature), dtype=torch.float32).to(device)
+    inputs = torch.as_tensor(X, dtype=torch.float32).to(device)
 
     model = copy.deepcopy(student)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -77,7 +80,7 @@ def distill(student: nn.Module, X: np.ndarray, teacher: np.ndarray, *, steps: in
     best_state, best_step = copy.deepcopy(model.state_dict()), 0
     batch = min(batch_size, len(fit))
     for step in range(1, steps + 1):
-        idx = torch.as_tensor(fit)[torch.randint(len(fit), (batch,), generator=gen)]
+        idx = torch.as_tensor(fit)[torch.randint(len(fit), (batch,), generator=gen)].to(device)
         model.train()
         optimizer.zero_grad()
         kl_to_teacher(model(inputs[idx]), target[idx], temperature).backward()

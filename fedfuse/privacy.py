@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from fedfuse.atomic import atomic_write_json
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
+from fedfuse.device import model_device
 from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models import build_model
 
@@ -220,18 +221,24 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
     Per-sample gradients come from PyTorch's ExpandedWeights (``grad_sample_mode="ew"``);
     ``simulations/bench/privacy.py`` measures the DP epoch against a plain one.
 
+    ``generator`` draws the Poisson batches; the noise comes from it too on the CPU, and
+    from a generator with the same seed on the model's device otherwise.
+
     Returns the wrapped (model, optimiser, Poisson loader) and the engine, whose
     ``accountant.history`` is the updated history after training.
     """
     from opacus import PrivacyEngine
 
+    device = model_device(model)
+    noise = (generator if device.type == "cpu" else
+             torch.Generator(device=device).manual_seed(generator.initial_seed()))
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(h) for h in history]
     loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=generator)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=True, noise_generator=generator, grad_sample_mode="ew")
+        poisson_sampling=True, noise_generator=noise, grad_sample_mode="ew")
     return model, optimizer, loader, engine
 
 

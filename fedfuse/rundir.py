@@ -43,6 +43,7 @@ from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_writ
                              atomic_write_text)
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
+from fedfuse.device import device_label, resolve_device
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion import FusionResult
 from fedfuse.stacking import member_shares
@@ -180,7 +181,8 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
     update the coordinator applied came out of a secure sum (and at least one did).
     ``label_skew`` is known in simulation only (a deployment's partition is the sites'
     own data), so a deployed run (``label_skew`` None) has ``deployment`` true and a
-    null ``partition``."""
+    null ``partition``. ``device`` is where the coordinator computed (in simulation,
+    every site too)."""
     last = result.history[-1]["cohorts"]
     cohorts = {
         arch: {"clients": len(c.members), "test_accuracy": last[arch]["test_accuracy"],
@@ -203,6 +205,7 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
         "privacy": privacy_summary(cfg, result),
         "secure_aggregation": cfg.secure_aggregation.enabled and result.secure_sums > 0,
         "secure_sums": result.secure_sums,
+        "device": device_label(resolve_device(cfg.device)),
         "wall_seconds": round(wall_seconds, 2),
     }
 

@@ -28,6 +28,7 @@ from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.grid import exchange
+from fedfuse.device import resolve_device
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyLedger, PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
@@ -134,6 +135,8 @@ class Coordinator:
         """Cohort rounds aggregated by secure aggregation."""
         self.max_in_flight = max_in_flight
         """Simulation: the most messages handed to the engine at once (0: no limit)."""
+        self.device = resolve_device(cfg.device)
+        """Where the coordinator evaluates, fuses and distils."""
         self.noise_key = cfg.seed if sites is None else secrets.randbits(63)
         """Seeds the coordinator's DP noise (``privacy.mode = "user"``): the scenario seed
         in simulation (reruns are identical), a fresh secret in deployment."""
@@ -547,7 +550,8 @@ class Coordinator:
         return list(ckpt.history)
 
     def cohort_model(self, cohort: Cohort) -> torch.nn.Module:
-        return load_model(cohort.arch, self.test.schema, cohort.arrays.to_torch_state_dict())
+        return load_model(cohort.arch, self.test.schema,
+                          cohort.arrays.to_torch_state_dict()).to(self.device)
 
     def central_evaluation(self, cohort: Cohort) -> dict[str, float]:
         res = evaluate(self.cohort_model(cohort), self.test.X, self.test.y)
@@ -644,7 +648,7 @@ class Coordinator:
         model, report = distill(self.cohort_model(cohorts[arch]), self.transfer, teacher,
                                 steps=cfg.distill_steps, lr=cfg.distill_lr,
                                 temperature=cfg.temperature, seed=self.cfg.seed)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return self.scored(grid, members, arch, state, model, asdict(report))
 
     def scored(self, grid: Grid, members: list[Member], name: str, state: dict[str, Any],

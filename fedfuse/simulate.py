@@ -9,12 +9,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from rich.console import Console
 
 from fedfuse.checkpoint import load_latest
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import FedfuseConfig
+from fedfuse.device import resolve_device
 from fedfuse.partition import label_skew
 from fedfuse.privacy import check_privacy_settings
 from fedfuse.progress import Fanout, ProgressDisplay
@@ -36,11 +38,17 @@ def site_from_context(cfg: FedfuseConfig, state_root: Path | None, context: Cont
     return simulated_site(cfg, int(context.node_config["partition-id"]), state_root)
 
 
-def backend_config(cfg: FedfuseConfig) -> dict[str, Any]:
+def backend_config(cfg: FedfuseConfig, gpus: int = 0) -> dict[str, Any]:
+    """Ray's resources for ``cfg``: ``num_cpus`` in all and ``cpus_per_client`` each; on a
+    GPU device, ``gpus`` GPUs shared by the clients that run at once (or
+    ``gpus_per_client`` each). Ray hides the GPUs from a client that reserves none."""
     sim = cfg.simulation
+    per_client = 0.0
+    if gpus:
+        per_client = sim.gpus_per_client or 1.0 / max(1, int(sim.num_cpus / sim.cpus_per_client))
     return {
-        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": sim.num_cpus, "num_gpus": 0, "include_dashboard": False,
+        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": per_client},
+        "init_args": {"num_cpus": sim.num_cpus, "num_gpus": gpus, "include_dashboard": False,
                       "log_to_driver": sim.verbose,
                       "logging_level": logging.INFO if sim.verbose else logging.ERROR},
     }
@@ -63,6 +71,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     check_privacy_settings(cfg, [len(p) for p in train_parts], plan.dataset.schema)
     if cfg.secure_aggregation.enabled:
         check_ring(cfg.secure_aggregation.quantization_bits, sum(len(p) for p in train_parts))
+    device = resolve_device(cfg.device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
@@ -79,7 +89,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
                                       cfg.simulation.threads_per_client)
         try:
             run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=cfg.num_clients, backend_config=backend_config(cfg),
+                           num_supernodes=cfg.num_clients,
+                           backend_config=backend_config(cfg, gpus),
                            verbose_logging=cfg.simulation.verbose)
         finally:
             display.close()

@@ -38,6 +38,8 @@ class Site:
     state_dir: Path | None = None
     """Where the site keeps its privacy ledger across restarts (None: in the Flower
     node's ``Context.state``, which lives as long as the federation)."""
+    device: str = "cpu"
+    """Where the site trains and evaluates (``fedfuse.device``)."""
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,17 @@ def run_test_split(run_dir: Path) -> Dataset:
 def simulated_site(cfg: FedfuseConfig, partition_id: int,
                    state_root: Path | None = None) -> Site:
     """Client ``partition_id`` of the scenario: its cohort's architecture and its split;
-    with ``state_root`` its state persists in ``state_root/client-<id>``."""
+    with ``state_root`` its state persists in ``state_root/client-<id>``. On a GPU the
+    site uses the one Ray gave its worker (it sees only that one), whatever index
+    ``cfg.device`` names for the coordinator."""
     plan = plan_federation(cfg)
     split = plan.federation.clients[partition_id]
     name = f"client-{partition_id}"
     return Site(name=name, index=partition_id, arch=cfg.cohort_of(partition_id).arch,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
                 secret=simulated_secret(cfg.seed, partition_id),
-                state_dir=None if state_root is None else state_root / name)
+                state_dir=None if state_root is None else state_root / name,
+                device="cuda" if cfg.device.startswith("cuda") else cfg.device)
 
 
 def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:

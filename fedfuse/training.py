@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedfuse.device import model_device
+
 
 @dataclass(frozen=True)
 class LoopResult:
@@ -37,14 +39,17 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float,
 
 def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  epochs: int) -> LoopResult:
-    """Minimise cross-entropy for ``epochs`` passes; returns the mean loss/accuracy seen."""
+    """Minimise cross-entropy for ``epochs`` passes; returns the mean loss/accuracy seen.
+    Batches move to the model's device; the loader stays on the CPU."""
     loss_fn = nn.CrossEntropyLoss()
+    device = model_device(model)
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
             if len(yb) == 0:  # Poisson sampling can draw an empty batch
                 continue
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -58,11 +63,12 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Softmax class probabilities, shape (n, K)."""
+    """Softmax class probabilities, shape (n, K), computed on the model's device."""
     model.eval()
-    out = [torch.softmax(model(torch.as_tensor(X[i:i + batch_size])), dim=1)
+    device = model_device(model)
+    out = [torch.softmax(model(torch.as_tensor(X[i:i + batch_size]).to(device)), dim=1)
            for i in range(0, len(X), batch_size)]
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> LoopResult:

@@ -74,6 +74,7 @@ def test_summary_matches_the_saved_models(two_runs):
     assert summary["secure_sums"] == 3 * 2  # every cohort, every round
     assert summary["privacy"] == {"mode": "off", "max_epsilon": None, "delta": None}
     assert summary["wall_seconds"] > 0
+    assert summary["device"] == "cpu"
     cfg = load_config(run / "config.toml")
     test = plan_federation(cfg).test
     last = read_metrics(run)[-1]["cohorts"]

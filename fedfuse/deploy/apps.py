@@ -8,7 +8,8 @@ Everything a run needs arrives in Flower's own configs:
   every site's label encoding), ``run-dir`` (where the coordinator writes the run) and
   ``sites`` (JSON: registered node id -> site name);
 - node config (set by ``fedfuse site`` at each site, never leaves it): ``name``,
-  ``data`` (the site's data file) and ``state-dir`` (privacy ledger, site secret).
+  ``data`` (the site's data file), ``state-dir`` (privacy ledger, site secret) and
+  ``device`` (where the site trains).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def deployed_site(context: Context) -> Site:
     split of its own data file; cached per process and run settings."""
     node, run = context.node_config, context.run_config
     key = (str(node["name"]), str(node["data"]), str(node["state-dir"]),
+           str(node.get("device", "cpu")),
            str(run["scenario"]), str(run["class-labels"]))
     if key not in _SITES:
         cfg = scenario_of(context)
@@ -92,7 +94,8 @@ def deployed_site(context: Context) -> Site:
         secret = site_secret(state_dir)
         train, val = split_site_data(data, cfg.data.val_fraction, secret)
         _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=arch,
-                           train=train, val=val, secret=secret, state_dir=state_dir)
+                           train=train, val=val, secret=secret, state_dir=state_dir,
+                           device=str(node.get("device", "cpu")))
     return _SITES[key]
 
 

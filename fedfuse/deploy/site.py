@@ -20,6 +20,7 @@ from pathlib import Path
 from fedfuse.config import DataConfig
 from fedfuse.data import load_dataset
 from fedfuse.deploy.apps import site_secret
+from fedfuse.device import resolve_device
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.process import FlowerProcess
@@ -41,11 +42,15 @@ class SiteOptions:
     """Seconds to keep retrying an unreachable coordinator at start-up."""
     max_wait: float = 600.0
     """Seconds the SuperNode keeps reconnecting after losing the coordinator."""
+    device: str = "cpu"
+    """Where this site trains (``fedfuse.device``); a GPU is the site's own."""
 
 
 def check_site_files(opts: SiteOptions) -> tuple[Path, Path]:
-    """The CA certificate and the site's key, checked; the data file loads."""
+    """The CA certificate and the site's key, checked; the data file loads; the device
+    exists here."""
     check_site_name(opts.name)
+    resolve_device(opts.device, "--device")
     certs = CertsDir(opts.certs)
     ca, key = certs.ca_cert, certs.site_key(opts.name)
     if not ca.is_file():
@@ -121,7 +126,7 @@ def explain_verify_error(exc: ssl.SSLCertVerificationError, address: Address, ca
 def supernode_argv(opts: SiteOptions, ca: Path, key: Path) -> list[str]:
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
         "name": opts.name, "data": str(opts.data.resolve()),
-        "state-dir": str(opts.state.resolve())}.items())
+        "state-dir": str(opts.state.resolve()), "device": opts.device}.items())
     return ["flower-supernode", "--root-certificates", str(ca), "--superlink", opts.coordinator,
             "--auth-supernode-private-key", str(key), "--node-config", node_config,
             "--port", str(opts.runtime_port), "--max-wait-time", str(opts.max_wait)]

@@ -38,6 +38,7 @@ from fedfuse import __version__
 from fedfuse.artifact import MANIFEST, ArtifactError, read_verified_manifest
 from fedfuse.config import ServeConfig
 from fedfuse.data import DataSchema
+from fedfuse.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
 from fedfuse.serving.batcher import BatcherClosed
 from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body
@@ -117,12 +118,14 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     import torch
 
     schema = serving_schema(source)
+    device = resolve_device(cfg.device, "device")
+    log.info("forward passes run on %s", device_label(device))
     keys = KeysWatcher(Path(cfg.api_keys) if cfg.api_keys else None)
     metrics = ServeMetrics()
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfuse-forward")
     registry = ModelRegistry(source, max_batch_size=cfg.max_batch_size,
                              max_wait=cfg.max_wait_ms / 1000.0, executor=inference,
-                             observe=metrics.observe_batch)
+                             observe=metrics.observe_batch, device=device)
     Body = request_model(schema, cfg.max_instances)
 
     async def refresh() -> None:

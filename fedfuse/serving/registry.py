@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedfuse.artifact import MANIFEST, ArtifactError, FusedPredictor
 from fedfuse.errors import FedfuseError
@@ -70,7 +71,8 @@ class ModelRegistry:
     """Loaded versions by version string, with the latest one designated."""
 
     def __init__(self, source: Path, *, max_batch_size: int, max_wait: float,
-                 executor: Executor, observe: BatchObserver | None = None) -> None:
+                 executor: Executor, observe: BatchObserver | None = None,
+                 device: torch.device | None = None) -> None:
         if not source.is_dir():
             raise RegistryError(f"{source}: not a directory (expected an artifact such as "
                                 "RUN_DIR/model, or a directory of artifacts)")
@@ -78,6 +80,7 @@ class ModelRegistry:
         self._batch = {"max_batch_size": max_batch_size, "max_wait": max_wait}
         self._executor = executor
         self._observe = observe
+        self._device = device if device is not None else torch.device("cpu")
         self._slots: dict[str, ModelSlot] = {}
         self._latest: ModelSlot | None = None
         self._failed: dict[Path, float] = {}
@@ -122,7 +125,7 @@ class ModelRegistry:
                 continue
             try:
                 predictor = await loop.run_in_executor(self._executor, FusedPredictor.load,
-                                                       directory)
+                                                       directory, self._device)
                 self._check_fits(predictor, slots)
             except (ArtifactError, RegistryError, OSError) as exc:
                 self._failed[directory] = stamp

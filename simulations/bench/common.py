@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -14,9 +15,19 @@ sys.path.insert(0, str(ROOT))
 from fedfuse.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    """The host and the device the figures come from, e.g. ``x86_64 Linux, 2 cores, cpu``."""
     import os
-    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, CPU"
+
+    from fedfuse.device import device_label, resolve_device
+
+    label = device_label(resolve_device(device, "--device"))
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, {label}"
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N or auto: where fedfuse and its baseline run")
 
 
 def simulate(scenario: Path, out: Path, overrides: list[str]) -> Path:

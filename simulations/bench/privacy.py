@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, machine, publish, read_json, simulate
+from common import ROOT, add_device_option, machine, publish, read_json, simulate
 
 from fedfuse.config import load_config  # noqa: E402
+from fedfuse.device import resolve_device  # noqa: E402
 from fedfuse.models import build_model, get_architecture  # noqa: E402
 from fedfuse.privacy import make_private  # noqa: E402
 from fedfuse.sites import plan_federation  # noqa: E402
@@ -37,11 +38,11 @@ USER_EPSILON = 8.0
 
 
 def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path,
-                 mode: str = "sample") -> dict:
+                 mode: str = "sample", device: str = "cpu") -> dict:
     privacy = (["privacy.mode=\"off\""] if epsilon is None
                else [f"privacy.mode=\"{mode}\"", f"privacy.target_epsilon={epsilon}"])
     out = simulate(scenario, workdir / f"{mode}-eps-{epsilon}-seed-{seed}",
-                   [f"seed={seed}", *privacy])
+                   [f"seed={seed}", f"device=\"{device}\"", *privacy])
     summary = read_json(out / "summary.json")
     return {"epsilon": epsilon, "mode": mode if epsilon is not None else "off", "seed": seed,
             "max_epsilon": summary["privacy"]["max_epsilon"],
@@ -50,8 +51,16 @@ def run_scenario(scenario: Path, epsilon: float | None, seed: int, workdir: Path
             "wall_seconds": summary["wall_seconds"]}
 
 
-def time_epochs(scenario: Path, repeats: int) -> dict:
-    """Median seconds per local epoch, plain vs DP-SGD, per architecture."""
+def time_epochs(scenario: Path, repeats: int, device: str = "cpu") -> dict:
+    """Median seconds per local epoch, plain vs DP-SGD, per architecture, on ``device``
+    (a GPU's queued work is waited for before each clock reading)."""
+    dev = resolve_device(device, "--device")
+
+    def clock() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     cfg = load_config(scenario)
     plan = plan_federation(cfg)
     train = plan.dataset.subset(np.concatenate([c.train for c in plan.federation.clients]))
@@ -62,22 +71,22 @@ def time_epochs(scenario: Path, repeats: int) -> dict:
         lr = get_architecture(cohort.arch).dp_lr
         plain, private = [], []
         for r in range(repeats + 1):  # the first pair warms up
-            model = build_model(cohort.arch, train.schema, seed=r)
+            model = build_model(cohort.arch, train.schema, seed=r).to(dev)
             loader = make_loader(train.X, train.y, batch, seed=r)
             opt = make_optimizer(model, lr, 0.0, 0.0)
-            t0 = time.perf_counter()
+            t0 = clock()
             train_epochs(model, loader, opt, 1)
-            t_plain = time.perf_counter() - t0
-            model = build_model(cohort.arch, train.schema, seed=r)
+            t_plain = clock() - t0
+            model = build_model(cohort.arch, train.schema, seed=r).to(dev)
             opt = make_optimizer(model, lr, 0.0, 0.0)
-            t0 = time.perf_counter()
+            t0 = clock()
             m, o, dl, _ = make_private(model, opt, loader, noise_multiplier=1.0,
                                        max_grad_norm=1.0, accountant="rdp", history=[],
                                        generator=torch.Generator().manual_seed(r))
-            t_setup = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t_setup = clock() - t0
+            t0 = clock()
             train_epochs(m, dl, o, 1)
-            t_dp = time.perf_counter() - t0
+            t_dp = clock() - t0
             if r:
                 plain.append(t_plain)
                 private.append((t_dp, t_setup))
@@ -119,17 +128,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "privacy.md")
+    add_device_option(ap)
     args = ap.parse_args()
-    where = machine()
-    timing = time_epochs(args.scenario, args.repeats)
+    where = machine(args.device)
+    timing = time_epochs(args.scenario, args.repeats, args.device)
     print(json.dumps(timing, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for eps, mode in [(e, "sample") for e in EPSILONS] + [(USER_EPSILON, "user")]:
-            runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp), mode))
+            runs.append(run_scenario(args.scenario, eps, args.seed, Path(tmp), mode,
+                                     args.device))
             print(json.dumps(runs[-1]), flush=True)
     results = {"scenario": str(args.scenario.relative_to(ROOT)), "machine": where,
-               "runs": runs, "epoch_timing": timing}
+               "device": args.device, "runs": runs, "epoch_timing": timing}
     publish("privacy", results, args.docs, table(runs, timing, where))
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, publish
+from common import ROOT, add_device_option, machine, publish
 
 SCENARIO = """
 name = "scale"
@@ -121,20 +121,23 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[str, int]:
     return out, peak
 
 
-def fedfuse_rounds(workdir: Path, clients: int, rounds: int, dp: bool) -> tuple[list[float], int]:
+def fedfuse_rounds(workdir: Path, clients: int, rounds: int, dp: bool,
+                   device: str) -> tuple[list[float], int]:
     scenario = workdir / f"scale-{clients}-{dp}.toml"
     scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients,
                                         privacy=PRIVACY if dp else ""))
     out = workdir / f"fedfuse-{clients}-{dp}"
     _, peak = run_measured([sys.executable, "-m", "fedfuse", "simulate", str(scenario),
-                            "--out", str(out)], ROOT)
+                            "--out", str(out), "--device", device], ROOT)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["wall_seconds"] for line in lines], peak
 
 
-def baseline_rounds(clients: int, rounds: int, dp: bool) -> tuple[list[float], int]:
+def baseline_rounds(clients: int, rounds: int, dp: bool,
+                    device: str) -> tuple[list[float], int]:
     cmd = [sys.executable, str(ROOT / "simulations" / "bench" / "scale_baseline.py"),
-           "--clients", str(clients), "--rounds", str(rounds)] + (["--dp"] if dp else [])
+           "--clients", str(clients), "--rounds", str(rounds), "--device", device
+           ] + (["--dp"] if dp else [])
     out, peak = run_measured(cmd, ROOT)
     return json.loads(out.strip().splitlines()[-1])["round_seconds"], peak
 
@@ -150,13 +153,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
     parser.add_argument("--rounds", type=int, default=5)
+    add_device_option(parser)
     args = parser.parse_args()
-    results: dict = {"machine": machine(), "rounds": args.rounds, "points": []}
+    results: dict = {"machine": machine(args.device), "device": args.device,
+                     "rounds": args.rounds, "points": []}
     with tempfile.TemporaryDirectory() as tmp:
         for clients in args.sizes:
             for dp in (False, True):
-                ff = summarise(clients, *fedfuse_rounds(Path(tmp), clients, args.rounds, dp))
-                base = summarise(clients, *baseline_rounds(clients, args.rounds, dp))
+                ff = summarise(clients, *fedfuse_rounds(Path(tmp), clients, args.rounds, dp,
+                                                        args.device))
+                base = summarise(clients, *baseline_rounds(clients, args.rounds, dp,
+                                                           args.device))
                 point = {"clients": clients, "dp": dp, "fedfuse": ff, "baseline": base,
                          "ratio": ff["updates_per_second"] / base["updates_per_second"]}
                 results["points"].append(point)
@@ -171,7 +178,8 @@ def main() -> None:
                     f"{p['baseline']['peak_pss_mib']:.0f} MiB |")
     rows.append("")
     rows.append(f"Measured on {results['machine']}; {args.rounds} rounds per point, the "
-                "median of rounds 2 onwards; Ray with 2 CPUs, one per client.")
+                "median of rounds 2 onwards; Ray with 2 CPUs, one per client"
+                + (", half a GPU each." if args.device != "cpu" else "."))
     publish("scale", results, ROOT / "docs" / "benchmarks.md", "\n".join(rows))
 
 

@@ -34,7 +34,7 @@ BATCH = 16
 LR = 0.05
 
 
-def client_app(clients: int, dp: bool) -> ClientApp:
+def client_app(clients: int, dp: bool, device: str) -> ClientApp:
     app = ClientApp()
 
     @app.train()
@@ -47,6 +47,7 @@ def client_app(clients: int, dp: bool) -> ClientApp:
         part = fed.clients[pid].train
         model = build_model("mlp", data.schema)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.to(device)
         loader = make_loader(data.X[part], data.y[part], BATCH, seed=pid)
         optimizer = make_optimizer(model, LR, 0.0, 0.0)
         if dp:
@@ -56,7 +57,7 @@ def client_app(clients: int, dp: bool) -> ClientApp:
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                 max_grad_norm=1.0, grad_sample_mode="ew")
         result = train_epochs(model, loader, optimizer, 1)
-        state = (model._module if dp else model).state_dict()
+        state = {k: v.cpu() for k, v in (model._module if dp else model).state_dict().items()}
         return Message(RecordDict({
             "arrays": ArrayRecord(state),
             "metrics": MetricRecord({"num-examples": len(part), "train-loss": result.loss})}),
@@ -90,12 +91,20 @@ def main() -> None:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dp", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    gpu = args.device.startswith("cuda") or (args.device == "auto"
+                                              and torch.cuda.is_available())
+    device = "cuda" if gpu else "cpu"  # a Ray worker sees only the GPU it was given
     times: list[float] = []
     run_simulation(server_app=server_app(args.rounds, times),
-                   client_app=client_app(args.clients, args.dp), num_supernodes=args.clients,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "num_gpus": 0,
+                   client_app=client_app(args.clients, args.dp, device),
+                   num_supernodes=args.clients,
+                   backend_config={"client_resources": {"num_cpus": 1.0,
+                                                        "num_gpus": 0.5 if gpu else 0.0},
+                                   "init_args": {"num_cpus": 2,
+                                                 "num_gpus": torch.cuda.device_count() if gpu
+                                                 else 0,
                                                  "include_dashboard": False,
                                                  "logging_level": 40}})
     # times[0]: start; times[1]: the initial evaluate_fn call (round 0); then one per round
