@@ -630,7 +630,8 @@ class Coordinator:
                      cfg.stacking_rounds, record["cohorts"][HEAD].get("train_clients", 0),
                      "n/a" if losses[-1] is None else f"{losses[-1]:.4f}")
         state = group.arrays.to_torch_state_dict()
-        model = StackedModel([self.cohort_model(cohorts[a]) for a in archs], load_head(state))
+        model = StackedModel([self.cohort_model(cohorts[a]) for a in archs],
+                             load_head(state)).to(self.device)
         return self.scored(grid, members, HEAD, state, model,
                            {"rounds": len(losses), "lr": cfg.stacking_lr,
                             "train_loss": losses, "secagg_clipped": clipped}, records)
