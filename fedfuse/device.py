@@ -47,6 +47,20 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     return device
 
 
+def ray_gpus(name: str) -> int:
+    """The GPUs to give Ray's simulation engine for device ``name``: every one PyTorch
+    sees here when ``name`` is a GPU, else none."""
+    import torch
+
+    return torch.cuda.device_count() if resolve_device(name).type == "cuda" else 0
+
+
+def worker_device(name: str) -> str:
+    """The device a simulated client names inside its Ray worker: the worker sees only
+    the GPU Ray gave it, as ``cuda``, whatever index ``name`` holds."""
+    return "cuda" if name.startswith("cuda") else name
+
+
 def device_label(device: torch.device) -> str:
     """``cpu``, or ``cuda:N (<GPU name>)``: what benchmark tables record."""
     import torch

@@ -43,7 +43,6 @@ from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_writ
                              atomic_write_text)
 from fedfuse.config import FedfuseConfig
 from fedfuse.data import DataSchema
-from fedfuse.device import device_label, resolve_device
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion import FusionResult
 from fedfuse.stacking import member_shares
@@ -205,7 +204,7 @@ def build_summary(cfg: FedfuseConfig, result: FederationResult, wall_seconds: fl
         "privacy": privacy_summary(cfg, result),
         "secure_aggregation": cfg.secure_aggregation.enabled and result.secure_sums > 0,
         "secure_sums": result.secure_sums,
-        "device": device_label(resolve_device(cfg.device)),
+        "device": result.device,
         "wall_seconds": round(wall_seconds, 2),
     }
 

@@ -28,7 +28,7 @@ from fedfuse.config import FedfuseConfig
 from fedfuse.data import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.grid import exchange
-from fedfuse.device import resolve_device
+from fedfuse.device import device_label, resolve_device
 from fedfuse.models import build_model, get_architecture, load_model, set_standardization
 from fedfuse.privacy import PrivacyLedger, PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
@@ -87,6 +87,8 @@ class FederationResult:
     """Each site's last privacy report, by node id (empty without DP)."""
     secure_sums: int = 0
     """Cohort rounds whose update was aggregated by secure aggregation."""
+    device: str = "cpu"
+    """Where the coordinator computed (``fedfuse.device.device_label``)."""
 
 
 class RoundListener(Protocol):
@@ -509,7 +511,8 @@ class Coordinator:
                                  self.snapshot(server_round, cohorts, members, history))
             self.listener.on_round(record)
         result = FederationResult(cohorts, members, history, self.fuse(grid, cohorts, members),
-                                  dict(self.privacy), self.secure_sums)
+                                  dict(self.privacy), self.secure_sums,
+                                  device_label(self.device))
         self.listener.on_finish(result)
         return result
 

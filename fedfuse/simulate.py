@@ -9,14 +9,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from rich.console import Console
 
 from fedfuse.checkpoint import load_latest
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import FedfuseConfig
-from fedfuse.device import resolve_device
+from fedfuse.device import ray_gpus
 from fedfuse.partition import label_skew
 from fedfuse.privacy import check_privacy_settings
 from fedfuse.progress import Fanout, ProgressDisplay
@@ -71,8 +70,7 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     check_privacy_settings(cfg, [len(p) for p in train_parts], plan.dataset.schema)
     if cfg.secure_aggregation.enabled:
         check_ring(cfg.secure_aggregation.quantization_bits, sum(len(p) for p in train_parts))
-    device = resolve_device(cfg.device)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = ray_gpus(cfg.device)
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:

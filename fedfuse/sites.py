@@ -19,6 +19,7 @@ import numpy as np
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.config import FedfuseConfig, load_config
 from fedfuse.data import Dataset, load_dataset, split_transfer
+from fedfuse.device import worker_device
 from fedfuse.errors import FedfuseError
 from fedfuse.models import check_compatible
 from fedfuse.partition import Federation, build_federation
@@ -90,9 +91,8 @@ def run_test_split(run_dir: Path) -> Dataset:
 def simulated_site(cfg: FedfuseConfig, partition_id: int,
                    state_root: Path | None = None) -> Site:
     """Client ``partition_id`` of the scenario: its cohort's architecture and its split;
-    with ``state_root`` its state persists in ``state_root/client-<id>``. On a GPU the
-    site uses the one Ray gave its worker (it sees only that one), whatever index
-    ``cfg.device`` names for the coordinator."""
+    with ``state_root`` its state persists in ``state_root/client-<id>``; on a GPU, the
+    one Ray gave its worker (``fedfuse.device.worker_device``)."""
     plan = plan_federation(cfg)
     split = plan.federation.clients[partition_id]
     name = f"client-{partition_id}"
@@ -100,7 +100,7 @@ def simulated_site(cfg: FedfuseConfig, partition_id: int,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
                 secret=simulated_secret(cfg.seed, partition_id),
                 state_dir=None if state_root is None else state_root / name,
-                device="cuda" if cfg.device.startswith("cuda") else cfg.device)
+                device=worker_device(cfg.device))
 
 
 def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedfuse.config import load_config
-from fedfuse.device import check_device_name, resolve_device
+from fedfuse.device import check_device_name, ray_gpus, resolve_device, worker_device
 from fedfuse.errors import ConfigError
 from fedfuse.simulate import backend_config
 from tests.conftest import Server, make_artifact, run_cli
@@ -72,6 +72,13 @@ def test_site_on_a_missing_gpu_is_refused_before_connecting(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--device: 'cuda': PyTorch sees no CUDA GPU" in error_lines(proc)[0]
     assert not (tmp_path / "state").exists()
+
+
+def test_what_ray_and_its_workers_are_given():
+    assert ray_gpus("cpu") == 0
+    assert ray_gpus("auto") == torch.cuda.device_count()
+    assert [worker_device(n) for n in ("cpu", "auto", "cuda", "cuda:3")] == [
+        "cpu", "auto", "cuda", "cuda"]  # a worker sees only its own GPU, as cuda
 
 
 def test_ray_gpu_shares(scenario):

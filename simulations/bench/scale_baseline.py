@@ -25,6 +25,7 @@ from flwr.simulation import run_simulation
 
 from fedfuse.config import DataConfig
 from fedfuse.data import load_dataset
+from fedfuse.device import ray_gpus, resolve_device, worker_device
 from fedfuse.models import build_model
 from fedfuse.partition import build_federation
 from fedfuse.training import make_loader, make_optimizer, train_epochs
@@ -47,7 +48,7 @@ def client_app(clients: int, dp: bool, device: str) -> ClientApp:
         part = fed.clients[pid].train
         model = build_model("mlp", data.schema)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        model.to(device)
+        model.to(resolve_device(device))
         loader = make_loader(data.X[part], data.y[part], BATCH, seed=pid)
         optimizer = make_optimizer(model, LR, 0.0, 0.0)
         if dp:
@@ -93,18 +94,14 @@ def main() -> None:
     parser.add_argument("--dp", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    gpu = args.device.startswith("cuda") or (args.device == "auto"
-                                              and torch.cuda.is_available())
-    device = "cuda" if gpu else "cpu"  # a Ray worker sees only the GPU it was given
+    gpus = ray_gpus(args.device)
     times: list[float] = []
     run_simulation(server_app=server_app(args.rounds, times),
-                   client_app=client_app(args.clients, args.dp, device),
+                   client_app=client_app(args.clients, args.dp, worker_device(args.device)),
                    num_supernodes=args.clients,
                    backend_config={"client_resources": {"num_cpus": 1.0,
-                                                        "num_gpus": 0.5 if gpu else 0.0},
-                                   "init_args": {"num_cpus": 2,
-                                                 "num_gpus": torch.cuda.device_count() if gpu
-                                                 else 0,
+                                                        "num_gpus": 0.5 if gpus else 0.0},
+                                   "init_args": {"num_cpus": 2, "num_gpus": gpus,
                                                  "include_dashboard": False,
                                                  "logging_level": 40}})
     # times[0]: start; times[1]: the initial evaluate_fn call (round 0); then one per round
