@@ -36,7 +36,8 @@ def test_evaluate_refuses_a_tampered_artifact_and_foreign_labels(tmp_path):
     proc = run_cli("evaluate", model, "--data", data, "--png", tmp_path / "cm.png")
     assert proc.returncode == 2 and "labels ['42'] are not classes of this model" in proc.stderr
     member = model / "members" / "mlp.safetensors"
-    member.write_bytes(member.read_bytes()[:-1] + b"\x00")
+    raw = member.read_bytes()
+    member.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
     proc = run_cli("evaluate", model, "--data", data, "--png", tmp_path / "cm.png")
     assert proc.returncode == 2 and "SHA-256 does not match" in proc.stderr
     assert not (tmp_path / "cm.png").exists()

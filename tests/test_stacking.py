@@ -22,6 +22,9 @@ ARCHS = ("cnn", "mlp", "logreg")
 def setting():
     data = load_dataset(DataConfig())
     members = [build_model(a, data.schema, seed=i) for i, a in enumerate(ARCHS)]
+    for model in members:  # a random read-out instead of the zero one: distinct votes
+        readout = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.nn.init.normal_(readout.weight, std=0.5)
     return data, members
 
 
