@@ -234,7 +234,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
              torch.Generator(device=device).manual_seed(generator.initial_seed()))
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(h) for h in history]
-    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=generator)
+    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=generator,
+                        collate_fn=loader.collate_fn)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

@@ -26,9 +26,25 @@ class LoopResult:
 def make_loader(X: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None,
                 shuffle: bool = True) -> DataLoader:
     """A loader over in-memory tensors; ``seed`` fixes the shuffling order."""
-    ds = TensorDataset(torch.as_tensor(X), torch.as_tensor(y))
+    ds = InMemoryDataset(torch.as_tensor(X), torch.as_tensor(y))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=batched)
+
+
+class InMemoryDataset(TensorDataset):
+    """A :class:`TensorDataset` that hands a loader a whole batch with one indexing
+    operation (``__getitems__``) instead of one ``__getitem__`` per example."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def batched(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The loader's collate function for :class:`InMemoryDataset`: its batches arrive
+    already stacked."""
+    return batch
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float,
