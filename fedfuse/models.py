@@ -134,9 +134,14 @@ def zero_readout(body: nn.Module) -> None:
     scenario at ε = 8 it raised each cohort by 0–2 points (docs/privacy.md). For
     ``logreg`` the read-out is the whole model, so its start no longer depends on the
     seed."""
-    readout = [m for m in body.modules() if isinstance(m, nn.Linear)][-1]
-    nn.init.zeros_(readout.weight)
-    nn.init.zeros_(readout.bias)
+    layer = readout(body)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def readout(model: nn.Module) -> nn.Linear:
+    """The model's read-out: its last linear layer, the one that outputs the logits."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
 def set_standardization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from fedfuse.data import load_dataset
 from fedfuse.errors import ConfigError
 from fedfuse.export import export_model, run_exported
 from fedfuse.fusion import fuse_proba
-from fedfuse.models import build_model
+from fedfuse.models import build_model, readout
 from fedfuse.stacking import (StackedModel, build_head, initial_head, load_head,
                               member_shares, stack_features)
 from fedfuse.training import predict_proba
@@ -23,8 +23,7 @@ def setting():
     data = load_dataset(DataConfig())
     members = [build_model(a, data.schema, seed=i) for i, a in enumerate(ARCHS)]
     for model in members:  # a random read-out instead of the zero one: distinct votes
-        readout = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        torch.nn.init.normal_(readout.weight, std=0.5)
+        torch.nn.init.normal_(readout(model).weight, std=0.5)
     return data, members
 
 
