@@ -56,6 +56,10 @@ class PartitionConfig:
     """Dirichlet concentration: smaller means stronger label skew."""
     min_samples: int = 10
     """Fewest examples (train + validation) a client may receive."""
+    by_cohort: bool = True
+    """Give each cohort a stratified share of the pool (in proportion to its clients)
+    before the label skew is drawn among its clients, so that cohorts differ by
+    architecture, not by the luck of the split; ``false`` partitions all clients together."""
 
     def __post_init__(self) -> None:
         _check(self.alpha > 0.0, "alpha", "must be > 0")

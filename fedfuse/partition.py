@@ -5,6 +5,7 @@ All functions are pure given their ``seed``: the same seed gives the same split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,17 +83,50 @@ def train_val_split(idx: np.ndarray, val_fraction: float, seed: int) -> ClientSp
     return ClientSplit(train=np.sort(perm[n_val:]), val=np.sort(perm[:n_val]))
 
 
-def build_federation(y: np.ndarray, num_clients: int, *, method: str, alpha: float,
+def stratified_groups(y: np.ndarray, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
+    """Deal each class over groups in proportion to ``sizes``: group g gets about
+    ``n_k · s_g / Σ s`` of class k's examples (cut at the cumulative proportions of each
+    class's shuffled indices), so every group has the pooled class mix."""
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum(sizes)[:-1] / float(sum(sizes))
+    groups: list[list[np.ndarray]] = [[] for _ in sizes]
+    for k in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == k))
+        for g, chunk in enumerate(np.split(idx, (bounds * len(idx)).round().astype(int))):
+            groups[g].append(chunk)
+    return [np.sort(np.concatenate(g)) for g in groups]
+
+
+def build_federation(y: np.ndarray, groups: Sequence[int], *, method: str, alpha: float,
                      min_samples: int, test_fraction: float, val_fraction: float,
-                     seed: int) -> Federation:
-    """Hold out a stratified test split, partition the rest, split each part into train/val."""
+                     seed: int, by_group: bool = True) -> Federation:
+    """Hold out a stratified test split, partition the rest, split each part into train/val.
+
+    ``groups`` holds the number of clients of each group (cohort), clients numbered group
+    by group. With ``by_group`` every group first receives a stratified share of the pool
+    in proportion to its clients (:func:`stratified_groups`), and the label skew is drawn
+    within it; otherwise all clients are partitioned together, so a group's data is
+    whatever its clients happen to draw.
+    """
     pool, test = stratified_holdout(y, test_fraction, seed)
-    if method == "iid":
-        parts = partition_iid(len(pool), num_clients, seed + 1)
-    else:
-        parts = partition_dirichlet(y[pool], num_clients, alpha, seed + 1, min_samples)
+    _check_enough(len(pool), sum(groups), min_samples)
+    shares = stratified_groups(y[pool], groups, seed + 1) if by_group else [np.arange(len(pool))]
+    counts = list(groups) if by_group else [sum(groups)]
+    parts: list[np.ndarray] = []
+    for g, (share, n_clients) in enumerate(zip(shares, counts)):
+        group_seed = seed + 1 + 1000 * g
+        try:
+            if method == "iid":
+                local = partition_iid(len(share), n_clients, group_seed)
+            else:
+                local = partition_dirichlet(y[pool][share], n_clients, alpha, group_seed,
+                                            min_samples)
+        except DataError as exc:
+            raise DataError(f"cohorts[{g}]'s share of the data: {exc}" if by_group
+                            else str(exc)) from None
+        parts.extend(share[p] for p in local)
     if min(len(p) for p in parts) < min_samples:
-        raise DataError(f"{len(pool)} training examples cannot give {num_clients} clients "
+        raise DataError(f"{len(pool)} training examples cannot give {sum(groups)} clients "
                         f"{min_samples} each (partition.min_samples)")
     clients = tuple(train_val_split(pool[p], val_fraction, seed + 2 + i)
                     for i, p in enumerate(parts))

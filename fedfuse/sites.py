@@ -67,9 +67,9 @@ def plan_federation(cfg: FedfuseConfig) -> Plan:
             check_compatible(cohort.arch, dataset.schema, key=f"cohorts[{i}].arch")
         p = cfg.partition
         federation = build_federation(
-            dataset.y, cfg.num_clients, method=p.method, alpha=p.alpha,
+            dataset.y, [c.clients for c in cfg.cohorts], method=p.method, alpha=p.alpha,
             min_samples=p.min_samples, test_fraction=cfg.data.test_fraction,
-            val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+            val_fraction=cfg.data.val_fraction, seed=cfg.seed, by_group=p.by_cohort)
         _PLANS[key] = Plan(dataset, federation)
     return _PLANS[key]
 

@@ -43,7 +43,7 @@ def client_app(clients: int, dp: bool, device: str) -> ClientApp:
         torch.set_num_threads(1)
         pid = int(context.node_config["partition-id"])
         data = load_dataset(DataConfig())  # quickstart style: load and partition per call
-        fed = build_federation(data.y, clients, method="iid", alpha=1.0, min_samples=2,
+        fed = build_federation(data.y, [clients], method="iid", alpha=1.0, min_samples=2,
                                test_fraction=0.2, val_fraction=0.1, seed=SEED)
         part = fed.clients[pid].train
         model = build_model("mlp", data.schema)
