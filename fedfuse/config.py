@@ -157,6 +157,10 @@ class SimulationConfig:
     own send_and_receive, all of a batch at once, replies polled every 0.1 s). Flower's
     in-memory SuperLink scans every stored message for every node it serves, so a batch
     of n messages costs O(n^2) per scan; a sliding window of this many keeps it O(n)."""
+    pickup_interval: float | None = None
+    """Seconds the engine waits between its sweeps for new messages to hand to the client
+    actors (Flower's own: 0.1). Unset: ``0.1 · min(1, clients / 200)``, shorter for small
+    federations, where a round lasts a few of these waits (see fedfuse/engine.py)."""
     verbose: bool = False
     """Show Flower's own INFO logs."""
 
@@ -170,6 +174,8 @@ class SimulationConfig:
         _check(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]")
         _check(self.max_in_flight >= 0, "max_in_flight", "must be >= 0 (0: no window)")
+        _check(self.pickup_interval is None or 0.0 < self.pickup_interval <= 1.0,
+               "pickup_interval", "must be in (0, 1] seconds")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fedfuse.checkpoint import load_latest
 from fedfuse.clientapp import build_client_app
 from fedfuse.config import FedfuseConfig
 from fedfuse.device import ray_gpus
+from fedfuse.engine import message_pickup, pickup_interval
 from fedfuse.partition import label_skew
 from fedfuse.privacy import check_privacy_settings
 from fedfuse.progress import Fanout, ProgressDisplay
@@ -85,11 +86,13 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
                                       checkpoint)
         client_app = build_client_app(partial(site_from_context, cfg, run.path / "sites"),
                                       cfg.simulation.threads_per_client)
+        interval = pickup_interval(cfg.num_clients, cfg.simulation.pickup_interval)
         try:
-            run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=cfg.num_clients,
-                           backend_config=backend_config(cfg, gpus),
-                           verbose_logging=cfg.simulation.verbose)
+            with message_pickup(interval):
+                run_simulation(server_app=server_app, client_app=client_app,
+                               num_supernodes=cfg.num_clients,
+                               backend_config=backend_config(cfg, gpus),
+                               verbose_logging=cfg.simulation.verbose)
         finally:
             display.close()
         if run.result is None:

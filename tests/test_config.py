@@ -121,3 +121,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path = tmp_path / "again.toml"
     path.write_text(cfg.to_toml())
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 2.0])
+def test_bad_pickup_interval_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        build(simulation={"pickup_interval": value})
+    assert err.value.key == "simulation.pickup_interval"
