@@ -3,7 +3,7 @@
 The engine hands messages from its in-memory SuperLink to the client actors in a loop
 (``vce_api.add_messages_to_queue``) that sweeps every node for undelivered messages and
 then waits 0.1 s. A message the ServerApp sends therefore waits 50 ms on average before a
-client starts on it, once per exchange: most of a round when a round takes a few tenths
+client starts on it, once per exchange: a quarter of a round that takes two tenths
 of a second. A sweep costs O(nodes × stored messages), so waiting less is worth it only
 for small federations; :func:`pickup_interval` scales the wait with the node count.
 """
