@@ -110,16 +110,17 @@ def build_federation(y: np.ndarray, groups: Sequence[int], *, method: str, alpha
     """
     pool, test = stratified_holdout(y, test_fraction, seed)
     _check_enough(len(pool), sum(groups), min_samples)
-    shares = stratified_groups(y[pool], groups, seed + 1) if by_group else [np.arange(len(pool))]
-    counts = list(groups) if by_group else [sum(groups)]
+    y_pool = y[pool]
+    sizes = list(groups) if by_group else [sum(groups)]  # without by_group: one group
     parts: list[np.ndarray] = []
-    for g, (share, n_clients) in enumerate(zip(shares, counts)):
+    for g, (share, n_clients) in enumerate(zip(stratified_groups(y_pool, sizes, seed + 1),
+                                               sizes)):
         group_seed = seed + 1 + 1000 * g
         try:
             if method == "iid":
                 local = partition_iid(len(share), n_clients, group_seed)
             else:
-                local = partition_dirichlet(y[pool][share], n_clients, alpha, group_seed,
+                local = partition_dirichlet(y_pool[share], n_clients, alpha, group_seed,
                                             min_samples)
         except DataError as exc:
             raise DataError(f"cohorts[{g}]'s share of the data: {exc}" if by_group
