@@ -93,10 +93,10 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", se
     """A real fused artifact of three freshly initialised digits models."""
     import numpy as np
 
-    from fedfuse.artifact import Member, write_artifact
-    from fedfuse.config import DataConfig
-    from fedfuse.data import load_dataset
-    from fedfuse.models import build_model
+    from fedfuse.artifact.manifest import Member, write_artifact
+    from fedfuse.config.scenario import DataConfig
+    from fedfuse.data.datasets import load_dataset
+    from fedfuse.models.registry import build_model
 
     schema = load_dataset(DataConfig()).schema
     members = [Member(arch, build_model(arch, schema, seed=seed + i).state_dict(), 3, 0.5 + i / 10)
@@ -142,7 +142,7 @@ class Server:
     def __enter__(self) -> Server:
         import httpx
 
-        from fedfuse.client import tls_context
+        from fedfuse.serving.client import tls_context
 
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)

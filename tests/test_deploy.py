@@ -23,7 +23,7 @@ from fedfuse.deploy.certs import CertsDir, check_server_certificate, init_certs
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.site import probe_coordinator
 from fedfuse.errors import FedfuseError
-from fedfuse.sites import run_test_split
+from fedfuse.data.sites import run_test_split
 from tests.conftest import FEDFUSE, ROOT, free_port, run_cli, stop_process
 
 SCENARIO = """

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedfuse.config import config_from_dict
-from fedfuse.data import load_dataset
+from fedfuse.config.scenario import config_from_dict
+from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import deployed_site, run_config
 from fedfuse.errors import DataError, FedfuseError
-from fedfuse.serverapp import Coordinator
+from fedfuse.coordinator.loop import Coordinator
 from tests.conftest import reply_from
 
 RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
@@ -131,7 +131,7 @@ def test_cohort_sites_are_validated():
 
 @pytest.mark.usefixtures("task_identity")
 def test_every_exchange_is_bounded_by_round_timeout():
-    from fedfuse.serverapp import BoundedGrid
+    from fedfuse.coordinator.loop import BoundedGrid
 
     grid = FakeGrid({11: ("a", "logreg")})
     bounded = BoundedGrid(grid, 12.5)
@@ -145,7 +145,7 @@ def test_a_deployed_runs_test_split_is_the_coordinators_whole_file(tmp_path: Pat
                                                                    fraction, expected):
     """`fedfuse fuse` and `query --run` rescore a deployed run on the data its coordinator
     held (less the transfer inputs), not on a simulated partition of that file."""
-    from fedfuse.sites import run_test_split
+    from fedfuse.data.sites import run_test_split
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "test.npz", X=rng.normal(size=(40, 5)).astype(np.float32),

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config import load_config
-from fedfuse.device import check_device_name, ray_gpus, resolve_device, worker_device
+from fedfuse.config.scenario import load_config
+from fedfuse.models.device import check_device_name, ray_gpus, resolve_device, worker_device
 from fedfuse.errors import ConfigError
-from fedfuse.simulate import backend_config
+from fedfuse.simulation.runner import backend_config
 from tests.conftest import Server, make_artifact, run_cli
 from tests.test_cli_errors import assert_refused, error_lines
 
@@ -99,7 +99,7 @@ def test_ray_gpu_shares(scenario):
 def test_train_and_serve_on_the_gpu(scenario, tmp_path):
     """DP-SGD and secure aggregation on the GPU, then the artifact served from it: the
     summary records the GPU, and served probabilities equal the CPU predictor's."""
-    from fedfuse.artifact import FusedPredictor
+    from fedfuse.artifact.manifest import FusedPredictor
 
     out = tmp_path / "run"
     proc = run_cli("simulate", scenario(), "--out", out, "--device", "cuda",

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config import DataConfig, config_from_dict
-from fedfuse.data import load_dataset, split_transfer
-from fedfuse.distill import distill, kl_to_teacher, soften
+from fedfuse.config.scenario import DataConfig, config_from_dict
+from fedfuse.data.datasets import load_dataset, split_transfer
+from fedfuse.fusion.distill import distill, kl_to_teacher, soften
 from fedfuse.errors import ConfigError, DataError
-from fedfuse.fusion import brier_statistics, choose_method, member_briers
-from fedfuse.models import build_model, set_standardization
-from fedfuse.training import make_loader, make_optimizer, predict_proba, train_epochs
+from fedfuse.fusion.soft_vote import brier_statistics, choose_method, member_briers
+from fedfuse.models.registry import build_model, set_standardization
+from fedfuse.models.training import make_loader, make_optimizer, predict_proba, train_epochs
 
 
 @pytest.fixture(scope="module")

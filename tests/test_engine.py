@@ -1,7 +1,7 @@
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 
-from fedfuse.engine import message_pickup, pickup_interval
+from fedfuse.simulation.engine import message_pickup, pickup_interval
 
 
 def test_pickup_interval_shrinks_for_small_federations_only():

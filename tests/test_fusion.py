@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact import ArtifactError, FusedPredictor, InputError
-from fedfuse.config import DataConfig
-from fedfuse.data import load_dataset
-from fedfuse.fusion import brier_score, brier_statistics, fit_simplex_weights, fuse_proba
-from fedfuse.models import build_model
-from fedfuse.training import predict_proba
+from fedfuse.artifact.manifest import ArtifactError, FusedPredictor, InputError
+from fedfuse.config.scenario import DataConfig
+from fedfuse.data.datasets import load_dataset
+from fedfuse.fusion.soft_vote import brier_score, brier_statistics, fit_simplex_weights, fuse_proba
+from fedfuse.models.registry import build_model
+from fedfuse.models.training import predict_proba
 from tests.conftest import make_artifact
 
 rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedfuse.errors import DataError
-from fedfuse.partition import (build_federation, label_skew, partition_dirichlet,
+from fedfuse.data.partition import (build_federation, label_skew, partition_dirichlet,
                                partition_iid, stratified_groups, stratified_holdout,
                                train_val_split)
 

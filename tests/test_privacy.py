@@ -12,14 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedfuse.clientapp import build_client_app
-from fedfuse.config import config_from_dict, load_config
+from fedfuse.site.app import build_client_app
+from fedfuse.config.scenario import config_from_dict, load_config
 from fedfuse.errors import ConfigError, FedfuseError
-from fedfuse.models import build_model
-from fedfuse.privacy import (FileLedgerStore, PrivacyRequest, calibrate_noise,
+from fedfuse.models.registry import build_model
+from fedfuse.privacy.dpsgd import (FileLedgerStore, PrivacyRequest, calibrate_noise,
                              check_dp_compatible, check_privacy_settings, default_delta,
                              epsilon_of, noise_seed)
-from fedfuse.sites import Site, plan_federation, simulated_site
+from fedfuse.data.sites import Site, plan_federation, simulated_site
 from tests.conftest import ROOT, incoming
 
 BASE = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 2}]}

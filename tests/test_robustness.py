@@ -15,12 +15,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
-from fedfuse.artifact import FusedPredictor
-from fedfuse.checkpoint import Checkpoint, load_latest, path_for, write_checkpoint
-from fedfuse.config import config_from_dict, load_config
+from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.coordinator.checkpoint import Checkpoint, load_latest, path_for, write_checkpoint
+from fedfuse.config.scenario import config_from_dict, load_config
 from fedfuse.errors import ConfigError
-from fedfuse.gates import check_update, gate_updates
-from fedfuse.sites import plan_federation, run_test_split
+from fedfuse.coordinator.gates import check_update, gate_updates
+from fedfuse.data.sites import plan_federation, run_test_split
 from fedfuse.strategies import cohort_strategy
 from tests.conftest import FEDFUSE, ROOT, SMALL_SCENARIO, reply_from, run_cli
 
@@ -228,7 +228,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
 
 def ledgers(run: Path) -> dict[str, tuple[int, float]]:
     """Each simulated site's spent steps and ε, from its ledger file in the run."""
-    from fedfuse.privacy import FileLedgerStore
+    from fedfuse.privacy.dpsgd import FileLedgerStore
 
     found = {}
     for path in sorted((run / "sites").glob("*/privacy-ledger.json")):
@@ -297,10 +297,10 @@ def test_gates_and_timeouts_in_a_real_simulation(tmp_path: Path):
 
     from flwr.simulation import run_simulation
 
-    from fedfuse.clientapp import build_client_app
-    from fedfuse.serverapp import build_server_app
-    from fedfuse.simulate import backend_config, site_from_context
-    from fedfuse.sites import plan_federation
+    from fedfuse.site.app import build_client_app
+    from fedfuse.coordinator.loop import build_server_app
+    from fedfuse.simulation.runner import backend_config, site_from_context
+    from fedfuse.data.sites import plan_federation
 
     cfg = config_from_dict({
         "name": "poisoned", "seed": 2, "rounds": 2, "round_timeout": 15.0,
@@ -391,7 +391,7 @@ def test_messages_expire_when_the_wait_for_their_replies_ends(task_identity):
     (created_at + ttl), so a site that reconnects late never trains for a finished round."""
     from flwr.app import Message
 
-    from fedfuse.serverapp import BoundedGrid
+    from fedfuse.coordinator.loop import BoundedGrid
 
     class Recording:
         def send_and_receive(self, messages, timeout=None):
@@ -420,7 +420,7 @@ def test_a_window_keeps_at_most_n_messages_in_flight(task_identity):
     slot until the deadline, and messages not yet sent by then count as unanswered."""
     from flwr.app import Message
 
-    from fedfuse.serverapp import BoundedGrid
+    from fedfuse.coordinator.loop import BoundedGrid
 
     class Engine:
         """Answers each pushed message on the next pull, except those to node 99."""
@@ -464,7 +464,7 @@ def test_replay_store_keys_on_the_whole_request_and_keeps_the_newest(tmp_path: P
     import torch
     from flwr.app import ConfigRecord
 
-    from fedfuse.replay import ReplayStore, request_key
+    from fedfuse.site.replay import ReplayStore, request_key
 
     arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
     config = ConfigRecord({"server-round": 3, "lr": 0.5, "seed": 11})

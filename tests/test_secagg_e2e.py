@@ -10,12 +10,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.simulation import run_simulation
 
-from fedfuse.clientapp import build_client_app
-from fedfuse.config import config_from_dict
+from fedfuse.site.app import build_client_app
+from fedfuse.config.scenario import config_from_dict
 from fedfuse.secagg.messages import MASKED
-from fedfuse.serverapp import FederationResult, build_server_app
-from fedfuse.simulate import backend_config, site_from_context
-from fedfuse.sites import plan_federation
+from fedfuse.coordinator.loop import FederationResult, build_server_app
+from fedfuse.simulation.runner import backend_config, site_from_context
+from fedfuse.data.sites import plan_federation
 
 pytestmark = pytest.mark.slow
 

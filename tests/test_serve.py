@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from fedfuse.artifact import FusedPredictor
-from fedfuse.client import (AuthenticationError, ConnectionFailed, InvalidInput, NotFound,
+from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.serving.client import (AuthenticationError, ConnectionFailed, InvalidInput, NotFound,
                             PredictClient, RateLimited, tls_context)
-from fedfuse.config import DataConfig
-from fedfuse.data import load_dataset
+from fedfuse.config.scenario import DataConfig
+from fedfuse.data.datasets import load_dataset
 from fedfuse.serving.auth import create_key
 from tests.conftest import Server, free_port, make_artifact, run_cli
 
@@ -308,7 +308,7 @@ def test_tampered_version_is_not_served(tmp_path, digits):
 
 
 def test_tls(tmp_path, digits):
-    from fedfuse.pki import create_ca, issue_server_cert, write_pem
+    from fedfuse.deploy.pki import create_ca, issue_server_cert, write_pem
 
     make_artifact(tmp_path / "model")
     ca = create_ca()

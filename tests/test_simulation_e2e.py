@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from fedfuse.artifact import FusedPredictor
-from fedfuse.config import load_config
-from fedfuse.data import DataSchema
-from fedfuse.models import build_model
-from fedfuse.sites import plan_federation
-from fedfuse.training import evaluate
+from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.config.scenario import load_config
+from fedfuse.data.datasets import DataSchema
+from fedfuse.models.registry import build_model
+from fedfuse.data.sites import plan_federation
+from fedfuse.models.training import evaluate
 from tests.conftest import Server, run_cli
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ def test_fuse_rebuilds_the_artifact_from_the_run(two_runs, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exports_reproduce_the_fused_model(two_runs, tmp_path, fmt):
-    from fedfuse.export import run_exported
+    from fedfuse.artifact.export import run_exported
 
     _, (run, _) = two_runs
     test = plan_federation(load_config(run / "config.toml")).test

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact import ArtifactError, FusedPredictor, Member, write_artifact
-from fedfuse.config import DataConfig, config_from_dict
-from fedfuse.data import load_dataset
+from fedfuse.artifact.manifest import ArtifactError, FusedPredictor, Member, write_artifact
+from fedfuse.config.scenario import DataConfig, config_from_dict
+from fedfuse.data.datasets import load_dataset
 from fedfuse.errors import ConfigError
-from fedfuse.export import export_model, run_exported
-from fedfuse.fusion import fuse_proba
-from fedfuse.models import build_model, readout
-from fedfuse.stacking import (StackedModel, build_head, initial_head, load_head,
+from fedfuse.artifact.export import export_model, run_exported
+from fedfuse.fusion.soft_vote import fuse_proba
+from fedfuse.models.registry import build_model, readout
+from fedfuse.fusion.stacking import (StackedModel, build_head, initial_head, load_head,
                               member_shares, stack_features)
-from fedfuse.training import predict_proba
+from fedfuse.models.training import predict_proba
 
 ARCHS = ("cnn", "mlp", "logreg")
 

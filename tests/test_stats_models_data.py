@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config import DataConfig
-from fedfuse.data import load_dataset
+from fedfuse.config.scenario import DataConfig
+from fedfuse.data.datasets import load_dataset
 from fedfuse.errors import ConfigError, DataError
-from fedfuse.models import REGISTRY, build_model, check_compatible, set_standardization
-from fedfuse.stats import local_moments, pooled_mean_std
+from fedfuse.models.registry import REGISTRY, build_model, check_compatible, set_standardization
+from fedfuse.data.stats import local_moments, pooled_mean_std
 
 
 def test_pooled_moments_equal_statistics_of_the_union():

@@ -29,15 +29,15 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedfuse.atomic import create_private
-from fedfuse.clientapp import build_client_app
-from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
-from fedfuse.data import Dataset, load_dataset
+from fedfuse.site.app import build_client_app
+from fedfuse.config.scenario import DataConfig, FedfuseConfig, config_from_dict
+from fedfuse.data.datasets import Dataset, load_dataset
 from fedfuse.errors import FedfuseError
-from fedfuse.partition import train_val_split
-from fedfuse.progress import Fanout, ProgressDisplay
-from fedfuse.rundir import RunDirectory, build_summary
-from fedfuse.serverapp import Coordinator
-from fedfuse.sites import Site
+from fedfuse.data.partition import train_val_split
+from fedfuse.artifact.progress import Fanout, ProgressDisplay
+from fedfuse.artifact.rundir import RunDirectory, build_summary
+from fedfuse.coordinator.loop import Coordinator
+from fedfuse.data.sites import Site
 
 SECRET_FILE = "site-secret"
 

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedfuse.atomic import create_private
-from fedfuse.config import SITE_NAME
+from fedfuse.config.scenario import SITE_NAME
 from fedfuse.errors import FedfuseError
-from fedfuse.pki import KeyPair, create_ca, issue_server_cert, write_pem
+from fedfuse.deploy.pki import KeyPair, create_ca, issue_server_cert, write_pem
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 

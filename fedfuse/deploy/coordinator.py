@@ -23,15 +23,15 @@ from typing import Any
 import tomli_w
 
 from fedfuse import __version__
-from fedfuse.config import FedfuseConfig
-from fedfuse.data import load_dataset, split_transfer
+from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.data.datasets import load_dataset, split_transfer
 from fedfuse.deploy.apps import run_config
 from fedfuse.deploy.certs import CertsDir, check_server_certificate, load_site_public_key
 from fedfuse.deploy.process import FlowerProcess, strip_ansi
 from fedfuse.errors import ConfigError, FedfuseError
-from fedfuse.models import build_model
-from fedfuse.privacy import check_dp_compatible
-from fedfuse.rundir import partial_path
+from fedfuse.models.registry import build_model
+from fedfuse.privacy.dpsgd import check_dp_compatible
+from fedfuse.artifact.rundir import partial_path
 
 CONNECT_TIMEOUT = 60.0
 """Seconds to wait for the freshly started SuperLink to answer."""

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfuse.config import DataConfig
-from fedfuse.data import load_dataset
+from fedfuse.config.scenario import DataConfig
+from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import site_secret
-from fedfuse.device import resolve_device
+from fedfuse.models.device import resolve_device
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.process import FlowerProcess

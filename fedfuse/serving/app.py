@@ -35,10 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fedfuse import __version__
-from fedfuse.artifact import MANIFEST, ArtifactError, read_verified_manifest
-from fedfuse.config import ServeConfig
-from fedfuse.data import DataSchema
-from fedfuse.device import device_label, resolve_device
+from fedfuse.artifact.manifest import MANIFEST, ArtifactError, read_verified_manifest
+from fedfuse.config.scenario import ServeConfig
+from fedfuse.data.datasets import DataSchema
+from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
 from fedfuse.serving.batcher import BatcherClosed
 from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body

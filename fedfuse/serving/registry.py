@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedfuse.artifact import MANIFEST, ArtifactError, FusedPredictor
+from fedfuse.artifact.manifest import MANIFEST, ArtifactError, FusedPredictor
 from fedfuse.errors import FedfuseError
 from fedfuse.serving.batcher import BatchObserver, MicroBatcher
 

@@ -19,7 +19,7 @@ def machine(device: str = "cpu") -> str:
     """The host and the device the figures come from, e.g. ``x86_64 Linux, 2 cores, cpu``."""
     import os
 
-    from fedfuse.device import device_label, resolve_device
+    from fedfuse.models.device import device_label, resolve_device
 
     label = device_label(resolve_device(device, "--device"))
     return f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, {label}"

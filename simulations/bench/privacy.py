@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from common import ROOT, add_device_option, machine, publish, read_json, simulate
 
-from fedfuse.config import load_config  # noqa: E402
-from fedfuse.device import resolve_device  # noqa: E402
-from fedfuse.models import build_model, get_architecture  # noqa: E402
-from fedfuse.privacy import make_private  # noqa: E402
-from fedfuse.sites import plan_federation  # noqa: E402
-from fedfuse.training import make_loader, make_optimizer, train_epochs  # noqa: E402
+from fedfuse.config.scenario import load_config  # noqa: E402
+from fedfuse.models.device import resolve_device  # noqa: E402
+from fedfuse.models.registry import build_model, get_architecture  # noqa: E402
+from fedfuse.privacy.dpsgd import make_private  # noqa: E402
+from fedfuse.data.sites import plan_federation  # noqa: E402
+from fedfuse.models.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, None)
 USER_EPSILON = 8.0

@@ -23,12 +23,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from fedfuse.config import DataConfig
-from fedfuse.data import load_dataset
-from fedfuse.device import ray_gpus, resolve_device, worker_device
-from fedfuse.models import build_model
-from fedfuse.partition import build_federation
-from fedfuse.training import make_loader, make_optimizer, train_epochs
+from fedfuse.config.scenario import DataConfig
+from fedfuse.data.datasets import load_dataset
+from fedfuse.models.device import ray_gpus, resolve_device, worker_device
+from fedfuse.models.registry import build_model
+from fedfuse.data.partition import build_federation
+from fedfuse.models.training import make_loader, make_optimizer, train_epochs
 
 SEED = 0
 BATCH = 16

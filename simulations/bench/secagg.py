@@ -59,10 +59,10 @@ def logreg_payload() -> int:
     """Entries of a masked vector for the bench's model (logreg on digits)."""
     from flwr.app import ArrayRecord
 
-    from fedfuse.data import load_dataset
-    from fedfuse.config import DataConfig
-    from fedfuse.models import build_model
-    from fedfuse.secagg.rounds import sizes
+    from fedfuse.data.datasets import load_dataset
+    from fedfuse.config.scenario import DataConfig
+    from fedfuse.models.registry import build_model
+    from fedfuse.coordinator.sessions import sizes
 
     model = build_model("logreg", load_dataset(DataConfig()).schema)
     return payload_length(sizes(ArrayRecord(model.state_dict())))

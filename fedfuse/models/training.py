@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedfuse.device import model_device
+from fedfuse.models.device import model_device
 
 
 @dataclass(frozen=True)

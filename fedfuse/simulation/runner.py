@@ -12,18 +12,18 @@ from typing import Any
 from flwr.app import Context
 from rich.console import Console
 
-from fedfuse.checkpoint import load_latest
-from fedfuse.clientapp import build_client_app
-from fedfuse.config import FedfuseConfig
-from fedfuse.device import ray_gpus
-from fedfuse.engine import message_pickup, pickup_interval
-from fedfuse.partition import label_skew
-from fedfuse.privacy import check_privacy_settings
-from fedfuse.progress import Fanout, ProgressDisplay
+from fedfuse.coordinator.checkpoint import load_latest
+from fedfuse.site.app import build_client_app
+from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.models.device import ray_gpus
+from fedfuse.simulation.engine import message_pickup, pickup_interval
+from fedfuse.data.partition import label_skew
+from fedfuse.privacy.dpsgd import check_privacy_settings
+from fedfuse.artifact.progress import Fanout, ProgressDisplay
 from fedfuse.secagg.encoding import check_ring
-from fedfuse.rundir import RunDirectory, build_summary
-from fedfuse.serverapp import build_server_app
-from fedfuse.sites import Site, plan_federation, simulated_site
+from fedfuse.artifact.rundir import RunDirectory, build_summary
+from fedfuse.coordinator.loop import build_server_app
+from fedfuse.data.sites import Site, plan_federation, simulated_site
 
 log = logging.getLogger("fedfuse")
 

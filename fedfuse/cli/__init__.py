@@ -57,8 +57,8 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower's own logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
-    from fedfuse.config import load_config
-    from fedfuse.rundir import resumable_config
+    from fedfuse.config.scenario import load_config
+    from fedfuse.artifact.rundir import resumable_config
 
     try:
         if (config is None) == (resume is None):
@@ -71,7 +71,7 @@ def simulate(
                           rounds=rounds)
         if verbose:
             cfg.simulation.verbose = True
-        from fedfuse.simulate import simulate as run_scenario  # imports flwr first
+        from fedfuse.simulation.runner import simulate as run_scenario  # imports flwr first
 
         _setup_logging(cfg.simulation.verbose)
 
@@ -145,7 +145,7 @@ def fuse(
         help="auto, soft_vote, stack or distill; default: the run's fusion.method")] = None,
 ) -> None:
     """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
-    from fedfuse.refuse import fuse_run
+    from fedfuse.fusion.rebuild import fuse_run
 
     try:
         if method not in (None, "auto", "soft_vote", "stack", "distill"):
@@ -168,8 +168,8 @@ def export(
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
 ) -> None:
     """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
-    from fedfuse.artifact import FusedPredictor
-    from fedfuse.export import export_model, run_exported
+    from fedfuse.artifact.manifest import FusedPredictor
+    from fedfuse.artifact.export import export_model, run_exported
 
     try:
         if format_ not in ("onnx", "torchscript"):
@@ -196,11 +196,11 @@ def evaluate_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON")] = None,
 ) -> None:
     """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
-    from fedfuse.artifact import FusedPredictor
+    from fedfuse.artifact.manifest import FusedPredictor
     from fedfuse.atomic import atomic_write_json
-    from fedfuse.config import DataConfig, resolve_source
-    from fedfuse.data import load_dataset
-    from fedfuse.evaluation import evaluate_artifact, plot_confusion
+    from fedfuse.config.scenario import DataConfig, resolve_source
+    from fedfuse.data.datasets import load_dataset
+    from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
 
     try:
         predictor = FusedPredictor.load(artifact)
@@ -249,7 +249,7 @@ def serve(
         help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
 ) -> None:
     """Serve the fused model over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics."""
-    from fedfuse.config import serve_config
+    from fedfuse.config.scenario import serve_config
     from fedfuse.serving.server import serve as run_server
 
     # one plain line per event: server logs go to files and collectors, not a terminal
@@ -306,8 +306,8 @@ def partition(
     """Write the scenario's split as files: one .npz per site (or client) and test.npz.
 
     For trying a deployment on one machine."""
-    from fedfuse.config import load_config
-    from fedfuse.sites import write_partitions
+    from fedfuse.config.scenario import load_config
+    from fedfuse.data.sites import write_partitions
 
     try:
         paths = write_partitions(load_config(config, overrides=set_ or []), out)
@@ -342,14 +342,14 @@ def coordinator(
     """Run a scenario across partner sites (SuperLink with TLS and node authentication).
 
     Writes the same run directory, fused artifact included, as simulate."""
-    from fedfuse.config import load_config
+    from fedfuse.config.scenario import load_config
 
     _setup_logging(False)
     _stop_on_sigterm()
     try:
         cfg = load_config(config, overrides=set_ or [])
         from fedfuse.deploy.coordinator import run_coordinator
-        from fedfuse.simulate import default_run_dir
+        from fedfuse.simulation.runner import default_run_dir
 
         run_dir = out or default_run_dir(cfg)
         summary = run_coordinator(cfg, certs, address, run_dir, state,
@@ -464,10 +464,10 @@ def query(
     ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust for HTTPS")] = None,
 ) -> None:
     """Send labelled data to a predict server over HTTP; print its accuracy and version."""
-    from fedfuse.client import PredictClient
-    from fedfuse.config import DataConfig, resolve_source
-    from fedfuse.data import load_dataset
-    from fedfuse.sites import run_test_split
+    from fedfuse.serving.client import PredictClient
+    from fedfuse.config.scenario import DataConfig, resolve_source
+    from fedfuse.data.datasets import load_dataset
+    from fedfuse.data.sites import run_test_split
 
     try:
         if (data is None) == (run is None):

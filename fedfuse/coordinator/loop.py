@@ -23,27 +23,27 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Messag
                       RecordDict)
 from flwr.serverapp import Grid, ServerApp
 
-from fedfuse.checkpoint import Checkpoint, write_checkpoint
-from fedfuse.config import FedfuseConfig
-from fedfuse.data import Dataset, split_transfer
+from fedfuse.coordinator.checkpoint import Checkpoint, write_checkpoint
+from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.data.datasets import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
-from fedfuse.grid import exchange
-from fedfuse.device import device_label, resolve_device
-from fedfuse.models import build_model, get_architecture, load_model, set_standardization
-from fedfuse.privacy import PrivacyLedger, PrivacyRequest
+from fedfuse.coordinator.grid import exchange
+from fedfuse.models.device import device_label, resolve_device
+from fedfuse.models.registry import build_model, get_architecture, load_model, set_standardization
+from fedfuse.privacy.dpsgd import PrivacyLedger, PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import check_ring, decode_fixed, payload_length
-from fedfuse.secagg.rounds import (aggregate_reply, close_sessions, collect_masked,
+from fedfuse.coordinator.sessions import (aggregate_reply, close_sessions, collect_masked,
                                    open_sessions, sizes, with_session)
-from fedfuse.stats import pooled_mean_std
-from fedfuse.distill import distill
-from fedfuse.fusion import (FusionResult, ScoredModel, brier_score, fuse_proba,
+from fedfuse.data.stats import pooled_mean_std
+from fedfuse.fusion.distill import distill
+from fedfuse.fusion.soft_vote import (FusionResult, ScoredModel, brier_score, fuse_proba,
                              member_briers)
-from fedfuse.gates import gate_updates
-from fedfuse.stacking import HEAD, StackedModel, initial_head, load_head
+from fedfuse.coordinator.gates import gate_updates
+from fedfuse.fusion.stacking import HEAD, StackedModel, initial_head, load_head
 from fedfuse.strategies import CohortStrategy, cohort_strategy
-from fedfuse.training import evaluate, predict_proba
-from fedfuse.user_dp import SAMPLE_RATE, cohort_ledger, release
+from fedfuse.models.training import evaluate, predict_proba
+from fedfuse.privacy.client_level import SAMPLE_RATE, cohort_ledger, release
 
 log = logging.getLogger("fedfuse.server")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.data import DataSchema
+from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedfuse.serverapp import FederationResult, Member, RoundListener
+from fedfuse.coordinator.loop import FederationResult, Member, RoundListener
 
 
 class ProgressDisplay:

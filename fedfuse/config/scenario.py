@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import tomli_w
 
-from fedfuse.device import check_device_name
+from fedfuse.models.device import check_device_name
 from fedfuse.errors import ConfigError
 
 EMBEDDED_DATASETS = ("digits", "breast_cancer")

@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedfuse.grid import exchange
+from fedfuse.coordinator.grid import exchange
 from fedfuse.secagg.encoding import UpdateSum
 from fedfuse.secagg.messages import RECORD
 from fedfuse.secagg.server import SecAggAbort, SecAggSession

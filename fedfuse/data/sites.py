@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from fedfuse.atomic import atomic_write_bytes
-from fedfuse.config import FedfuseConfig, load_config
-from fedfuse.data import Dataset, load_dataset, split_transfer
-from fedfuse.device import worker_device
+from fedfuse.config.scenario import FedfuseConfig, load_config
+from fedfuse.data.datasets import Dataset, load_dataset, split_transfer
+from fedfuse.models.device import worker_device
 from fedfuse.errors import FedfuseError
-from fedfuse.models import check_compatible
-from fedfuse.partition import Federation, build_federation
+from fedfuse.models.registry import check_compatible
+from fedfuse.data.partition import Federation, build_federation
 
 
 @dataclass(frozen=True)

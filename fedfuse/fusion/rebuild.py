@@ -20,16 +20,16 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from fedfuse.artifact import Member
+from fedfuse.artifact.manifest import Member
 from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
-from fedfuse.models import load_model
-from fedfuse.rundir import SCORED_FILES, fused_summary, write_model
-from fedfuse.config import load_config
-from fedfuse.fusion import SCORED, FusionResult
-from fedfuse.sites import run_test_split
-from fedfuse.stacking import StackedModel, load_head
-from fedfuse.training import evaluate, predict_proba
+from fedfuse.models.registry import load_model
+from fedfuse.artifact.rundir import SCORED_FILES, fused_summary, write_model
+from fedfuse.config.scenario import load_config
+from fedfuse.fusion.soft_vote import SCORED, FusionResult
+from fedfuse.data.sites import run_test_split
+from fedfuse.fusion.stacking import StackedModel, load_head
+from fedfuse.models.training import evaluate, predict_proba
 
 
 MISSING = {"distill": ("distilled student", "fusion.unlabeled_fraction", "student"),

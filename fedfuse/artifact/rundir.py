@@ -38,16 +38,16 @@ from typing import Any
 import numpy as np
 from safetensors.torch import save as safetensors_bytes
 
-from fedfuse.artifact import Member, write_artifact
+from fedfuse.artifact.manifest import Member, write_artifact
 from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_write_json,
                              atomic_write_text)
-from fedfuse.config import FedfuseConfig
-from fedfuse.data import DataSchema
+from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.fusion import FusionResult
-from fedfuse.stacking import member_shares
-from fedfuse.serverapp import FederationResult
-from fedfuse.serverapp import Member as Client
+from fedfuse.fusion.soft_vote import FusionResult
+from fedfuse.fusion.stacking import member_shares
+from fedfuse.coordinator.loop import FederationResult
+from fedfuse.coordinator.loop import Member as Client
 
 
 PRIVACY_OFF: dict[str, Any] = {"mode": "off", "max_epsilon": None, "delta": None}

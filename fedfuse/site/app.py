@@ -46,21 +46,21 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metric
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedfuse.device import resolve_device
-from fedfuse.fusion import brier_statistics
+from fedfuse.models.device import resolve_device
+from fedfuse.fusion.soft_vote import brier_statistics
 from fedfuse.secagg import Quantizer, encode_update
 from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
-from fedfuse.models import load_model
-from fedfuse.replay import ReplayStore, request_key
-from fedfuse.privacy import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
+from fedfuse.models.registry import load_model
+from fedfuse.site.replay import ReplayStore, request_key
+from fedfuse.privacy.dpsgd import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
                              open_ledger, plan_round, report)
-from fedfuse.sites import Site
-from fedfuse.stacking import HEAD, StackedModel, load_head, stack_features
-from fedfuse.stats import local_moments
-from fedfuse.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
+from fedfuse.data.sites import Site
+from fedfuse.fusion.stacking import HEAD, StackedModel, load_head, stack_features
+from fedfuse.data.stats import local_moments
+from fedfuse.models.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
                               train_epochs)
-from fedfuse.user_dp import clip_update
+from fedfuse.privacy.client_level import clip_update
 
 SiteProvider = Callable[[Context], Site]
 

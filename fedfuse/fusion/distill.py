@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.device import model_device
+from fedfuse.models.device import model_device
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfuse.training import predict_proba
+from fedfuse.models.training import predict_proba
 
 HEAD = "stack"
 """The name the head travels under (``member/stack``) and the method's name."""

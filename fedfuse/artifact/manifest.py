@@ -31,10 +31,10 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fedfuse.atomic import atomic_write_bytes
-from fedfuse.data import DataSchema
+from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.models import count_parameters, get_architecture, load_model
-from fedfuse.stacking import HEAD, StackedModel, load_head
+from fedfuse.models.registry import count_parameters, get_architecture, load_model
+from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -29,11 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedfuse.atomic import atomic_write_json
-from fedfuse.config import FedfuseConfig
-from fedfuse.data import DataSchema
-from fedfuse.device import model_device
+from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.data.datasets import DataSchema
+from fedfuse.models.device import model_device
 from fedfuse.errors import ConfigError, FedfuseError
-from fedfuse.models import build_model
+from fedfuse.models.registry import build_model
 
 HistoryEntry = tuple[float, float, int]
 """One accountant entry: (noise multiplier σ, sample rate q, number of steps)."""
