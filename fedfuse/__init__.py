@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: importing fedfuse stays cheap for the CLI
     if name == "FusedPredictor":
-        from fedfuse.artifact.manifest import FusedPredictor
+        from fedfuse.artifact.predictor import FusedPredictor
 
         return FusedPredictor
     raise AttributeError(name)

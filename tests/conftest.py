@@ -94,7 +94,7 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", se
     import numpy as np
 
     from fedfuse.artifact.manifest import Member, write_artifact
-    from fedfuse.config.scenario import DataConfig
+    from fedfuse.config import DataConfig
     from fedfuse.data.datasets import load_dataset
     from fedfuse.models.registry import build_model
 

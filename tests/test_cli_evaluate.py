@@ -3,7 +3,7 @@ import json
 import numpy as np
 from sklearn.datasets import load_digits
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from tests.conftest import make_artifact, run_cli
 
 

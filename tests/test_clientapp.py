@@ -6,7 +6,7 @@ from flwr.app import Context, RecordDict
 from ray import cloudpickle
 
 from fedfuse.site.app import build_client_app
-from fedfuse.config.scenario import config_from_dict
+from fedfuse.config import config_from_dict
 from fedfuse.simulation.runner import site_from_context
 from fedfuse.data.sites import simulated_site
 from tests.conftest import SMALL_SCENARIO, incoming

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfuse.config.scenario import apply_override, config_from_dict, load_config
+from fedfuse.config import apply_override, config_from_dict, load_config
 from fedfuse.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedfuse.config.scenario import config_from_dict
+from fedfuse.config import config_from_dict
 from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import deployed_site, run_config
 from fedfuse.errors import DataError, FedfuseError

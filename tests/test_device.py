@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config.scenario import load_config
+from fedfuse.config import load_config
 from fedfuse.models.device import check_device_name, ray_gpus, resolve_device, worker_device
 from fedfuse.errors import ConfigError
 from fedfuse.simulation.runner import backend_config
@@ -99,7 +99,7 @@ def test_ray_gpu_shares(scenario):
 def test_train_and_serve_on_the_gpu(scenario, tmp_path):
     """DP-SGD and secure aggregation on the GPU, then the artifact served from it: the
     summary records the GPU, and served probabilities equal the CPU predictor's."""
-    from fedfuse.artifact.manifest import FusedPredictor
+    from fedfuse.artifact.predictor import FusedPredictor
 
     out = tmp_path / "run"
     proc = run_cli("simulate", scenario(), "--out", out, "--device", "cuda",

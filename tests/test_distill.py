@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config.scenario import DataConfig, config_from_dict
+from fedfuse.config import DataConfig, config_from_dict
 from fedfuse.data.datasets import load_dataset, split_transfer
 from fedfuse.fusion.distill import distill, kl_to_teacher, soften
 from fedfuse.errors import ConfigError, DataError
-from fedfuse.fusion.soft_vote import brier_statistics, choose_method, member_briers
+from fedfuse.fusion.soft_vote import brier_statistics, member_briers
+from fedfuse.fusion.result import choose_method
 from fedfuse.models.registry import build_model, set_standardization
 from fedfuse.models.training import make_loader, make_optimizer, predict_proba, train_epochs
 

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact.manifest import ArtifactError, FusedPredictor, InputError
-from fedfuse.config.scenario import DataConfig
+from fedfuse.artifact.manifest import ArtifactError, InputError
+from fedfuse.artifact.predictor import FusedPredictor
+from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
-from fedfuse.fusion.soft_vote import brier_score, brier_statistics, fit_simplex_weights, fuse_proba
+from fedfuse.fusion.soft_vote import (brier_score, brier_statistics, fit_simplex_weights,
+                                      fuse_proba)
 from fedfuse.models.registry import build_model
 from fedfuse.models.training import predict_proba
 from tests.conftest import make_artifact

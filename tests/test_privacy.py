@@ -13,12 +13,14 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from fedfuse.site.app import build_client_app
-from fedfuse.config.scenario import config_from_dict, load_config
+from fedfuse.config import config_from_dict, load_config
 from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models.registry import build_model
-from fedfuse.privacy.dpsgd import (FileLedgerStore, PrivacyRequest, calibrate_noise,
-                             check_dp_compatible, check_privacy_settings, default_delta,
-                             epsilon_of, noise_seed)
+from fedfuse.privacy.ledger import FileLedgerStore
+from fedfuse.privacy.budget import PrivacyRequest
+from fedfuse.privacy.accounting import calibrate_noise, default_delta, epsilon_of
+from fedfuse.privacy.dpsgd import check_dp_compatible, noise_seed
+from fedfuse.config.preflight import check_privacy_settings
 from fedfuse.data.sites import Site, plan_federation, simulated_site
 from tests.conftest import ROOT, incoming
 

@@ -12,11 +12,11 @@ import torch
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.models.registry import load_model
 from fedfuse.data.sites import run_test_split
 from fedfuse.fusion.stacking import StackedModel, initial_head, load_head
-from fedfuse.privacy.dpsgd import default_delta, epsilon_of, steps_per_epoch
+from fedfuse.privacy.accounting import default_delta, epsilon_of, steps_per_epoch
 from tests.conftest import SMALL_SCENARIO, run_cli
 
 pytestmark = pytest.mark.slow

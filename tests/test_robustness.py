@@ -15,9 +15,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.coordinator.checkpoint import Checkpoint, load_latest, path_for, write_checkpoint
-from fedfuse.config.scenario import config_from_dict, load_config
+from fedfuse.config import config_from_dict, load_config
 from fedfuse.errors import ConfigError
 from fedfuse.coordinator.gates import check_update, gate_updates
 from fedfuse.data.sites import plan_federation, run_test_split
@@ -228,7 +228,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
 
 def ledgers(run: Path) -> dict[str, tuple[int, float]]:
     """Each simulated site's spent steps and ε, from its ledger file in the run."""
-    from fedfuse.privacy.dpsgd import FileLedgerStore
+    from fedfuse.privacy.ledger import FileLedgerStore
 
     found = {}
     for path in sorted((run / "sites").glob("*/privacy-ledger.json")):

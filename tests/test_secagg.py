@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedfuse.config.scenario import ConfigError, config_from_dict
+from fedfuse.config import ConfigError, config_from_dict
 from fedfuse.secagg import Quantizer, SecAggAbort, SecAggSession, decode_sum, encode_update
 from fedfuse.secagg import client, crypto, shamir
 from fedfuse.secagg.messages import MASKED, RECORD

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.simulation import run_simulation
 
 from fedfuse.site.app import build_client_app
-from fedfuse.config.scenario import config_from_dict
+from fedfuse.config import config_from_dict
 from fedfuse.secagg.messages import MASKED
 from fedfuse.coordinator.loop import FederationResult, build_server_app
 from fedfuse.simulation.runner import backend_config, site_from_context

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.serving.client import (AuthenticationError, ConnectionFailed, InvalidInput, NotFound,
                             PredictClient, RateLimited, tls_context)
-from fedfuse.config.scenario import DataConfig
+from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.serving.auth import create_key
 from tests.conftest import Server, free_port, make_artifact, run_cli

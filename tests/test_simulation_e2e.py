@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
-from fedfuse.artifact.manifest import FusedPredictor
-from fedfuse.config.scenario import load_config
+from fedfuse.artifact.predictor import FusedPredictor
+from fedfuse.config import load_config
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.registry import build_model
 from fedfuse.data.sites import plan_federation

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact.manifest import ArtifactError, FusedPredictor, Member, write_artifact
-from fedfuse.config.scenario import DataConfig, config_from_dict
+from fedfuse.artifact.manifest import ArtifactError, Member, write_artifact
+from fedfuse.artifact.predictor import FusedPredictor
+from fedfuse.config import DataConfig, config_from_dict
 from fedfuse.data.datasets import load_dataset
 from fedfuse.errors import ConfigError
 from fedfuse.artifact.export import export_model, run_exported

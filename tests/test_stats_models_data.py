@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.config.scenario import DataConfig
+from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.errors import ConfigError, DataError
 from fedfuse.models.registry import REGISTRY, build_model, check_compatible, set_standardization

@@ -11,9 +11,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedfuse.config.scenario import config_from_dict
+from fedfuse.config import config_from_dict
 from fedfuse.errors import ConfigError
-from fedfuse.privacy.dpsgd import default_delta
+from fedfuse.privacy.accounting import default_delta
 from fedfuse.privacy.client_level import clip_update, cohort_ledger, noisy_mean, release
 from tests.conftest import SMALL_SCENARIO, incoming, run_cli
 
@@ -143,7 +143,7 @@ def test_user_level_simulation_charges_every_site_and_stops_at_the_budget(tmp_pa
 
 def test_cohort_ledgers_survive_a_checkpoint_round_trip():
     from fedfuse.coordinator.checkpoint import Checkpoint
-    from fedfuse.privacy.dpsgd import PrivacyLedger
+    from fedfuse.privacy.ledger import PrivacyLedger
 
     ledger = cohort_ledger("rdp", None, 8.0, 8.0, None, sites=4, planned_rounds=10)
     ledger.history += [(ledger.noise_multiplier, 1.0, 1)] * 3

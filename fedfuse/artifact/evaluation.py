@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.atomic import atomic_write_figure
 from fedfuse.data.datasets import Dataset
 from fedfuse.errors import DataError

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.errors import FedfuseError
 

@@ -41,10 +41,10 @@ from safetensors.torch import save as safetensors_bytes
 from fedfuse.artifact.manifest import Member, write_artifact
 from fedfuse.atomic import (atomic_write_bytes, atomic_write_figure, atomic_write_json,
                              atomic_write_text)
-from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.config import FedfuseConfig
 from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
-from fedfuse.fusion.soft_vote import FusionResult
+from fedfuse.fusion.result import FusionResult
 from fedfuse.fusion.stacking import member_shares
 from fedfuse.coordinator.loop import FederationResult
 from fedfuse.coordinator.loop import Member as Client

@@ -57,7 +57,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower's own logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
-    from fedfuse.config.scenario import load_config
+    from fedfuse.config import load_config
     from fedfuse.artifact.rundir import resumable_config
 
     try:
@@ -168,7 +168,7 @@ def export(
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
 ) -> None:
     """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
-    from fedfuse.artifact.manifest import FusedPredictor
+    from fedfuse.artifact.predictor import FusedPredictor
     from fedfuse.artifact.export import export_model, run_exported
 
     try:
@@ -196,9 +196,9 @@ def evaluate_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON")] = None,
 ) -> None:
     """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
-    from fedfuse.artifact.manifest import FusedPredictor
+    from fedfuse.artifact.predictor import FusedPredictor
     from fedfuse.atomic import atomic_write_json
-    from fedfuse.config.scenario import DataConfig, resolve_source
+    from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
     from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
 
@@ -249,7 +249,7 @@ def serve(
         help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
 ) -> None:
     """Serve the fused model over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics."""
-    from fedfuse.config.scenario import serve_config
+    from fedfuse.serving.config import serve_config
     from fedfuse.serving.server import serve as run_server
 
     # one plain line per event: server logs go to files and collectors, not a terminal
@@ -306,7 +306,7 @@ def partition(
     """Write the scenario's split as files: one .npz per site (or client) and test.npz.
 
     For trying a deployment on one machine."""
-    from fedfuse.config.scenario import load_config
+    from fedfuse.config import load_config
     from fedfuse.data.sites import write_partitions
 
     try:
@@ -342,7 +342,7 @@ def coordinator(
     """Run a scenario across partner sites (SuperLink with TLS and node authentication).
 
     Writes the same run directory, fused artifact included, as simulate."""
-    from fedfuse.config.scenario import load_config
+    from fedfuse.config import load_config
 
     _setup_logging(False)
     _stop_on_sigterm()
@@ -465,7 +465,7 @@ def query(
 ) -> None:
     """Send labelled data to a predict server over HTTP; print its accuracy and version."""
     from fedfuse.serving.client import PredictClient
-    from fedfuse.config.scenario import DataConfig, resolve_source
+    from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
     from fedfuse.data.sites import run_test_split
 

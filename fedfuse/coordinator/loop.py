@@ -24,21 +24,22 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Messag
 from flwr.serverapp import Grid, ServerApp
 
 from fedfuse.coordinator.checkpoint import Checkpoint, write_checkpoint
-from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.config import FedfuseConfig
 from fedfuse.data.datasets import Dataset, split_transfer
 from fedfuse.errors import FedfuseError
 from fedfuse.coordinator.grid import exchange
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.models.registry import build_model, get_architecture, load_model, set_standardization
-from fedfuse.privacy.dpsgd import PrivacyLedger, PrivacyRequest
+from fedfuse.privacy.ledger import PrivacyLedger
+from fedfuse.privacy.budget import PrivacyRequest
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import check_ring, decode_fixed, payload_length
 from fedfuse.coordinator.sessions import (aggregate_reply, close_sessions, collect_masked,
                                    open_sessions, sizes, with_session)
 from fedfuse.data.stats import pooled_mean_std
 from fedfuse.fusion.distill import distill
-from fedfuse.fusion.soft_vote import (FusionResult, ScoredModel, brier_score, fuse_proba,
-                             member_briers)
+from fedfuse.fusion.result import FusionResult, ScoredModel
+from fedfuse.fusion.soft_vote import brier_score, fuse_proba, member_briers
 from fedfuse.coordinator.gates import gate_updates
 from fedfuse.fusion.stacking import HEAD, StackedModel, initial_head, load_head
 from fedfuse.strategies import CohortStrategy, cohort_strategy

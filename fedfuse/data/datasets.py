@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfuse.config.scenario import EMBEDDED_DATASETS, DataConfig
+from fedfuse.config import EMBEDDED_DATASETS, DataConfig
 from fedfuse.errors import DataError
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from fedfuse.atomic import create_private
 from fedfuse.site.app import build_client_app
-from fedfuse.config.scenario import DataConfig, FedfuseConfig, config_from_dict
+from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
 from fedfuse.data.datasets import Dataset, load_dataset
 from fedfuse.errors import FedfuseError
 from fedfuse.data.partition import train_val_split

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedfuse.atomic import create_private
-from fedfuse.config.scenario import SITE_NAME
+from fedfuse.config import SITE_NAME
 from fedfuse.errors import FedfuseError
 from fedfuse.deploy.pki import KeyPair, create_ca, issue_server_cert, write_pem
 

@@ -23,14 +23,13 @@ from typing import Any
 import tomli_w
 
 from fedfuse import __version__
-from fedfuse.config.scenario import FedfuseConfig
-from fedfuse.data.datasets import load_dataset, split_transfer
+from fedfuse.config import FedfuseConfig
+from fedfuse.config.preflight import check_scenario
+from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import run_config
 from fedfuse.deploy.certs import CertsDir, check_server_certificate, load_site_public_key
 from fedfuse.deploy.process import FlowerProcess, strip_ansi
 from fedfuse.errors import ConfigError, FedfuseError
-from fedfuse.models.registry import build_model
-from fedfuse.privacy.dpsgd import check_dp_compatible
 from fedfuse.artifact.rundir import partial_path
 
 CONNECT_TIMEOUT = 60.0
@@ -178,10 +177,7 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     keys = check_deployment(cfg, certs)
     where = Address.parse(address)
     test = load_dataset(cfg.data)
-    split_transfer(test, cfg.fusion.unlabeled_fraction, cfg.seed)  # refused here, not mid-run
-    if cfg.privacy.mode == "sample":
-        for cohort in cfg.cohorts:
-            check_dp_compatible(build_model(cohort.arch, test.schema), cohort.arch)
+    check_scenario(cfg, test.schema, test)  # refused here, not mid-run
     out = out.resolve()
     if out.exists():
         raise FedfuseError(f"output directory already exists: {out} (choose another --out)")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfuse.config.scenario import DataConfig
+from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import site_secret
 from fedfuse.models.device import resolve_device

@@ -25,8 +25,8 @@ from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
 from fedfuse.models.registry import load_model
 from fedfuse.artifact.rundir import SCORED_FILES, fused_summary, write_model
-from fedfuse.config.scenario import load_config
-from fedfuse.fusion.soft_vote import SCORED, FusionResult
+from fedfuse.config import load_config
+from fedfuse.fusion.result import FusionResult, SCORED
 from fedfuse.data.sites import run_test_split
 from fedfuse.fusion.stacking import StackedModel, load_head
 from fedfuse.models.training import evaluate, predict_proba

@@ -25,7 +25,8 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedfuse.privacy.dpsgd import PrivacyLedger, calibrate_noise, default_delta
+from fedfuse.privacy.ledger import PrivacyLedger
+from fedfuse.privacy.accounting import calibrate_noise, default_delta
 
 SAMPLE_RATE = 1.0
 """Each release is charged to every site of the cohort, sampled or not."""

@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fedfuse import __version__
-from fedfuse.artifact.manifest import MANIFEST, ArtifactError, read_verified_manifest
-from fedfuse.config.scenario import ServeConfig
+from fedfuse.artifact.manifest import ArtifactError, MANIFEST, read_verified_manifest
+from fedfuse.serving.config import ServeConfig
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys

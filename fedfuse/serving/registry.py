@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedfuse.artifact.manifest import MANIFEST, ArtifactError, FusedPredictor
+from fedfuse.artifact.manifest import ArtifactError, MANIFEST
+from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.errors import FedfuseError
 from fedfuse.serving.batcher import BatchObserver, MicroBatcher
 

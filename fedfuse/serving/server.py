@@ -6,7 +6,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from fedfuse.config.scenario import ServeConfig
+from fedfuse.serving.config import ServeConfig
 from fedfuse.errors import FedfuseError
 
 log = logging.getLogger("fedfuse.serve")

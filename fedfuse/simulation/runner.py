@@ -14,13 +14,12 @@ from rich.console import Console
 
 from fedfuse.coordinator.checkpoint import load_latest
 from fedfuse.site.app import build_client_app
-from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.config import FedfuseConfig
+from fedfuse.config.preflight import check_scenario
 from fedfuse.models.device import ray_gpus
 from fedfuse.simulation.engine import message_pickup, pickup_interval
 from fedfuse.data.partition import label_skew
-from fedfuse.privacy.dpsgd import check_privacy_settings
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
-from fedfuse.secagg.encoding import check_ring
 from fedfuse.artifact.rundir import RunDirectory, build_summary
 from fedfuse.coordinator.loop import build_server_app
 from fedfuse.data.sites import Site, plan_federation, simulated_site
@@ -68,9 +67,7 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     console = console or Console(stderr=True)
     plan = plan_federation(cfg)
     train_parts = [c.train for c in plan.federation.clients]
-    check_privacy_settings(cfg, [len(p) for p in train_parts], plan.dataset.schema)
-    if cfg.secure_aggregation.enabled:
-        check_ring(cfg.secure_aggregation.quantization_bits, sum(len(p) for p in train_parts))
+    check_scenario(cfg, plan.dataset.schema, plan.test, [len(p) for p in train_parts])
     gpus = ray_gpus(cfg.device)
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)

@@ -53,8 +53,9 @@ from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.models.registry import load_model
 from fedfuse.site.replay import ReplayStore, request_key
-from fedfuse.privacy.dpsgd import (PrivacyRequest, ledger_store_for, make_private, noise_seed,
-                             open_ledger, plan_round, report)
+from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
+from fedfuse.privacy.ledger import ledger_store_for
+from fedfuse.privacy.dpsgd import make_private, noise_seed
 from fedfuse.data.sites import Site
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head, stack_features
 from fedfuse.data.stats import local_moments

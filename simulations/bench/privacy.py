@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from common import ROOT, add_device_option, machine, publish, read_json, simulate
 
-from fedfuse.config.scenario import load_config  # noqa: E402
+from fedfuse.config import load_config  # noqa: E402
 from fedfuse.models.device import resolve_device  # noqa: E402
 from fedfuse.models.registry import build_model, get_architecture  # noqa: E402
 from fedfuse.privacy.dpsgd import make_private  # noqa: E402

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from fedfuse.config.scenario import DataConfig
+from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.models.device import ray_gpus, resolve_device, worker_device
 from fedfuse.models.registry import build_model

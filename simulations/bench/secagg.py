@@ -60,7 +60,7 @@ def logreg_payload() -> int:
     from flwr.app import ArrayRecord
 
     from fedfuse.data.datasets import load_dataset
-    from fedfuse.config.scenario import DataConfig
+    from fedfuse.config import DataConfig
     from fedfuse.models.registry import build_model
     from fedfuse.coordinator.sessions import sizes
 

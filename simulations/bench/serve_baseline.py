@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from fedfuse.artifact.manifest import FusedPredictor
+from fedfuse.artifact.predictor import FusedPredictor
 
 torch.set_num_threads(1)
 predictor = FusedPredictor.load(os.environ["ARTIFACT"])

@@ -1,0 +1,104 @@
+"""The fused predictor: an artifact loaded (and verified) behind a schema-checked
+``predict`` / ``predict_proba``.
+
+``q(x) = Σ_m w_m softmax(f_m(x))`` for the soft vote, ``softmax(W z(x) + c)`` for the
+stacking head over the members' probabilities, or one distilled student.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as safetensors_load
+from torch import nn
+
+from fedfuse.artifact.manifest import InputError, read_verified_manifest
+from fedfuse.data.datasets import DataSchema
+from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
+from fedfuse.models.registry import load_model
+
+
+class FusedModel(nn.Module):
+    """``q(x) = sum_m w_m softmax(f_m(x))``: the members' class probabilities, weighted."""
+
+    def __init__(self, members: list[nn.Module], weights: np.ndarray) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probas = torch.stack([torch.softmax(m(x), dim=1) for m in self.members])
+        return torch.einsum("m,mnk->nk", self.weights, probas)
+
+class FusedPredictor:
+    """The fused predictor behind a schema-checked ``predict`` / ``predict_proba``: the
+    weighted soft vote, the stacked members with their head, or one distilled student
+    (a single member of weight 1)."""
+
+    def __init__(self, manifest: dict[str, Any], model: nn.Module,
+                 device: str | torch.device = "cpu") -> None:
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.schema = DataSchema.from_dict(manifest["schema"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FusedPredictor:
+        """Load and verify an artifact directory (refusing tampered or incomplete ones)
+        onto ``device``, where its forward pass will run."""
+        directory = Path(path)
+        manifest = read_verified_manifest(directory)
+        schema = DataSchema.from_dict(manifest["schema"])
+        members = []
+        for entry in manifest["members"]:
+            state = safetensors_load((directory / entry["file"]).read_bytes())
+            members.append(load_model(entry["arch"], schema, state))
+        if manifest["fusion"]["method"] == HEAD:
+            head = load_head(safetensors_load((directory / manifest["fusion"]["head"])
+                                              .read_bytes()))
+            return cls(manifest, nn.Sequential(StackedModel(members, head), nn.Softmax(dim=1)),
+                       device)
+        weights = np.array([manifest["fusion"]["weights"][e["arch"]]
+                            for e in manifest["members"]])
+        return cls(manifest, FusedModel(members, weights), device)
+
+    def check_input(self, X: Any) -> np.ndarray:
+        """``X`` as float32 of shape (n, *input_shape); raises InputError naming the problem."""
+        try:
+            arr = np.asarray(X)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input is not a rectangular array ({exc})") from None
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
+                                       or np.issubdtype(arr.dtype, np.integer)):
+            raise InputError(f"input dtype {arr.dtype} is not numeric; expected "
+                             f"{self.schema.dtype}")
+        shape = tuple(self.schema.input_shape)
+        if arr.ndim != len(shape) + 1 or tuple(arr.shape[1:]) != shape:
+            raise InputError(f"input shape {tuple(arr.shape)} does not match (n, "
+                             f"{', '.join(map(str, shape))}) from the artifact's schema")
+        if len(arr) == 0:
+            raise InputError("input holds no instances")
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+            raise InputError(f"input has NaN or infinite values in instance(s) "
+                             f"{bad[:10].tolist()}")
+        return arr
+
+    @torch.no_grad()
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Fused class probabilities, shape (n, K), columns in ``schema.class_labels`` order."""
+        x = torch.as_tensor(self.check_input(X)).to(self.device)
+        return self.model(x).cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class label (from ``schema.class_labels``) for each instance."""
+        labels = np.array(self.schema.class_labels)
+        return labels[self.predict_proba(X).argmax(axis=1)]
