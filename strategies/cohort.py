@@ -1,40 +1,42 @@
-"""Per-cohort aggregation: flwr's own FedAvg (or one of its robust rules), restricted
-to the nodes of one cohort.
+"""Per-cohort aggregation: Flower's own FedAvg (or FedAvgM), restricted to the nodes of
+one cohort, sampling them with a seeded generator of its own.
 
 Clients of one architecture form a cohort with its own global model. The aggregation is
 flwr's ``FedAvg`` unchanged (``w = sum_i n_i w_i / sum_i n_i`` over the replies, with
-``n_i`` the reply's ``"num-examples"``); this module only narrows which nodes it samples
-and fixes the order in which replies are summed, so a seeded run is reproducible.
+``n_i`` the reply's ``"num-examples"``); this module only narrows which nodes it samples,
+draws the sample from the cohort's own ``random.Random`` (Flower's strategies draw from
+the global ``random`` module, which nothing in fedfuse seeds), and fixes the order in
+which messages go out and replies are summed, so a seeded run is reproducible.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 
 class CohortGrid(Grid):
-    """A view of a Grid whose ``get_node_ids`` yields only a cohort's connected members."""
+    """A view of a Grid whose ``get_node_ids`` yields only the given, connected nodes."""
 
-    def __init__(self, base: Grid, members: Sequence[int]) -> None:
+    def __init__(self, base: Grid, nodes: Sequence[int]) -> None:
         self._base = base
-        self._members = list(members)
+        self._nodes = list(nodes)
 
     def get_node_ids(self) -> list[int]:
         live = set(self._base.get_node_ids())
-        return [n for n in self._members if n in live]
+        return [n for n in self._nodes if n in live]
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
-        self._base.set_run(run)
+    def set_run(self, run_id: int) -> None:
+        self._base.set_run(run_id)
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self) -> Any:
         return self._base.run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
@@ -57,27 +59,41 @@ class CohortStrategy:
     the strategy class, as in ``CohortFedAvg``).
 
     ``members`` is the cohort's node ids in a fixed order (for example by site index);
-    replies are aggregated in that order whatever order they arrive in.
+    messages go out and replies are aggregated in that order, whatever order they
+    arrive in. Each round samples ``max(1, int(fraction · live nodes))`` of them with the
+    cohort's own generator, seeded by ``seed``.
     """
 
-    def __init__(self, cohort: str, members: Sequence[int], **strategy_kwargs) -> None:
+    ledger: Any = None
+    """The cohort's client-level privacy account (``strategies.client_dp``); none here."""
+
+    def __init__(self, cohort: str, members: Sequence[int], *, seed: int = 0,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
+                 **strategy_kwargs: Any) -> None:
         strategy_kwargs.setdefault("min_train_nodes", 1)
         strategy_kwargs.setdefault("min_evaluate_nodes", 1)
         strategy_kwargs.setdefault("min_available_nodes", 1)
-        super().__init__(**strategy_kwargs)  # type: ignore[call-arg]
+        # Flower's own sampling sees only the nodes sampled here, and takes them all
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0,  # type: ignore[call-arg]
+                         **strategy_kwargs)
         self.cohort = cohort
         self.members = list(members)
         self.trainers = list(members)
         """Members still sampled for training."""
+        self.fractions = {"train": fraction_train, "evaluate": fraction_evaluate}
+        self.sampler = random.Random(seed)
         self._rank = {node: i for i, node in enumerate(self.members)}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The strategy's own state beyond the model (for checkpoints); none for FedAvg
-        and the robust rules."""
-        return {}
+        """The strategy's own state beyond the model, for checkpoints: the sampler's."""
+        version, internal, _ = self.sampler.getstate()
+        return {"sampler": np.asarray([version, *internal], dtype=np.int64)}
 
     def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
         """Resume from ``state_arrays()`` with the cohort's model ``arrays``."""
+        if "sampler" in state:
+            version, *internal = (int(v) for v in state["sampler"])
+            self.sampler.setstate((version, tuple(internal), None))
 
     def retire(self, node_id: int) -> None:
         """Stop sampling ``node_id`` for training (for example: its privacy budget is
@@ -85,30 +101,50 @@ class CohortStrategy:
         if node_id in self.trainers:
             self.trainers.remove(node_id)
 
+    def sample(self, grid: Grid, nodes: Sequence[int], phase: str) -> list[int]:
+        """``max(1, int(fraction · n))`` of the ``n`` connected ``nodes``, as Flower's
+        FedAvg counts them, drawn with the cohort's generator, in member order."""
+        live = CohortGrid(grid, nodes).get_node_ids()
+        fraction = self.fractions[phase]
+        if not live or fraction == 0.0:
+            return []
+        k = min(len(live), max(int(len(live) * fraction), 1))
+        return sorted(self.sampler.sample(live, k), key=self._rank.__getitem__)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if not self.trainers:
+        chosen = self.sample(grid, self.trainers, "train")
+        if not chosen:
             return []
-        return super().configure_train(server_round, arrays, config,  # type: ignore[misc]
-                                       CohortGrid(grid, self.trainers))
+        return self.in_member_order(super().configure_train(  # type: ignore[misc]
+            server_round, arrays, config, CohortGrid(grid, chosen)), "dst")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, arrays, config,
-                                          CohortGrid(grid, self.members))
+        chosen = self.sample(grid, self.members, "evaluate")
+        if not chosen:
+            return []
+        return self.in_member_order(super().configure_evaluate(  # type: ignore[misc]
+            server_round, arrays, config, CohortGrid(grid, chosen)), "dst")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round, self.in_member_order(replies))
+        return super().aggregate_train(  # type: ignore[misc, no-any-return]
+            server_round, self.in_member_order(replies))
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round, self.in_member_order(replies))
+        return super().aggregate_evaluate(  # type: ignore[misc, no-any-return]
+            server_round, self.in_member_order(replies))
 
-    def in_member_order(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies from this cohort's members, sorted by member rank; others are dropped."""
-        mine = [m for m in replies if m.metadata.src_node_id in self._rank]
-        return sorted(mine, key=lambda m: self._rank[m.metadata.src_node_id])
+    def in_member_order(self, messages: Iterable[Message], end: str = "src") -> list[Message]:
+        """Messages from (``end = "src"``: replies) or to (``"dst"``) this cohort's
+        members, sorted by member rank; others are dropped."""
+        def node(m: Message) -> int:
+            return int(m.metadata.src_node_id if end == "src" else m.metadata.dst_node_id)
+
+        mine = [m for m in messages if node(m) in self._rank]
+        return sorted(mine, key=lambda m: self._rank[node(m)])
 
 
 class CohortFedAvg(CohortStrategy, FedAvg):
@@ -116,49 +152,17 @@ class CohortFedAvg(CohortStrategy, FedAvg):
 
 
 class CohortFedAvgM(CohortStrategy, FedAvgM):
-    """FedAvg with server-side momentum over one cohort's nodes."""
+    """FedAvg with server-side momentum over one cohort's nodes:
+    ``m <- server_momentum · m + (w - w_avg)``, ``w <- w - server_lr · m``."""
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         momentum = self.momentum_vector or []
-        return {f"momentum/{i}": np.asarray(v) for i, v in enumerate(momentum)}
+        return {**super().state_arrays(),
+                **{f"momentum/{i}": np.asarray(v) for i, v in enumerate(momentum)}}
 
     def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
+        super().restore_state(state, arrays)
         self.current_arrays = arrays
-        self.momentum_vector = [state[f"momentum/{i}"] for i in range(len(state))] or None
-
-
-ROBUST_RULES: dict[str, type[FedAvg]] = {
-    "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum}
-"""Flower's robust aggregation rules by config name (all FedAvg subclasses)."""
-
-
-def cohort_strategy(aggregation: str, cohort: str, members: Sequence[int], *,
-                    trim_fraction: float = 0.2, max_malicious: int = 1,
-                    multikrum_select: int = 2, server_momentum: float = 0.0,
-                    server_lr: float = 1.0, **strategy_kwargs) -> CohortStrategy:
-    """The cohort's strategy for ``aggregation`` (``fedavg`` or a ``ROBUST_RULES`` key):
-
-    - ``fedavg``: Flower's FedAvg, or FedAvgM when a server optimiser is set
-      (``m <- server_momentum * m + (w - w_avg)``, ``w <- w - server_lr * m``);
-
-    - ``median``: coordinate-wise median of the updates;
-    - ``trimmed_mean``: per coordinate, the mean after cutting ``trim_fraction`` of the
-      values from each end;
-    - ``krum`` / ``multikrum``: the update(s) with the smallest summed squared distance
-      to their n - f - 2 nearest neighbours (f = ``max_malicious``); Multi-Krum averages
-      the ``multikrum_select`` best.
-    """
-    if aggregation == "fedavg" and (server_momentum > 0.0 or server_lr != 1.0):
-        return CohortFedAvgM(cohort, members, server_momentum=server_momentum,
-                             server_learning_rate=server_lr, **strategy_kwargs)
-    if aggregation == "fedavg":
-        return CohortFedAvg(cohort, members, **strategy_kwargs)
-    base = ROBUST_RULES[aggregation]
-    extra: dict[str, Any] = {
-        "trimmed_mean": {"beta": trim_fraction},
-        "krum": {"num_malicious_nodes": max_malicious},
-        "multikrum": {"num_malicious_nodes": max_malicious,
-                      "num_nodes_to_select": multikrum_select},
-    }.get(aggregation, {})
-    cls = type(f"Cohort{base.__name__}", (CohortStrategy, base), {})
-    return cls(cohort, members, **strategy_kwargs, **extra)
+        momentum = sorted((k for k in state if k.startswith("momentum/")),
+                          key=lambda k: int(k.split("/")[1]))
+        self.momentum_vector = [state[k] for k in momentum] or None

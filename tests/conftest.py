@@ -93,13 +93,13 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", se
     """A real fused artifact of three freshly initialised digits models."""
     import numpy as np
 
-    from fedfuse.artifact.manifest import Member, write_artifact
+    from fedfuse.artifact.manifest import EnsembleMember, write_artifact
     from fedfuse.config import DataConfig
     from fedfuse.data.datasets import load_dataset
     from fedfuse.models.registry import build_model
 
     schema = load_dataset(DataConfig()).schema
-    members = [Member(arch, build_model(arch, schema, seed=seed + i).state_dict(), 3, 0.5 + i / 10)
+    members = [EnsembleMember(arch, build_model(arch, schema, seed=seed + i).state_dict(), 3, 0.5 + i / 10)
                for i, arch in enumerate(("cnn", "mlp", "logreg"))]
     write_artifact(path, members=members, weights=np.array(weights), method="soft_vote",
                    schema=schema, fusion_fit={"objective": "brier"},

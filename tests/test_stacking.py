@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfuse.artifact.manifest import ArtifactError, Member, write_artifact
+from fedfuse.artifact.manifest import ArtifactError, EnsembleMember, write_artifact
 from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.config import DataConfig, config_from_dict
 from fedfuse.data.datasets import load_dataset
@@ -70,7 +70,7 @@ def test_a_stacked_artifact_round_trips_and_refuses_a_tampered_head(setting, tmp
         head.bias.copy_(torch.linspace(-1, 1, 10))
     path = tmp_path / "model"
     manifest = write_artifact(
-        path, members=[Member(a, m.state_dict(), 2, None) for a, m in zip(ARCHS, members)],
+        path, members=[EnsembleMember(a, m.state_dict(), 2, None) for a, m in zip(ARCHS, members)],
         weights=np.array([0.2, 0.3, 0.5]), method="stack", schema=data.schema,
         fusion_fit={}, privacy={"mode": "off"}, fused_test_accuracy=None,
         head=head.state_dict())

@@ -49,7 +49,7 @@ class InputError(FedfuseError):
 
 
 @dataclass(frozen=True)
-class Member:
+class EnsembleMember:
     arch: str
     state: Mapping[str, torch.Tensor]
     cohort_clients: int
@@ -68,7 +68,7 @@ def content_hash(manifest: Mapping[str, Any]) -> str:
     return sha256(canonical_json(body))
 
 
-def write_artifact(directory: Path, *, members: list[Member], weights: np.ndarray,
+def write_artifact(directory: Path, *, members: list[EnsembleMember], weights: np.ndarray,
                    method: str, schema: DataSchema, fusion_fit: dict[str, Any],
                    privacy: dict[str, Any], fused_test_accuracy: float | None,
                    semver: str = "1.0.0",

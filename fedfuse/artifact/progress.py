@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedfuse.coordinator.loop import FederationResult, Member, RoundListener
+from fedfuse.coordinator.records import (FederationResult, Participant, RoundListener,
+                                         RoundRecord)
 
 
 class ProgressDisplay:
@@ -20,21 +19,21 @@ class ProgressDisplay:
                                  transient=True)
         self.task = None
 
-    def on_start(self, members: list[Member], rounds: int) -> None:
+    def on_start(self, participants: list[Participant], rounds: int) -> None:
         by_arch: dict[str, int] = {}
-        for m in members:
+        for m in participants:
             by_arch[m.arch] = by_arch.get(m.arch, 0) + 1
         cohorts = ", ".join(f"{a} x{n}" for a, n in by_arch.items())
-        self.console.print(f"[bold]{len(members)} clients joined[/bold]: {cohorts}")
+        self.console.print(f"[bold]{len(participants)} clients joined[/bold]: {cohorts}")
         self.progress.start()
         self.task = self.progress.add_task("rounds", total=rounds)
 
-    def on_round(self, record: dict[str, Any]) -> None:
-        parts = [f"{arch} test {c['test_accuracy']:.3f} val {c.get('val_accuracy', float('nan')):.3f}"
-                 + (f" ε {c['max_epsilon']:.2f}" if "max_epsilon" in c else "")
-                 for arch, c in record["cohorts"].items()]
-        self.progress.console.print(f"round {record['round']:>3}  " + "  |  ".join(parts)
-                                    + f"  ({record['wall_seconds']:.1f} s)")
+    def on_round(self, record: RoundRecord) -> None:
+        parts = [f"{arch} test {_num(c.test_accuracy)} val {_num(c.val_accuracy)}"
+                 + ("" if c.max_epsilon is None else f" ε {c.max_epsilon:.2f}")
+                 for arch, c in record.cohorts.items()]
+        self.progress.console.print(f"round {record.round:>3}  " + "  |  ".join(parts)
+                                    + f"  ({record.wall_seconds or 0.0:.1f} s)")
         self.progress.advance(self.task)
 
     def on_finish(self, result: FederationResult) -> None:
@@ -50,14 +49,18 @@ class Fanout:
     def __init__(self, *listeners: RoundListener) -> None:
         self.listeners = listeners
 
-    def on_start(self, members: list[Member], rounds: int) -> None:
+    def on_start(self, participants: list[Participant], rounds: int) -> None:
         for lst in self.listeners:
-            lst.on_start(members, rounds)
+            lst.on_start(participants, rounds)
 
-    def on_round(self, record: dict[str, Any]) -> None:
+    def on_round(self, record: RoundRecord) -> None:
         for lst in self.listeners:
             lst.on_round(record)
 
     def on_finish(self, result: FederationResult) -> None:
         for lst in self.listeners:
             lst.on_finish(result)
+
+
+def _num(value: float | None) -> str:
+    return f"{float('nan') if value is None else value:.3f}"

@@ -1,6 +1,12 @@
-"""Sending several groups' messages (cohorts, secure-aggregation sessions) in one batch."""
+"""The coordinator's Grid: a bounded wait for every exchange, a sliding window of
+messages in simulation, and several groups' messages (cohorts, secure-aggregation
+sessions) sent as one batch."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -18,3 +24,57 @@ def exchange(grid: Grid, by_group: dict[str, list[Message]]) -> dict[str, list[M
             if group is not None:
                 grouped[group].append(reply)
     return grouped
+
+
+class BoundedGrid:
+    """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless told
+    otherwise: a client that never answers counts as failed instead of stalling the run.
+    Each message expires when the wait ends (its TTL), so a site that connects later is
+    not handed work for a phase that is over (training it would spend ε for nothing).
+
+    With ``window`` > 0 (simulation), at most that many messages are in the engine at
+    once: the next one is pushed as soon as a reply comes back (see
+    ``SimulationConfig.max_in_flight``), and replies are pulled every ``POLL`` seconds
+    instead of the in-memory Grid's 0.1 s.
+    """
+
+    POLL = 0.005
+    """Seconds between pulls for replies inside a window."""
+
+    def __init__(self, grid: Grid, timeout: float, window: int = 0) -> None:
+        self._grid = grid
+        self._timeout = timeout
+        self._window = window
+
+    def send_and_receive(self, messages: Iterable[Message],
+                         timeout: float | None = None) -> Iterable[Message]:
+        limit = timeout or self._timeout
+        now = time.time()
+        batch = list(messages)
+        for msg in batch:
+            msg.metadata.ttl = now - msg.metadata.created_at + limit
+        if not self._window:
+            return self._grid.send_and_receive(batch, timeout=limit)
+        return self._windowed(batch, time.monotonic() + limit)
+
+    def _windowed(self, batch: list[Message], deadline: float) -> list[Message]:
+        """Push up to ``window`` messages, and one more for every reply pulled, until every
+        message is answered or ``deadline`` passes (the unsent ones then count as
+        unanswered, like messages that timed out)."""
+        pending = batch[::-1]
+        in_flight: set[str] = set()
+        replies: list[Message] = []
+        while (pending or in_flight) and time.monotonic() < deadline:
+            room = self._window - len(in_flight)
+            if room > 0 and pending:
+                in_flight.update(self._grid.push_messages(
+                    [pending.pop() for _ in range(min(room, len(pending)))]))
+            pulled = list(self._grid.pull_messages(in_flight))
+            replies += pulled
+            in_flight -= {r.metadata.reply_to_message_id for r in pulled}
+            if not pulled:
+                time.sleep(self.POLL)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)

@@ -35,7 +35,8 @@ from fedfuse.data.datasets import Dataset, load_dataset
 from fedfuse.errors import FedfuseError
 from fedfuse.data.partition import train_val_split
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
-from fedfuse.artifact.rundir import RunDirectory, build_summary
+from fedfuse.artifact.rundir import RunDirectory
+from fedfuse.artifact.summary import build_summary
 from fedfuse.coordinator.loop import Coordinator
 from fedfuse.data.sites import Site
 

@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 
 from fedfuse import __version__
+from fedfuse.compat import ControlClient, build_fab
 from fedfuse.config import FedfuseConfig
 from fedfuse.config.preflight import check_scenario
 from fedfuse.data.datasets import load_dataset
@@ -69,8 +70,6 @@ def check_deployment(cfg: FedfuseConfig, certs: CertsDir) -> dict[str, bytes]:
 def fab_bytes(version: str = __version__) -> bytes:
     """The Flower App Bundle: only a pyproject naming fedfuse's installed apps, so every
     party runs its own installed fedfuse, never code shipped over the network."""
-    from flwr.cli.build import build_fab_from_files
-
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "fedfuse-federation", "version": version, "dependencies": []},
@@ -81,29 +80,23 @@ def fab_bytes(version: str = __version__) -> bytes:
             "config": {"scenario": "", "class-labels": "[]", "run-dir": "", "sites": "{}"},
         }}},
     }
-    return build_fab_from_files({"pyproject.toml": tomli_w.dumps(project).encode()})[0]
+    return build_fab({"pyproject.toml": tomli_w.dumps(project).encode()})
 
 
 class Control:
-    """The SuperLink's Control API, as ``flwr`` uses it."""
+    """The coordinator's use of the SuperLink's Control API (``fedfuse.compat``)."""
 
     def __init__(self, address: str, ca: Path) -> None:
-        from flwr.supercore.control import ControlHttpClient
-
-        self.client = ControlHttpClient.from_server_address(
-            server_address=address, insecure=False, root_certificates=ca.read_bytes(),
-            interceptors=[])
+        self.client = ControlClient(address, ca.read_bytes())
 
     def wait_ready(self, superlink: FlowerProcess, timeout: float) -> None:
-        from flwr.proto.control_pb2 import ListNodesRequest
-
         deadline = time.monotonic() + timeout
         while True:
             if superlink.poll() is not None:
                 raise FedfuseError(f"the SuperLink exited with status {superlink.poll()}:\n"
                                    f"{superlink.tail()}")
             try:
-                self.client.ListNodes(ListNodesRequest())
+                self.client.list_nodes()
                 return
             except Exception as exc:  # any transport error means "not yet"
                 if time.monotonic() > deadline:
@@ -113,61 +106,38 @@ class Control:
 
     def register(self, keys: dict[str, bytes]) -> dict[int, str]:
         """Register each site's public key; returns node id -> site name."""
-        from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
         nodes = {}
         for name, key in keys.items():
-            public = public_key_to_bytes(serialization.load_ssh_public_key(key))
-            response = self.client.RegisterNode(RegisterNodeRequest(public_key=public,
-                                                                    name=name))
-            if not response.node_id:
+            node_id = self.client.register_node(key, name)
+            if not node_id:
                 raise FedfuseError(f"the SuperLink refused to register site {name!r}")
-            nodes[int(response.node_id)] = name
+            nodes[node_id] = name
         return nodes
 
     def start_run(self, fab: bytes, config: dict[str, Any]) -> int:
-        from flwr.common.serde import fab_to_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest
-        from flwr.supercore.fab import Fab
-
-        res = self.client.StartRun(StartRunRequest(
-            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-            override_config=user_config_to_proto(config)))
-        if not res.HasField("run_id"):
+        run_id = self.client.start_run(fab, hashlib.sha256(fab).hexdigest(), config)
+        if run_id is None:
             raise FedfuseError("the SuperLink did not start the run")
-        return int(res.run_id)
-
-    def status(self, run_id: int) -> tuple[str, str]:
-        from flwr.proto.control_pb2 import ListRunsRequest
-
-        run = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
-        return run.status.status, run.status.sub_status
+        return run_id
 
     def follow(self, run_id: int, echo: Callable[[str], None]) -> str:
         """Relay the run's log to ``echo`` until the run finishes; returns its sub-status
         (``completed``, ``failed`` or ``stopped``)."""
-        from flwr.proto.control_pb2 import StreamLogsRequest
-
         after = 0.0
         while True:
             try:
-                for res in self.client.StreamLogs(StreamLogsRequest(run_id=run_id,
-                                                                    after_timestamp=after)):
-                    if res.log_output:
-                        echo(strip_ansi(res.log_output))
-                    after = max(after, res.latest_timestamp)
+                for text, timestamp in self.client.stream_logs(run_id, after):
+                    if text:
+                        echo(strip_ansi(text))
+                    after = max(after, timestamp)
             except Exception:  # the stream is best effort; the status below is not
                 time.sleep(1.0)
-            status, sub_status = self.status(run_id)
+            status, sub_status = self.client.run_status(run_id)
             if status == "finished":
                 return sub_status
 
     def stop_run(self, run_id: int) -> None:
-        from flwr.proto.control_pb2 import StopRunRequest
-
-        self.client.StopRun(StopRunRequest(run_id=run_id))
+        self.client.stop_run(run_id)
 
 
 def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path,

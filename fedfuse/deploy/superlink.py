@@ -60,18 +60,9 @@ class FleetOnlyBeyondLoopback:
 
 
 def main() -> None:
-    import uvicorn
-    from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.supercore.logger import console_handler
-    from flwr.superlink.cli.flower_superlink import (SuperLinkLifespan,
-                                                     _parse_superlink_lifespan_config)
-    from flwr.superlink.main import create_app
+    from fedfuse.compat import serve_superlink
 
-    config = _parse_superlink_lifespan_config()  # flower-superlink's own parsing and checks
-    app = FleetOnlyBeyondLoopback(create_app(config, SuperLinkLifespan))
-    uvicorn.run(app, host=config.host, port=config.port, reload=False, access_log=True,
-                log_config=get_uvicorn_log_config(console_handler.level),
-                ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1)
+    serve_superlink(FleetOnlyBeyondLoopback)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from fedfuse.artifact.manifest import Member
+from fedfuse.artifact.manifest import EnsembleMember
 from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
 from fedfuse.models.registry import load_model
-from fedfuse.artifact.rundir import SCORED_FILES, fused_summary, write_model
+from fedfuse.artifact.fused import SCORED_FILES, write_model
+from fedfuse.artifact.summary import fused_summary
 from fedfuse.config import load_config
 from fedfuse.fusion.result import FusionResult, SCORED
 from fedfuse.data.sites import run_test_split
@@ -62,7 +63,7 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
         models.append(load_model(arch, test.schema, state))
         probas.append(predict_proba(models[-1], test.X))
         cohort = summary["cohorts"][arch]
-        members.append(Member(arch, state, cohort["clients"], cohort["test_accuracy"]))
+        members.append(EnsembleMember(arch, state, cohort["clients"], cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
                               stats.sites, probas, test.y)
     rescored = {}

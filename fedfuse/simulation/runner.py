@@ -17,11 +17,13 @@ from fedfuse.site.app import build_client_app
 from fedfuse.config import FedfuseConfig
 from fedfuse.config.preflight import check_scenario
 from fedfuse.models.device import ray_gpus
-from fedfuse.simulation.engine import message_pickup, pickup_interval
+from fedfuse.compat import message_pickup, run_simulation
+from fedfuse.simulation.engine import pickup_interval
 from fedfuse.data.partition import label_skew
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
-from fedfuse.artifact.rundir import RunDirectory, build_summary
-from fedfuse.coordinator.loop import build_server_app
+from fedfuse.artifact.rundir import RunDirectory
+from fedfuse.artifact.summary import build_summary
+from fedfuse.coordinator.app import build_server_app
 from fedfuse.data.sites import Site, plan_federation, simulated_site
 
 log = logging.getLogger("fedfuse")
@@ -61,8 +63,6 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     client) before the run directory is created. With ``resume``, ``out`` is an
     interrupted run, continued from its newest checkpoint that verifies.
     """
-    from flwr.simulation import run_simulation
-
     started = time.perf_counter()
     console = console or Console(stderr=True)
     plan = plan_federation(cfg)
@@ -86,10 +86,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
         interval = pickup_interval(cfg.num_clients, cfg.simulation.pickup_interval)
         try:
             with message_pickup(interval):
-                run_simulation(server_app=server_app, client_app=client_app,
-                               num_supernodes=cfg.num_clients,
-                               backend_config=backend_config(cfg, gpus),
-                               verbose_logging=cfg.simulation.verbose)
+                run_simulation(server_app, client_app, cfg.num_clients,
+                               backend_config(cfg, gpus), cfg.simulation.verbose)
         finally:
             display.close()
         if run.result is None:

@@ -1,14 +1,17 @@
 """The fedfuse ClientApp: answers the coordinator's query, train and evaluate messages.
 
+The handlers only route: training is ``fedfuse.site.training``, the models a message
+names ``fedfuse.site.members``, the replies ``fedfuse.site.replies``.
+
 Message layout (all keys fixed):
 - query   -> ConfigRecord "site" {arch, name, input-shape, num-classes},
              MetricRecord "metrics" {num-examples, num-val, index},
              ArrayRecord "moments" {sum, sumsq} (feature sums of the training split)
 - train   <- ArrayRecord "arrays", ConfigRecord "config" {lr, local-epochs, batch-size,
              momentum, weight-decay, seed, server-round}
-             (+ dp-* keys under DP, see ``fedfuse.privacy.PrivacyRequest``; under
+             (+ dp-* keys under DP, see ``fedfuse.privacy.budget.PrivacyRequest``; under
              client-level DP only dp-mode = "user" and dp-clipping-norm: the update is
-             clipped to that norm and weighted 1, see ``fedfuse.user_dp``)
+             clipped to that norm and weighted 1, see ``fedfuse.privacy.client_level``)
           -> ArrayRecord "arrays", MetricRecord "metrics" {num-examples, train-loss,
              train-accuracy}; under DP also ConfigRecord "privacy" {status, epsilon,
              delta, noise-multiplier, sample-rate, steps, accountant, budget}. A site
@@ -24,11 +27,11 @@ Message layout (all keys fixed):
              val-accuracy}
 - train with ConfigRecord "stack" {members} and ArrayRecord "member/<arch>" per member:
              the same, for the stacking head in "arrays" on the members' probabilities
-             (``fedfuse.stacking``)
+             (``fedfuse.fusion.stacking``)
 - query.fusion <- ArrayRecord "member/<arch>" per member, ConfigRecord "fusion" {members}
              (a member "stack" is the stacking head over the members in "stack")
              -> ArrayRecord "stats" {A, b} (Brier sufficient statistics of the members on
-             the validation split, see ``fedfuse.fusion``), MetricRecord "metrics"
+             the validation split, see ``fedfuse.fusion.soft_vote``), MetricRecord "metrics"
              {num-examples}; under secure aggregation (a "secagg" record in the
              message) only "masked" {vector}: fixed-point [A, b, num-examples]
 """
@@ -36,7 +39,6 @@ Message layout (all keys fixed):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -46,22 +48,17 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metric
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedfuse.models.device import resolve_device
+from fedfuse.data.sites import Site
+from fedfuse.data.stats import local_moments
 from fedfuse.fusion.soft_vote import brier_statistics
-from fedfuse.secagg import Quantizer, encode_update
+from fedfuse.models.device import resolve_device
+from fedfuse.models.registry import load_model
+from fedfuse.models.training import evaluate, predict_proba
 from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
-from fedfuse.models.registry import load_model
-from fedfuse.site.replay import ReplayStore, request_key
-from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
-from fedfuse.privacy.ledger import ledger_store_for
-from fedfuse.privacy.dpsgd import make_private, noise_seed
-from fedfuse.data.sites import Site
-from fedfuse.fusion.stacking import HEAD, StackedModel, load_head, stack_features
-from fedfuse.data.stats import local_moments
-from fedfuse.models.training import (LoopResult, evaluate, make_loader, make_optimizer, predict_proba,
-                              train_epochs)
-from fedfuse.privacy.client_level import clip_update
+from fedfuse.site import training
+from fedfuse.site.members import member_models
+from fedfuse.site.replies import masked_reply, secagg_reply, train_reply
 
 SiteProvider = Callable[[Context], Site]
 
@@ -110,56 +107,14 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
-        cfg = msg.content["config"]
-        model, X = _trainee(msg, site)
-        seed = int(cfg["seed"]) + 7919 * site.index
-        # CPU generator only: torch.manual_seed also queues a CUDA seeding call, with a
-        # stack trace, on every call (about 0.75 ms each here)
-        torch.random.default_generator.manual_seed(seed)
-        batch_size, epochs = int(cfg["batch-size"]), int(cfg["local-epochs"])
-        loader = make_loader(X, site.train.y, batch_size, seed=seed)
-        optimizer = make_optimizer(model, float(cfg["lr"]), float(cfg["momentum"]),
-                                   float(cfg["weight-decay"]))
-        request = PrivacyRequest.from_config(cfg)
-        device = resolve_device(site.device)
-        if request is None:
-            result = train_epochs(model.to(device), loader, optimizer, epochs)
-            model.cpu()
-            if str(cfg.get("dp-mode", "off")) == "user":  # client-level DP (fedfuse.user_dp)
-                _clip_to(model, msg.content["arrays"], float(cfg["dp-clipping-norm"]))
-                return _train_reply(msg, context, site, model, result, seed, weight=1)
-            return _train_reply(msg, context, site, model, result, seed)
-        store = ledger_store_for(site.state_dir, context)
-        ledger = open_ledger(store, request, len(site.train))
-        plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
-        replays, key = None, ""
-        if site.state_dir is not None:  # without a state directory nothing outlives a crash
-            replays = ReplayStore(site.state_dir / "replay")
-            key = request_key(msg.content["arrays"], cfg)
-        if replays is not None and (stored := replays.load(key)) is not None:
-            state, metrics = stored  # this very request was trained and charged before
-            model.load_state_dict(state)
-            reply = _train_reply(msg, context, site, model, LoopResult(**metrics), seed)
-            reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
-            return reply
-        if plan.exhausted:
-            ledger.refused_rounds.append(int(cfg["server-round"]))
-            store.save(ledger)
-            return Message(RecordDict({"privacy": ConfigRecord(
-                report(ledger, plan, "budget-exhausted"))}), reply_to=msg)
-        generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
-        dp_model, dp_optimizer, dp_loader, engine = make_private(
-            model.to(device), optimizer, loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=request.max_grad_norm, accountant=ledger.accountant,
-            history=ledger.history, generator=generator)
-        result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
-        model.cpu()
-        ledger.history = [tuple(h) for h in engine.accountant.history]
-        store.save(ledger)  # spent before the update leaves the site
-        if replays is not None:
-            replays.save(key, model.state_dict(), asdict(result))
-        reply = _train_reply(msg, context, site, model, result, seed)
-        reply.content["privacy"] = ConfigRecord(report(ledger, plan, "trained"))
+        done = training.train(msg, context, site)
+        if done.model is None or done.result is None:  # declined: over its budget
+            return Message(RecordDict({"privacy": ConfigRecord(done.privacy or {})}),
+                           reply_to=msg)
+        reply = train_reply(msg, context, site, done.model, done.result, done.seed,
+                            weight=done.weight)
+        if done.privacy is not None:
+            reply.content["privacy"] = ConfigRecord(done.privacy)
         return reply
 
     @app.evaluate()
@@ -179,11 +134,11 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         torch.set_num_threads(threads)
         site = site_of(context)
         device = resolve_device(site.device)
-        probas = [predict_proba(model.to(device), site.val.X) for model in _member_models(
+        probas = [predict_proba(model.to(device), site.val.X) for model in member_models(
             msg, site, [str(a) for a in msg.content["fusion"]["members"]])]
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:
-            return _masked_reply(msg, context, encode_fixed(
+            return masked_reply(msg, context, encode_fixed(
                 np.concatenate([A.ravel(), b, [len(site.val)]])))
         content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),
                               "metrics": MetricRecord({"num-examples": len(site.val)})})
@@ -191,90 +146,16 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
 
     @app.query("secagg_setup")
     def secagg_setup(msg: Message, context: Context) -> Message:
-        return _secagg_reply(msg, secagg.setup(context.state, msg.content[secagg.RECORD]))
+        return secagg_reply(msg, secagg.setup(context.state, msg.content[secagg.RECORD]))
 
     @app.query("secagg_share")
     def secagg_share(msg: Message, context: Context) -> Message:
-        return _secagg_reply(msg, secagg.share(context.state, msg.content[secagg.RECORD],
-                                               str(context.node_id)))
+        return secagg_reply(msg, secagg.share(context.state, msg.content[secagg.RECORD],
+                                              str(context.node_id)))
 
     @app.query("secagg_unmask")
     def secagg_unmask(msg: Message, context: Context) -> Message:
-        return _secagg_reply(msg, secagg.unmask(context.state, msg.content[secagg.RECORD],
-                                                str(context.node_id)))
+        return secagg_reply(msg, secagg.unmask(context.state, msg.content[secagg.RECORD],
+                                               str(context.node_id)))
 
     return app
-
-
-def _member_models(msg: Message, site: Site, names: list[str]) -> list[torch.nn.Module]:
-    """The models named ``names`` from the message's ``member/<name>`` records; the
-    stacking head (``stack``) comes with the members listed in its "stack" record."""
-    models = []
-    for name in names:
-        state = msg.content[f"member/{name}"].to_torch_state_dict()
-        if name == HEAD:
-            models.append(StackedModel(_head_members(msg, site), load_head(state)))
-        else:
-            models.append(load_model(name, site.train.schema, state))
-    return models
-
-
-def _trainee(msg: Message, site: Site) -> tuple[torch.nn.Module, np.ndarray]:
-    """What a train message trains, and on which inputs: the site's cohort model on its
-    training split; or, when the message carries a "stack" record, the stacking head
-    on the members' probabilities for that split (``fedfuse.stacking``)."""
-    state = msg.content["arrays"].to_torch_state_dict()
-    if HEAD not in msg.content:
-        return load_model(site.arch, site.train.schema, state), site.train.X
-    return load_head(state), stack_features(_head_members(msg, site), site.train.X)
-
-
-def _head_members(msg: Message, site: Site) -> list[torch.nn.Module]:
-    """The members the stacking head combines, in its "stack" record's order."""
-    return _member_models(msg, site, [str(a) for a in msg.content[HEAD]["members"]])
-
-
-def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
-    return Message(RecordDict({secagg.RECORD: record}), reply_to=msg)
-
-
-def _clip_to(model: torch.nn.Module, received: ArrayRecord, clip: float) -> None:
-    """Set ``model`` to ``w + clip_update(w_trained - w)`` (norm at most ``clip``)."""
-    state = model.state_dict()
-    delta = [state[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
-             for k, a in received.items()]
-    clipped, _ = clip_update(delta, clip)
-    model.load_state_dict({k: torch.as_tensor(a.numpy() + d, dtype=state[k].dtype)
-                           for (k, a), d in zip(received.items(), clipped, strict=True)})
-
-
-def _train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Module,
-                 result: LoopResult, seed: int, weight: int | None = None) -> Message:
-    """The trained weights and metrics, weighted by ``weight`` (default: the training
-    examples); under secure aggregation only the masked vector of (weights - received
-    weights, weight, metrics)."""
-    n = len(site.train) if weight is None else weight
-    if secagg.RECORD not in msg.content:
-        return Message(RecordDict({
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": n, "train-loss": result.loss,
-                                     "train-accuracy": result.accuracy}),
-        }), reply_to=msg)
-    request = msg.content[secagg.RECORD]
-    received = msg.content["arrays"]
-    trained = model.state_dict()
-    delta = [trained[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
-             for k, a in received.items()]
-    quantizer = Quantizer(float(request["clip-range"]), int(request["quantization-bits"]))
-    rng = np.random.default_rng([noise_seed(site.secret, seed), 1])  # rounding, not DP noise
-    return _masked_reply(msg, context,
-                         encode_update(delta, n, result.loss, result.accuracy, quantizer, rng))
-
-
-def _masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
-    """``vector`` under this node's masks for the session named in the message."""
-    masked = secagg.mask(context.state, msg.content[secagg.RECORD], str(context.node_id),
-                         vector)
-    return Message(RecordDict({secagg.MASKED: ArrayRecord({"vector": Array(masked)})}),
-                   reply_to=msg)
-

@@ -1,0 +1,87 @@
+"""What every ``fedfuse`` command shares: the console, one way to report an error, the
+log set-up, and the run summary table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+
+from fedfuse.errors import FedfuseError
+
+console = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """A command whose ``FedfuseError`` is printed as one line (``error: ...``) and ends
+    the process with status 2; any other exception is a bug and keeps its traceback."""
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except FedfuseError as exc:
+            console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return run
+
+
+def setup_logging(verbose: bool) -> None:
+    """fedfuse's log lines on the console; its dependencies' only with ``verbose``."""
+    from fedfuse.compat import quiet_dependencies
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    quiet_dependencies(verbose)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so child Flower processes are stopped on the way out."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def print_summary(name: str, summary: dict[str, Any]) -> None:
+    """A finished run's table: every member, every fusion method, the one served."""
+    table = Table(title=f"{name}: {summary['rounds']} rounds, {summary['clients']} clients")
+    table.add_column("model")
+    table.add_column("clients", justify="right")
+    table.add_column("test accuracy", justify="right")
+    table.add_column("served")
+    for arch, c in summary["cohorts"].items():
+        table.add_row(arch, str(c["clients"]), f"{c['test_accuracy']:.4f}", "")
+    if summary["fused"]:
+        f = summary["fused"]
+        methods = f.get("methods") or {  # a run written before distillation existed
+            f["method"]: {"test_accuracy": f["test_accuracy"], "weights": f["weights"]}}
+        for method, score in methods.items():
+            if method == "soft_vote":
+                how = ", ".join(f"{a} {w:.2f}" for a, w in score["weights"].items())
+            elif method == "stack":
+                how = f"head trained {score['rounds']} rounds"
+            else:
+                how = f"{score['student']} from {score['transfer_examples']} unlabeled"
+            served = method == f["method"]
+            accuracy = f"{score['test_accuracy']:.4f}"
+            table.add_row(f"fused, {method}: {how}", str(summary["clients"]),
+                          f"[bold]{accuracy}[/bold]" if served else accuracy,
+                          "[bold]yes[/bold]" if served else "")
+        gain = 100 * (f["test_accuracy"] - f["best_member_test_accuracy"])
+        table.caption = (f"served predictor vs the best member: {gain:+.1f} points"
+                         + ("" if gain >= 1.0 else " (less than the +1 point fusion aims for)"))
+    console.print(table)

@@ -1,0 +1,125 @@
+"""A deployment's commands: ``fedfuse certs init``, ``partition``, ``coordinator`` and
+``site``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedfuse.cli.app import app
+from fedfuse.cli.common import (console, print_summary, reports_errors, setup_logging,
+                                stop_on_sigterm)
+from fedfuse.errors import FedfuseError
+
+certs_app = typer.Typer(no_args_is_help=True, help="Key material of a deployment.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+@reports_errors
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="certificates directory (created)")],
+    sites: Annotated[str, typer.Option(help="comma-separated site names, e.g. a,b,c")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        help="a name or address the sites use to reach the coordinator (repeatable); "
+             "localhost and 127.0.0.1 are always included")] = None,
+) -> None:
+    """Create a CA, the coordinator's TLS certificate and a key pair per site.
+
+    Re-running adds what is missing (new sites) and never replaces a key."""
+    from fedfuse.deploy.certs import DEFAULT_HOSTS, init_certs
+
+    names = [n.strip() for n in sites.split(",") if n.strip()]
+    if not names:
+        raise FedfuseError("--sites names no site")
+    created = init_certs(directory, names, [*DEFAULT_HOSTS, *(host or [])])
+    for path in created:
+        console.print(f"created {path}")
+    if not created:
+        console.print(f"{directory}: nothing to create (every key exists)")
+
+
+@app.command()
+@reports_errors
+def partition(
+    config: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    out: Annotated[Path, typer.Option(help="directory for the .npz files")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override any key (repeatable)")] = None,
+) -> None:
+    """Write the scenario's split as files: one .npz per site (or client) and test.npz.
+
+    For trying a deployment on one machine."""
+    from fedfuse.config import load_config
+    from fedfuse.data.sites import write_partitions
+
+    paths = write_partitions(load_config(config, overrides=set_ or []), out)
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@reports_errors
+def coordinator(
+    config: Annotated[Path, typer.Argument(help="scenario TOML; every cohort lists its sites")],
+    certs: Annotated[Path, typer.Option(help="certificates directory (fedfuse certs init)")],
+    address: Annotated[str, typer.Option(help="address the sites connect to")] = "0.0.0.0:9092",
+    out: Annotated[Optional[Path], typer.Option(help="run directory to create")] = None,
+    state: Annotated[Path, typer.Option(
+        help="the coordinator's working directory (SuperLink log, installed app)")] = Path(
+        "coordinator-state"),
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override any key: --set rounds=5 (repeatable)")] = None,
+) -> None:
+    """Run a scenario across partner sites (SuperLink with TLS and node authentication).
+
+    Writes the same run directory, fused artifact included, as simulate."""
+    from fedfuse.config import load_config
+
+    setup_logging(False)
+    stop_on_sigterm()
+    cfg = load_config(config, overrides=set_ or [])
+    from fedfuse.deploy.coordinator import run_coordinator
+    from fedfuse.simulation.runner import default_run_dir
+
+    run_dir = out or default_run_dir(cfg)
+    summary = run_coordinator(cfg, certs, address, run_dir, state,
+                              lambda text: console.print(text, end="", markup=False,
+                                                         highlight=False))
+    print_summary(cfg.name, summary)
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command()
+@reports_errors
+def site(
+    coordinator: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
+    certs: Annotated[Path, typer.Option(help="this site's copy of the certificates directory "
+                                             "(ca.pem and sites/NAME/)")],
+    name: Annotated[str, typer.Option(help="this site's name, as in the scenario")],
+    data: Annotated[Path, typer.Option(help="this site's data (.npz or .csv)")],
+    state: Annotated[Optional[Path], typer.Option(
+        help="state directory: privacy ledger, site secret [site-NAME-state]")] = None,
+    runtime_port: Annotated[int, typer.Option(
+        help="local port of the SuperNode's Runtime API (one per site on a machine)")] = 9094,
+    connect_timeout: Annotated[float, typer.Option(
+        help="seconds to retry an unreachable coordinator at start-up")] = 120.0,
+    max_wait: Annotated[float, typer.Option(
+        help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda, cuda:N or auto: where this site trains")] = "cpu",
+) -> None:
+    """Join a federation as a partner site (a Flower SuperNode on this site's data).
+
+    The data never leave the site; its privacy ledger persists across restarts in
+    --state."""
+    from fedfuse.deploy.site import SiteOptions, run_site
+
+    setup_logging(False)
+    stop_on_sigterm()
+    opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
+                       state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,
+                       connect_timeout=connect_timeout, max_wait=max_wait, device=device)
+    run_site(opts, lambda text: console.print(text, markup=False, highlight=False))

@@ -1,0 +1,100 @@
+"""The fused model's commands: ``fedfuse fuse``, ``export`` and ``evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from fedfuse.cli.app import app
+from fedfuse.cli.common import console, reports_errors
+from fedfuse.errors import FedfuseError
+
+
+@app.command()
+@reports_errors
+def fuse(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    version: Annotated[str, typer.Option(help="semantic version for the artifact")] = "1.0.0",
+    method: Annotated[Optional[str], typer.Option(
+        help="auto, soft_vote, stack or distill; default: the run's fusion.method")] = None,
+) -> None:
+    """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
+    from fedfuse.fusion.rebuild import fuse_run
+
+    if method not in (None, "auto", "soft_vote", "stack", "distill"):
+        raise FedfuseError(f"--method {method!r}: expected 'auto', 'soft_vote', "
+                           "'stack' or 'distill'")
+    manifest = fuse_run(run_dir, version, method)
+    weights = ", ".join(f"{a} {w:.3f}" for a, w in manifest["fusion"]["weights"].items())
+    console.print(f"wrote {run_dir / 'model'}: version {manifest['model_version']}, "
+                  f"{manifest['fusion']['method']} ({weights}), fused test accuracy "
+                  f"{manifest['fused_test_accuracy']:.4f}")
+
+
+@app.command()
+@reports_errors
+def export(
+    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    out: Annotated[Path, typer.Option(help="file to write")],
+    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
+) -> None:
+    """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
+    from fedfuse.artifact.predictor import FusedPredictor
+    from fedfuse.artifact.export import export_model, run_exported
+
+    if format_ not in ("onnx", "torchscript"):
+        raise FedfuseError(f"--format {format_!r}: expected 'onnx' or 'torchscript'")
+    predictor = FusedPredictor.load(artifact)
+    export_model(predictor, out, format_, int8)  # type: ignore[arg-type]
+    probe = np.random.default_rng(0).normal(size=(16, *predictor.schema.input_shape))
+    gap = float(np.abs(run_exported(out, format_, probe)  # type: ignore[arg-type]
+                       - predictor.predict_proba(probe)).max())
+    console.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {format_}"
+                  f"{', int8' if int8 else ''}); max |p_export - p_artifact| on a probe "
+                  f"batch: {gap:.2e}")
+
+
+@app.command("evaluate")
+@reports_errors
+def evaluate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    data: Annotated[str, typer.Option(help="labelled .npz/.csv file, or an embedded data set")],
+    label_column: Annotated[str, typer.Option(help="label column of a CSV file")] = "label",
+    png: Annotated[Path, typer.Option(help="where to write the confusion-matrix plot")] = Path(
+        "confusion_matrix.png"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
+    from fedfuse.artifact.predictor import FusedPredictor
+    from fedfuse.atomic import atomic_write_json
+    from fedfuse.config import DataConfig, resolve_source
+    from fedfuse.data.datasets import load_dataset
+    from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
+
+    predictor = FusedPredictor.load(artifact)
+    source = resolve_source(data, Path.cwd())
+    dataset = load_dataset(DataConfig(source=source, label_column=label_column))
+    report = evaluate_artifact(predictor, dataset)
+    table = Table(title=f"model {predictor.version} on {data}: accuracy {report.accuracy:.4f}")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for i, lab in enumerate(report.labels):
+        table.add_row(lab, f"{report.precision[i]:.3f}", f"{report.recall[i]:.3f}",
+                      f"{report.f1[i]:.3f}", str(report.support[i]))
+    console.print(table)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for lab in report.labels:
+        cm.add_column(lab, justify="right")
+    for lab, row in zip(report.labels, report.confusion):
+        cm.add_row(lab, *map(str, row))
+    console.print(cm)
+    plot_confusion(report, png, f"{predictor.version} — accuracy {report.accuracy:.4f}")
+    if json_out:
+        atomic_write_json(json_out, report.to_dict())
+    console.print(f"confusion matrix plot: {png}")

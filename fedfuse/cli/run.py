@@ -1,0 +1,75 @@
+"""``fedfuse simulate`` and ``fedfuse report``: run a scenario, read a finished run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedfuse.cli.app import app
+from fedfuse.cli.common import console, print_summary, reports_errors, setup_logging
+from fedfuse.errors import FedfuseError
+
+
+@app.command()
+@reports_errors
+def simulate(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="scenario TOML file (not with --resume)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory to create")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="continue the interrupted run that was to become this run directory, from "
+             "its last complete round")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="override the number of rounds")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="override any key: --set partition.alpha=0.3 (repeatable)")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu, cuda, cuda:N or auto: where sites and coordinator compute "
+             "(the scenario's device, default cpu)")] = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's own logs")] = False,
+) -> None:
+    """Run a scenario on Flower's simulation engine and write a run directory."""
+    from fedfuse.config import load_config
+    from fedfuse.artifact.rundir import resumable_config
+
+    if (config is None) == (resume is None):
+        raise FedfuseError("give a scenario file, or --resume RUN_DIR (not both)")
+    if resume is not None and (set_ or rounds or out):
+        raise FedfuseError("--resume continues a run with its own settings; --set, "
+                           "--rounds and --out do not apply")
+    overrides = [*(set_ or []), *([f"device={device}"] if device is not None else [])]
+    cfg = load_config(config or resumable_config(resume), overrides=overrides,
+                      rounds=rounds)
+    if verbose:
+        cfg.simulation.verbose = True
+    from fedfuse.simulation.runner import simulate as run_scenario  # imports flwr first
+
+    setup_logging(cfg.simulation.verbose)
+
+    summary, run_dir = run_scenario(cfg, out or resume, console, resume=resume is not None)
+    print_summary(cfg.name, summary)
+    console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
+
+
+@app.command()
+@reports_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+) -> None:
+    """Print a finished run's table: every member, every fusion method, the one served."""
+    import json
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FedfuseError(f"{run_dir}: not a finished run directory (summary.json is "
+                           "missing)")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FedfuseError(f"{summary_path}: not valid JSON ({exc})") from None
+    print_summary(str(summary["scenario"]), summary)
+    privacy = summary["privacy"]
+    if privacy["mode"] != "off":
+        console.print(f"privacy: {privacy['mode']}, max ε {privacy['max_epsilon']:.3f} at "
+                      f"δ = {privacy['delta']:g}")

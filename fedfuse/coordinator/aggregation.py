@@ -1,0 +1,208 @@
+"""How replies become what the coordinator aggregates: in plaintext, or through secure
+aggregation, behind one interface (:class:`Collector`).
+
+A collector sends a batch of messages whose answers will be summed (a round's training
+in every cohort, or the fusion statistics), then turns the answers into
+- the updates each cohort's strategy aggregates (:meth:`Collector.updates`): in
+  plaintext every site's reply, through the update gates (``fedfuse.coordinator.gates``);
+  with secure aggregation one reply per cohort carrying the unmasked, decoded sum
+  (as Flower's SecAgg+ workflow hands its strategy a single aggregated result);
+- or the summed Brier statistics of the fusion round (:meth:`Collector.statistics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedfuse.config import FedfuseConfig
+from fedfuse.coordinator.cohorts import Cohort
+from fedfuse.coordinator.gates import gate_updates
+from fedfuse.coordinator.grid import exchange
+from fedfuse.coordinator.records import Participant, RoundRecord
+from fedfuse.coordinator.sessions import (aggregate_reply, close_sessions, collect_masked,
+                                          open_sessions, with_session)
+from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
+from fedfuse.secagg.encoding import decode_fixed
+
+log = logging.getLogger("fedfuse.coordinator")
+
+Statistics = tuple[np.ndarray, np.ndarray, int, int]
+"""Summed Brier statistics A, b, the validation examples and the sites behind them."""
+
+
+@dataclass
+class Batch:
+    """One batch of messages whose answers are summed: what went out, what came back,
+    and (secure aggregation) each group's session and why the others failed."""
+
+    sent: dict[str, list[Message]]
+    replies: dict[str, list[Message]]
+    sessions: dict[str, SecAggSession] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class Collector(Protocol):
+    secure: bool
+    secure_sums: int
+    """Cohort updates that came out of secure sums so far."""
+
+    def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
+             tag: str, clip: dict[str, float]) -> Batch:
+        """Send every group's messages (``lengths``: the payload each group sums;
+        ``clip``: each group's per-coordinate clip) and collect their answers."""
+
+    def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
+                cohorts: dict[str, Cohort], record: RoundRecord
+                ) -> dict[str, list[Message]]:
+        """What each cohort's strategy aggregates, from the ``accepted`` replies (those
+        that carry an update, see ``SiteReports.collect``); counts go into ``record``."""
+
+    def statistics(self, grid: Grid, msgs: list[Message], participants: list[Participant],
+                   num_members: int) -> Statistics | None:
+        """The fusion statistics of ``num_members`` models summed over the sites that
+        answer ``msgs``; None when no site does."""
+
+
+class PlaintextCollector:
+    """Every site's reply seen by the coordinator; updates pass the update gates."""
+
+    secure = False
+    secure_sums = 0
+
+    def __init__(self, max_update_norm: float | None) -> None:
+        self.max_update_norm = max_update_norm
+
+    def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
+             tag: str, clip: dict[str, float]) -> Batch:
+        return Batch(msgs, exchange(grid, msgs))
+
+    def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
+                cohorts: dict[str, Cohort], record: RoundRecord
+                ) -> dict[str, list[Message]]:
+        """The accepted replies that pass every gate; a rejected site is dropped from the
+        round with its reason logged, and counted in ``rejected``."""
+        gated = {}
+        for arch, cohort in cohorts.items():
+            names = {p.node_id: p.name for p in cohort.participants}
+            gated[arch], rejected = gate_updates(
+                cohort.arrays, accepted[arch],
+                {p.node_id: p.num_train for p in cohort.participants}, self.max_update_norm)
+            record.cohort(arch).rejected = len(rejected)
+            for r in rejected:
+                log.warning("round %s: cohort %s: update of %s rejected: %s", record.round,
+                            arch, names.get(r.node_id, r.node_id), r.reason)
+        return gated
+
+    def statistics(self, grid: Grid, msgs: list[Message], participants: list[Participant],
+                   num_members: int) -> Statistics | None:
+        """The sites' statistics in plaintext, summed in site order."""
+        rank = {p.node_id: p.index for p in participants}
+        replies = sorted((r for r in grid.send_and_receive(msgs) if not r.has_error()),
+                         key=lambda r: rank.get(r.metadata.src_node_id, -1))
+        if not replies:
+            return None
+        A = sum(r.content["stats"]["A"].numpy() for r in replies)
+        b = sum(r.content["stats"]["b"].numpy() for r in replies)
+        n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        return A, b, n, len(replies)
+
+
+class SecureCollector:
+    """Only each group's sum is unmasked (``fedfuse.secagg``; the sessions of all
+    groups run side by side, ``fedfuse.coordinator.sessions``)."""
+
+    secure = True
+
+    def __init__(self, threshold: float, clip_range: float, quantization_bits: int) -> None:
+        self.threshold = threshold
+        self.clip_range = clip_range
+        self.bits = quantization_bits
+        self.secure_sums = 0
+
+    def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
+             tag: str, clip: dict[str, float]) -> Batch:
+        """Stages 1-2 (keys, sealed shares) for every group, then its messages to the
+        members that shared, each asking for a masked vector (stage 3)."""
+        sessions, failed = open_sessions(
+            grid, {g: [m.metadata.dst_node_id for m in group] for g, group in msgs.items()},
+            self.threshold, lengths, tag=tag)
+        settings = {g: {"clip-range": c, "quantization-bits": self.bits}
+                    for g, c in clip.items()}
+        sent = {g: with_session(group, sessions.get(g), **settings.get(g, {}))
+                for g, group in msgs.items()}
+        return Batch(sent, exchange(grid, sent), sessions, failed)
+
+    def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
+                cohorts: dict[str, Cohort], record: RoundRecord
+                ) -> dict[str, list[Message]]:
+        """Stages 3-4: each cohort's sum of masked vectors, unmasked and decoded into one
+        FedAvg update carrying the cohort's total weight; a sum whose count disagrees
+        with the sites in it is rejected and the cohort keeps its model."""
+        declined = {a: {r.metadata.src_node_id for r in batch.replies[a]}
+                    - {r.metadata.src_node_id for r in accepted[a]} for a in cohorts}
+        collect_masked(batch.sessions, batch.failed, batch.replies, declined)
+        sums = close_sessions(grid, batch.sessions, batch.failed)
+        out: dict[str, list[Message]] = {}
+        for arch, cohort in cohorts.items():
+            entry = record.cohort(arch)
+            entry.secagg_failed = arch in batch.failed
+            out[arch] = []
+            if arch not in sums:
+                continue
+            session = batch.sessions[arch]
+            entry.secagg_clients, entry.secagg_dropped = len(session.u3), len(session.dropped)
+            expected = sum(cohort.weight(p) for p in cohort.participants
+                           if str(p.node_id) in session.u3)
+            try:
+                total = decode_sum(sums[arch], [tuple(a.shape) for a in cohort.arrays.values()],
+                                   Quantizer(self.clip_for(cohort), self.bits))
+                if total.num_examples != expected:
+                    raise ValueError(f"it counts {total.num_examples} training examples, the "
+                                     f"{len(session.u3)} clients in it reported {expected}")
+            except ValueError as exc:
+                log.warning("round %s: cohort %s: the secure sum is rejected (%s): a client "
+                            "sent a dishonest or malformed vector; the cohort keeps its model",
+                            record.round, arch, exc)
+                entry.secagg_failed = True
+                continue
+            entry.secagg_clipped = total.clipped
+            if total.clipped:
+                log.warning("cohort %s: %d update coordinates exceeded "
+                            "secure_aggregation.clip_range and were clipped", arch,
+                            total.clipped)
+            like = next(m for m in batch.sent[arch]
+                        if str(m.metadata.dst_node_id) in session.u3)
+            out[arch] = [aggregate_reply(cohort.arrays, total, like)]
+            self.secure_sums += 1
+        return out
+
+    def statistics(self, grid: Grid, msgs: list[Message], participants: list[Participant],
+                   num_members: int) -> Statistics | None:
+        """The same sums through one session over all sites: each site masks the
+        fixed-point vector [A, b, n] and only the total is unmasked."""
+        m = num_members
+        batch = self.send(grid, {"fusion": msgs}, {"fusion": m * m + m + 1}, "fusion", {})
+        collect_masked(batch.sessions, batch.failed, batch.replies, {})
+        sums = close_sessions(grid, batch.sessions, batch.failed)
+        if "fusion" not in sums:
+            return None
+        flat = decode_fixed(sums["fusion"])
+        return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
+                len(batch.sessions["fusion"].u3))
+
+    def clip_for(self, cohort: Cohort) -> float:
+        """The cohort's per-coordinate clip (its own, else the configured one)."""
+        return cohort.clip_range or self.clip_range
+
+
+def make_collector(cfg: FedfuseConfig) -> PlaintextCollector | SecureCollector:
+    s = cfg.secure_aggregation
+    if s.enabled:
+        return SecureCollector(s.threshold, s.clip_range, s.quantization_bits)
+    return PlaintextCollector(cfg.robustness.max_update_norm)

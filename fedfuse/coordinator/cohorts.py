@@ -1,0 +1,105 @@
+"""The cohorts: one model and one strategy per architecture, built from discovery.
+
+Every cohort model starts from a seeded initialisation with the federation's feature
+standardisation (``fedfuse.data.stats``, pooled from the sites' moments); its strategy
+is the configured aggregation over the cohort's sites (``fedfuse.strategies``), wrapped
+in client-level DP under ``privacy.mode = "user"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from fedfuse.config import FedfuseConfig
+from fedfuse.coordinator.records import Participant
+from fedfuse.data.datasets import DataSchema
+from fedfuse.data.stats import pooled_mean_std
+from fedfuse.errors import FedfuseError
+from fedfuse.models.registry import build_model, get_architecture, load_model, set_standardization
+from fedfuse.privacy.client_level import cohort_ledger
+from fedfuse.strategies import ClientLevelDP, CohortStrategy, cohort_strategy
+
+Strategy = Union[CohortStrategy, ClientLevelDP]
+
+
+@dataclass
+class Cohort:
+    arch: str
+    strategy: Strategy
+    arrays: ArrayRecord
+    lr: float
+    participants: list[Participant] = field(default_factory=list)
+    extra: dict[str, ArrayRecord | ConfigRecord] = field(default_factory=dict)
+    """Records sent with every train message besides the model (the stacking head's
+    members)."""
+    clip_range: float | None = None
+    """Secure aggregation's per-coordinate clip for this group's updates (None: the
+    configured ``secure_aggregation.clip_range``)."""
+
+    @property
+    def unit_weights(self) -> bool:
+        """Whether every site counts once in the average (client-level DP), instead of
+        by its training examples."""
+        return isinstance(self.strategy, ClientLevelDP)
+
+    def weight(self, participant: Participant) -> int:
+        """A site's FedAvg weight: its training examples, or 1 under client-level DP."""
+        return 1 if self.unit_weights else participant.num_train
+
+    def model(self, schema: DataSchema, device: torch.device) -> torch.nn.Module:
+        """The cohort's current model on ``device``."""
+        return load_model(self.arch, schema, self.arrays.to_torch_state_dict()).to(device)
+
+
+def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Participant],
+                  replies: list[Message], noise_key: int) -> dict[str, Cohort]:
+    """One cohort per configured architecture over the participants that train it,
+    each model standardised with the pooled moments of ``replies`` (discovery's);
+    ``noise_key`` seeds client-level DP's noise."""
+    moments = [r.content["moments"] for r in replies]
+    mean, std = pooled_mean_std(
+        [int(r.content["metrics"]["num-examples"]) for r in replies],
+        [m["sum"].numpy() for m in moments], [m["sumsq"].numpy() for m in moments])
+    if cfg.secure_aggregation.enabled:
+        from fedfuse.secagg.encoding import check_ring
+
+        check_ring(cfg.secure_aggregation.quantization_bits,
+                   sum(p.num_train for p in participants))
+    cohorts: dict[str, Cohort] = {}
+    for i, cc in enumerate(cfg.cohorts):
+        mine = [p for p in participants if p.arch == cc.arch]
+        if not mine:
+            raise FedfuseError(f"cohort {cc.arch!r} has no connected client")
+        model = build_model(cc.arch, schema, seed=cfg.seed * 1000 + i)
+        set_standardization(model, mean, std)
+        lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(
+            cfg.privacy.mode == "sample")
+        cohorts[cc.arch] = Cohort(cc.arch, cohort_strategy_for(cfg, i, mine, noise_key),
+                                  ArrayRecord(model.state_dict()), lr, mine)
+    return cohorts
+
+
+def cohort_strategy_for(cfg: FedfuseConfig, index: int, participants: list[Participant],
+                        noise_key: int) -> Strategy:
+    """The strategy of cohort ``index``: the configured aggregation over its sites,
+    sampling with its own seeded generator; under client-level DP, wrapped with the
+    cohort's ledger (σ calibrated for ``rounds`` releases)."""
+    r, sim, arch = cfg.robustness, cfg.simulation, cfg.cohorts[index].arch
+    strategy = cohort_strategy(r.aggregation, arch, [p.node_id for p in participants],
+                               trim_fraction=r.trim_fraction, max_malicious=r.max_malicious,
+                               multikrum_select=r.multikrum_select,
+                               server_momentum=cfg.train.server_momentum,
+                               server_lr=cfg.train.server_lr, seed=cfg.seed * 1000 + index,
+                               fraction_train=sim.fraction_train,
+                               fraction_evaluate=sim.fraction_evaluate)
+    p = cfg.privacy
+    if p.mode != "user":
+        return strategy
+    ledger = cohort_ledger(p.accountant, p.delta, p.budget, p.target_epsilon,
+                           p.noise_multiplier, len(participants), cfg.rounds)
+    return ClientLevelDP(strategy, ledger, p.clipping_norm, noise_key=noise_key, index=index,
+                         secure=cfg.secure_aggregation.enabled)

@@ -1,0 +1,145 @@
+"""One federated round in every cohort: train (configure -> one exchange for all cohorts
+-> privacy reports -> collect -> aggregate), then federated evaluation and the
+coordinator's own test evaluation. Each step writes its figures into the round's
+:class:`~fedfuse.coordinator.records.RoundRecord`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedfuse.config import FedfuseConfig
+from fedfuse.coordinator.aggregation import Collector
+from fedfuse.coordinator.cohorts import Cohort
+from fedfuse.coordinator.grid import exchange
+from fedfuse.coordinator.privacy import SiteReports
+from fedfuse.coordinator.records import RoundRecord
+from fedfuse.coordinator.sessions import sizes
+from fedfuse.data.datasets import Dataset
+from fedfuse.models.training import evaluate
+from fedfuse.privacy.budget import PrivacyRequest
+from fedfuse.secagg.encoding import payload_length
+
+log = logging.getLogger("fedfuse.coordinator")
+
+
+class Rounds:
+    """Runs rounds for a set of cohorts: ``cfg``'s training settings, ``collector``'s
+    aggregation, the sites' privacy ``reports``, the coordinator's ``test`` split on
+    ``device``."""
+
+    def __init__(self, cfg: FedfuseConfig, collector: Collector, reports: SiteReports,
+                 test: Dataset, device: torch.device) -> None:
+        self.cfg = cfg
+        self.collector = collector
+        self.reports = reports
+        self.test = test
+        self.device = device
+
+    @property
+    def planned_rounds(self) -> int:
+        """Private rounds each site plans its noise for: training, then stacking."""
+        f = self.cfg.fusion
+        return self.cfg.rounds + (f.stacking_rounds if f.stacks else 0)
+
+    def train_config(self, cohort: Cohort, server_round: int) -> ConfigRecord:
+        """What a cohort's train messages ask of a site: the local training settings
+        and, under record-level DP, the privacy request (``dp-*`` keys)."""
+        private = self.cfg.privacy.mode == "sample"
+        t = self.cfg.train.resolved(private)
+        items: dict[str, Any] = {
+            "lr": cohort.lr, "local-epochs": t.local_epochs, "batch-size": t.batch_size,
+            "momentum": t.momentum, "weight-decay": t.weight_decay,
+            "seed": self.cfg.seed * 100_003 + server_round}
+        if private:
+            p = self.cfg.privacy
+            items.update(PrivacyRequest(
+                mode=p.mode, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
+                planned_rounds=self.planned_rounds, target_epsilon=p.target_epsilon,
+                noise_multiplier=p.noise_multiplier, budget=p.budget, delta=p.delta,
+            ).to_config())
+        return ConfigRecord(items)
+
+    def train(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
+              record: RoundRecord) -> None:
+        """One round of training in every cohort; with secure aggregation the
+        coordinator sees only each cohort's masked sum."""
+        if self.collector.secure:
+            for arch, cohort in cohorts.items():
+                if len(cohort.strategy.trainers) == 1:
+                    log.warning("round %d: cohort %s has one site left that may train; "
+                                "secure aggregation cannot hide a lone update, so the "
+                                "cohort stops training", server_round, arch)
+                    cohort.strategy.retire(cohort.strategy.trainers[0])
+        msgs = {a: self.configure(grid, c, server_round) for a, c in cohorts.items()}
+        batch = self.collector.send(
+            grid, msgs, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
+            f"round {server_round}",
+            {a: c.clip_range or self.cfg.secure_aggregation.clip_range
+             for a, c in cohorts.items()})
+        accepted: dict[str, list[Message]] = {}
+        for arch, cohort in cohorts.items():
+            replies = batch.replies[arch]
+            accepted[arch] = self.reports.collect(cohort, replies, server_round)
+            entry = record.cohort(arch)
+            refused = len(replies) - len(accepted[arch])
+            ok = sum(1 for r in accepted[arch] if not r.has_error())
+            entry.train_clients = ok
+            entry.train_failures = len(batch.sent[arch]) - ok - refused
+            entry.budget_exhausted = refused
+            entry.max_epsilon = self.reports.max_epsilon(cohort)
+        updates = self.collector.updates(grid, batch, accepted, cohorts, record)
+        for arch, cohort in cohorts.items():
+            self.aggregate(cohort, updates[arch], server_round, record)
+
+    def configure(self, grid: Grid, cohort: Cohort, server_round: int) -> list[Message]:
+        """The cohort strategy's train messages, with the cohort's extra records."""
+        msgs = list(cohort.strategy.configure_train(
+            server_round, cohort.arrays, self.train_config(cohort, server_round), grid))
+        self.reports.update_from(cohort)
+        for msg in msgs:
+            for key, rec in cohort.extra.items():
+                msg.content[key] = rec
+        return msgs
+
+    def aggregate(self, cohort: Cohort, updates: list[Message], server_round: int,
+                  record: RoundRecord) -> None:
+        """Apply the cohort's aggregate, unless fewer than ``robustness.min_clients``
+        sites contributed (or none did): then the cohort keeps its model."""
+        entry = record.cohort(cohort.arch)
+        contributors = (entry.secagg_clients or 0 if self.collector.secure
+                        else sum(not u.has_error() for u in updates))
+        if 0 < contributors < self.cfg.robustness.min_clients:
+            log.warning("round %d: cohort %s has %d valid update(s), fewer than "
+                        "robustness.min_clients = %d; keeping its model", server_round,
+                        cohort.arch, contributors, self.cfg.robustness.min_clients)
+            entry.below_min_clients = True
+            return
+        arrays, metrics = cohort.strategy.aggregate_train(server_round, updates)
+        self.reports.update_from(cohort)  # client-level DP: the release was charged
+        entry.max_epsilon = self.reports.max_epsilon(cohort)
+        if arrays is None:
+            log.warning("round %d: cohort %s got no valid update; keeping its model",
+                        server_round, cohort.arch)
+        else:
+            cohort.arrays = arrays
+        entry.add_metrics(metrics)
+
+    def evaluate(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
+                 record: RoundRecord) -> None:
+        """Federated evaluation on the sites' validation splits, and the coordinator's
+        evaluation on its test split, of every cohort's model."""
+        msgs = {a: list(c.strategy.configure_evaluate(server_round, c.arrays, ConfigRecord(),
+                                                      grid)) for a, c in cohorts.items()}
+        replies = exchange(grid, msgs)
+        for arch, cohort in cohorts.items():
+            entry = record.cohort(arch)
+            entry.add_metrics(cohort.strategy.aggregate_evaluate(server_round, replies[arch]))
+            res = evaluate(cohort.model(self.test.schema, self.device), self.test.X,
+                           self.test.y)
+            entry.test_loss, entry.test_accuracy = res.loss, res.accuracy
+

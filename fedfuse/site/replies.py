@@ -1,0 +1,50 @@
+"""What a site sends back: its trained weights and metrics in plaintext, or under
+secure aggregation only its masked vector (``fedfuse.secagg``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedfuse.data.sites import Site
+from fedfuse.models.training import LoopResult
+from fedfuse.privacy.dpsgd import noise_seed
+from fedfuse.secagg import Quantizer, encode_update
+from fedfuse.secagg import client as secagg
+
+
+def train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Module,
+                result: LoopResult, seed: int, weight: int | None = None) -> Message:
+    """The trained weights and metrics, weighted by ``weight`` (default: the training
+    examples); under secure aggregation only the masked vector of (weights - received
+    weights, weight, metrics)."""
+    n = len(site.train) if weight is None else weight
+    if secagg.RECORD not in msg.content:
+        return Message(RecordDict({
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": result.loss,
+                                     "train-accuracy": result.accuracy}),
+        }), reply_to=msg)
+    request = msg.content[secagg.RECORD]
+    received = msg.content["arrays"]
+    trained = model.state_dict()
+    delta = [trained[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
+             for k, a in received.items()]
+    quantizer = Quantizer(float(request["clip-range"]), int(request["quantization-bits"]))
+    rng = np.random.default_rng([noise_seed(site.secret, seed), 1])  # rounding, not DP noise
+    return masked_reply(msg, context,
+                        encode_update(delta, n, result.loss, result.accuracy, quantizer, rng))
+
+
+def masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
+    """``vector`` under this node's masks for the session named in the message."""
+    masked = secagg.mask(context.state, msg.content[secagg.RECORD], str(context.node_id),
+                         vector)
+    return Message(RecordDict({secagg.MASKED: ArrayRecord({"vector": Array(masked)})}),
+                   reply_to=msg)
+
+
+def secagg_reply(msg: Message, record: ConfigRecord) -> Message:
+    """A secure-aggregation stage's answer."""
+    return Message(RecordDict({secagg.RECORD: record}), reply_to=msg)
