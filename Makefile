@@ -1,4 +1,4 @@
-# The two commands: `make run` (default simulation) and `make test` (the suite).
+# The two commands: `make run` (default simulation) and `make test` (lint, then the suite).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +7,7 @@ SCENARIO ?= simulations/digits.toml
 RUN_DIR  ?= runs/digits-default
 PORT     ?= 8000
 
-.PHONY: run test bench install clean
+.PHONY: run lint test bench install clean
 
 install: $(STAMP)
 
@@ -29,7 +29,13 @@ run: $(STAMP)
 	  pid=$$!; trap 'kill $$pid; wait $$pid' EXIT; \
 	  FEDFUSE_API_KEY=$$key $(BIN)/fedfuse query http://127.0.0.1:$(PORT) --run $(RUN_DIR) --wait 60; }
 
-test: $(STAMP)
+# ruff (style, import order, common bugs) and mypy (types) over the library; configured in
+# pyproject.toml; `make test` runs it first, so a lint or type error fails CI
+lint: $(STAMP)
+	$(BIN)/ruff check fedfuse strategies
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # every benchmark, one after the other (about 30 min on 2 cores); each rewrites its table

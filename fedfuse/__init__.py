@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # lazy: importing fedfuse stays cheap for the CLI
+def __getattr__(name: str) -> type:  # lazy: importing fedfuse stays cheap for the CLI
     if name == "FusedPredictor":
         from fedfuse.artifact.predictor import FusedPredictor
 

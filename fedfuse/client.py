@@ -4,9 +4,18 @@ The client lives in ``fedfuse.serving.client``; ``from fedfuse.client import
 PredictClient`` goes on working.
 """
 
-from fedfuse.serving.client import (AuthenticationError, ConnectionFailed, InvalidInput,
-                                    NotFound, PredictClient, PredictError, Prediction,
-                                    RateLimited, ServerError, tls_context)
+from fedfuse.serving.client import (
+                                    AuthenticationError,
+                                    ConnectionFailed,
+                                    InvalidInput,
+                                    NotFound,
+                                    PredictClient,
+                                    PredictError,
+                                    Prediction,
+                                    RateLimited,
+                                    ServerError,
+                                    tls_context,
+)
 
 __all__ = ["AuthenticationError", "ConnectionFailed", "InvalidInput", "NotFound",
            "PredictClient", "PredictError", "Prediction", "RateLimited", "ServerError",

@@ -101,8 +101,10 @@ def serve_superlink(guard: Callable[[Any], Any]) -> None:
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
-    from flwr.superlink.cli.flower_superlink import (SuperLinkLifespan,
-                                                     _parse_superlink_lifespan_config)
+    from flwr.superlink.cli.flower_superlink import (
+        SuperLinkLifespan,
+        _parse_superlink_lifespan_config,
+    )
     from flwr.superlink.main import create_app
 
     config = _parse_superlink_lifespan_config()
@@ -139,10 +141,14 @@ class ControlClient:
     def register_node(self, openssh_public_key: bytes, name: str) -> int:
         """Register a SuperNode's public key; the node id (0: refused)."""
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
         from flwr.proto.control_pb2 import RegisterNodeRequest
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        public = public_key_to_bytes(serialization.load_ssh_public_key(openssh_public_key))
+        key = serialization.load_ssh_public_key(openssh_public_key)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("node authentication needs an EC public key")
+        public = public_key_to_bytes(key)
         return int(self.client.RegisterNode(RegisterNodeRequest(public_key=public,
                                                                 name=name)).node_id)
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedfuse.strategies.client_dp import ClientLevelDP
-from fedfuse.strategies.cohort import CohortFedAvg, CohortFedAvgM, CohortGrid, CohortStrategy
-from fedfuse.strategies.robust import ROBUST_RULES, robust_strategy
+from .client_dp import ClientLevelDP
+from .cohort import (
+    CohortFedAvg,
+    CohortFedAvgM,
+    CohortGrid,
+    CohortStrategy,
+    GridView,
+)
+from .robust import ROBUST_RULES, robust_strategy
 
 __all__ = ["ROBUST_RULES", "ClientLevelDP", "CohortFedAvg", "CohortFedAvgM", "CohortGrid",
-           "CohortStrategy", "cohort_strategy"]
+           "CohortStrategy", "GridView", "cohort_strategy"]
 
 
 def cohort_strategy(aggregation: str, cohort: str, members: Sequence[int], *,

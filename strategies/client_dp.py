@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 
 from fedfuse.privacy.client_level import SAMPLE_RATE, release
 from fedfuse.privacy.ledger import PrivacyLedger
-from fedfuse.strategies.cohort import CohortStrategy
+
+from .cohort import CohortStrategy
 
 log = logging.getLogger("fedfuse.strategies")
 

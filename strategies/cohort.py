@@ -21,19 +21,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 
-class CohortGrid(Grid):
-    """A view of a Grid whose ``get_node_ids`` yields only the given, connected nodes."""
+class GridView(Grid):
+    """A Grid that passes every call on to ``base``; subclasses change what they need."""
 
-    def __init__(self, base: Grid, nodes: Sequence[int]) -> None:
+    def __init__(self, base: Grid) -> None:
         self._base = base
-        self._nodes = list(nodes)
 
-    def get_node_ids(self) -> list[int]:
-        live = set(self._base.get_node_ids())
-        return [n for n in self._nodes if n in live]
+    def get_node_ids(self) -> Iterable[int]:
+        return self._base.get_node_ids()
 
-    def set_run(self, run_id: int) -> None:
-        self._base.set_run(run_id)
+    def set_run(self, run: Any) -> None:
+        self._base.set_run(run)
 
     @property
     def run(self) -> Any:
@@ -52,6 +50,18 @@ class CohortGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self._base.send_and_receive(messages, timeout=timeout)
+
+
+class CohortGrid(GridView):
+    """A view of a Grid whose ``get_node_ids`` yields only the given, connected nodes."""
+
+    def __init__(self, base: Grid, nodes: Sequence[int]) -> None:
+        super().__init__(base)
+        self._nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._base.get_node_ids())
+        return [n for n in self._nodes if n in live]
 
 
 class CohortStrategy:
@@ -129,12 +139,12 @@ class CohortStrategy:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(  # type: ignore[misc, no-any-return]
+        return super().aggregate_train(  # type: ignore[misc]
             server_round, self.in_member_order(replies))
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        return super().aggregate_evaluate(  # type: ignore[misc, no-any-return]
+        return super().aggregate_evaluate(  # type: ignore[misc]
             server_round, self.in_member_order(replies))
 
     def in_member_order(self, messages: Iterable[Message], end: str = "src") -> list[Message]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from fedfuse.strategies.cohort import CohortStrategy
+from .cohort import CohortStrategy
 
 ROBUST_RULES: dict[str, type[FedAvg]] = {
     "median": FedMedian, "trimmed_mean": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum}
@@ -30,12 +30,13 @@ def robust_strategy(rule: str, cohort: str, members: Sequence[int], *,
                     multikrum_select: int = 2, **strategy_kwargs: Any) -> CohortStrategy:
     """The cohort's strategy for the robust ``rule`` (a ``ROBUST_RULES`` key)."""
     base = ROBUST_RULES[rule]
-    extra: dict[str, Any] = {
+    settings: dict[str, dict[str, Any]] = {
         "trimmed_mean": {"beta": trim_fraction},
         "krum": {"num_malicious_nodes": max_malicious},
         "multikrum": {"num_malicious_nodes": max_malicious,
                       "num_nodes_to_select": multikrum_select},
-    }.get(rule, {})
+    }
+    extra = settings.get(rule, {})
     cls = type(f"Cohort{base.__name__}", (CohortStrategy, base), {})
     strategy: CohortStrategy = cls(cohort, members, **strategy_kwargs, **extra)
     return strategy

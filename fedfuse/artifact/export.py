@@ -49,6 +49,8 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, int8:
                                     output_names=["proba"], verbose=False,
                                     # by position: the graph's argument may not be named x
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
+    if program is None:
+        raise FedfuseError("the ONNX exporter returned no program")
     program.save(str(fp32), external_data=False)
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic

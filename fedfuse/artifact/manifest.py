@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def write_artifact(directory: Path, *, members: list[EnsembleMember], weights: n
                         "test_accuracy": member.test_accuracy, "file": rel})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "members": entries,
         "fusion": {"method": method,
                    "weights": {m.arch: float(w) for m, w in zip(members, weights)},
@@ -122,9 +122,9 @@ def read_verified_manifest(directory: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: unsupported artifact format "
-                            f"{manifest.get('format_version') if isinstance(manifest, dict) else '?'}"
-                            f" (this fedfuse reads format {FORMAT_VERSION})")
+        found = manifest.get("format_version") if isinstance(manifest, dict) else "?"
+        raise ArtifactError(f"{path}: unsupported artifact format {found} (this fedfuse "
+                            f"reads format {FORMAT_VERSION})")
     if canonical_json(manifest) != raw:
         raise ArtifactError(f"{path}: the manifest was modified (not in its canonical form)")
     expected = content_hash(manifest)

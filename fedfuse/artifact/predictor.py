@@ -56,7 +56,7 @@ class FusedPredictor:
         directory = Path(path)
         manifest = read_verified_manifest(directory)
         schema = DataSchema.from_dict(manifest["schema"])
-        members = []
+        members: list[nn.Module] = []
         for entry in manifest["members"]:
             state = safetensors_load((directory / entry["file"]).read_bytes())
             members.append(load_model(entry["arch"], schema, state))

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from fedfuse.coordinator.records import (FederationResult, Participant, RoundListener,
-                                         RoundRecord)
+from fedfuse.coordinator.records import (
+    FederationResult,
+    Participant,
+    RoundListener,
+    RoundRecord,
+)
 
 
 class ProgressDisplay:
@@ -17,7 +28,7 @@ class ProgressDisplay:
         self.progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                                  transient=True)
-        self.task = None
+        self.task: TaskID | None = None
 
     def on_start(self, participants: list[Participant], rounds: int) -> None:
         by_arch: dict[str, int] = {}
@@ -34,7 +45,8 @@ class ProgressDisplay:
                  for arch, c in record.cohorts.items()]
         self.progress.console.print(f"round {record.round:>3}  " + "  |  ".join(parts)
                                     + f"  ({record.wall_seconds or 0.0:.1f} s)")
-        self.progress.advance(self.task)
+        if self.task is not None:
+            self.progress.advance(self.task)
 
     def on_finish(self, result: FederationResult) -> None:
         self.close()

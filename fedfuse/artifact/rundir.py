@@ -3,7 +3,8 @@
 It is built in a hidden sibling ``.<name>.partial`` and renamed into place only when
 the run succeeds. A run that fails before its first checkpoint removes it; one that
 fails later keeps it, so ``fedfuse simulate --resume <name>`` can continue from the last
-complete round (``fedfuse.coordinator.checkpoint``). No half-written run directory is ever published.
+complete round (``fedfuse.coordinator.checkpoint``). No half-written run directory is ever
+published.
 
 Layout::
 
@@ -17,7 +18,7 @@ Layout::
                            fit (if any)
     stack_head.safetensors the stacking head (``fusion.stacking_rounds`` > 0)
     student.safetensors    the distilled student (``fusion.unlabeled_fraction`` > 0)
-    model/                 the fused predictor as a verifiable artifact (``fedfuse.artifact.manifest``)
+    model/                 the fused predictor, a verifiable artifact (``artifact.manifest``)
     accuracy.png           test (solid) and validation (dashed) accuracy per round per cohort
     summary.json           the run's figures (``fedfuse.artifact.summary.build_summary``)
     sites/client-<i>/      a simulated client's privacy ledger (runs with DP), and while
@@ -146,11 +147,13 @@ def plot_accuracy(history: list[RoundRecord], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for i, arch in enumerate(history[0].cohorts):
         color = f"C{i}"
-        ax.plot(rounds, [r.cohorts[arch].test_accuracy for r in history], color=color,
+        test = [r.cohorts[arch].test_accuracy for r in history]
+        ax.plot(rounds, [float("nan") if v is None else v for v in test], color=color,
                 marker="o", ms=3, label=f"{arch} (test)")
         val = [r.cohorts[arch].val_accuracy for r in history]
         if all(v is not None for v in val):
-            ax.plot(rounds, val, color=color, ls="--", alpha=0.6, label=f"{arch} (val)")
+            ax.plot(rounds, [float(v or 0.0) for v in val], color=color, ls="--", alpha=0.6,
+                    label=f"{arch} (val)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.0)

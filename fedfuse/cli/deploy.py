@@ -9,8 +9,13 @@ from typing import Annotated, Optional
 import typer
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import (console, print_summary, reports_errors, setup_logging,
-                                stop_on_sigterm)
+from fedfuse.cli.common import (
+    console,
+    print_summary,
+    reports_errors,
+    setup_logging,
+    stop_on_sigterm,
+)
 from fedfuse.errors import FedfuseError
 
 certs_app = typer.Typer(no_args_is_help=True, help="Key material of a deployment.")

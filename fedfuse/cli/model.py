@@ -44,15 +44,16 @@ def export(
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
 ) -> None:
     """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
+    from fedfuse.artifact.export import Format, export_model, run_exported
     from fedfuse.artifact.predictor import FusedPredictor
-    from fedfuse.artifact.export import export_model, run_exported
 
     if format_ not in ("onnx", "torchscript"):
         raise FedfuseError(f"--format {format_!r}: expected 'onnx' or 'torchscript'")
     predictor = FusedPredictor.load(artifact)
-    export_model(predictor, out, format_, int8)  # type: ignore[arg-type]
+    fmt: Format = "onnx" if format_ == "onnx" else "torchscript"
+    export_model(predictor, out, fmt, int8)
     probe = np.random.default_rng(0).normal(size=(16, *predictor.schema.input_shape))
-    gap = float(np.abs(run_exported(out, format_, probe)  # type: ignore[arg-type]
+    gap = float(np.abs(run_exported(out, fmt, probe)
                        - predictor.predict_proba(probe)).max())
     console.print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB, {format_}"
                   f"{', int8' if int8 else ''}); max |p_export - p_artifact| on a probe "
@@ -67,14 +68,15 @@ def evaluate_cmd(
     label_column: Annotated[str, typer.Option(help="label column of a CSV file")] = "label",
     png: Annotated[Path, typer.Option(help="where to write the confusion-matrix plot")] = Path(
         "confusion_matrix.png"),
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the report as JSON")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="also write the report as JSON")] = None,
 ) -> None:
     """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
+    from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
     from fedfuse.artifact.predictor import FusedPredictor
     from fedfuse.atomic import atomic_write_json
     from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
-    from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
 
     predictor = FusedPredictor.load(artifact)
     source = resolve_source(data, Path.cwd())

@@ -30,8 +30,8 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="show Flower's own logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
-    from fedfuse.config import load_config
     from fedfuse.artifact.rundir import resumable_config
+    from fedfuse.config import load_config
 
     if (config is None) == (resume is None):
         raise FedfuseError("give a scenario file, or --resume RUN_DIR (not both)")
@@ -39,8 +39,10 @@ def simulate(
         raise FedfuseError("--resume continues a run with its own settings; --set, "
                            "--rounds and --out do not apply")
     overrides = [*(set_ or []), *([f"device={device}"] if device is not None else [])]
-    cfg = load_config(config or resumable_config(resume), overrides=overrides,
-                      rounds=rounds)
+    if config is None:
+        assert resume is not None
+        config = resumable_config(resume)
+    cfg = load_config(config, overrides=overrides, rounds=rounds)
     if verbose:
         cfg.simulation.verbose = True
     from fedfuse.simulation.runner import simulate as run_scenario  # imports flwr first

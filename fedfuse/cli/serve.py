@@ -113,10 +113,10 @@ def query(
     ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust for HTTPS")] = None,
 ) -> None:
     """Send labelled data to a predict server over HTTP; print its accuracy and version."""
-    from fedfuse.serving.client import PredictClient
     from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
     from fedfuse.data.sites import run_test_split
+    from fedfuse.serving.client import PredictClient
 
     if (data is None) == (run is None):
         raise FedfuseError("give exactly one of --data FILE and --run RUN_DIR")

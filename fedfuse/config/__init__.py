@@ -8,13 +8,22 @@
 Nothing here imports torch or Flower.
 """
 
-from fedfuse.config.loading import (apply_override, config_from_dict, load_config,
-                                    resolve_source)
+from fedfuse.config.loading import apply_override, config_from_dict, load_config, resolve_source
 from fedfuse.config.scenario import FedfuseConfig
-from fedfuse.config.sections import (EMBEDDED_DATASETS, SITE_NAME, CohortConfig, DataConfig,
-                                     DeploymentConfig, FusionConfig, PartitionConfig,
-                                     PrivacyConfig, RobustnessConfig, SecureAggregationConfig,
-                                     SimulationConfig, TrainConfig)
+from fedfuse.config.sections import (
+                                    EMBEDDED_DATASETS,
+                                    SITE_NAME,
+                                    CohortConfig,
+                                    DataConfig,
+                                    DeploymentConfig,
+                                    FusionConfig,
+                                    PartitionConfig,
+                                    PrivacyConfig,
+                                    RobustnessConfig,
+                                    SecureAggregationConfig,
+                                    SimulationConfig,
+                                    TrainConfig,
+)
 
 __all__ = ["EMBEDDED_DATASETS", "SITE_NAME", "CohortConfig", "DataConfig", "DeploymentConfig",
            "FedfuseConfig", "FusionConfig", "PartitionConfig", "PrivacyConfig",

@@ -13,9 +13,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from fedfuse.config.sections import EMBEDDED_DATASETS
 from fedfuse.config.scenario import FedfuseConfig
+from fedfuse.config.sections import EMBEDDED_DATASETS
 from fedfuse.errors import ConfigError
+
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 rounds: int | None = None) -> FedfuseConfig:
@@ -123,7 +124,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {_tname(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -14,12 +14,22 @@ from typing import Any
 
 import tomli_w
 
-from fedfuse.config.sections import (CohortConfig, DataConfig, DeploymentConfig,
-                                     FusionConfig, PartitionConfig, PrivacyConfig,
-                                     RobustnessConfig, SecureAggregationConfig,
-                                     SimulationConfig, TrainConfig, check)
+from fedfuse.config.sections import (
+    CohortConfig,
+    DataConfig,
+    DeploymentConfig,
+    FusionConfig,
+    PartitionConfig,
+    PrivacyConfig,
+    RobustnessConfig,
+    SecureAggregationConfig,
+    SimulationConfig,
+    TrainConfig,
+    check,
+)
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
+
 
 @dataclass
 class FedfuseConfig:

@@ -20,13 +20,19 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedfuse import wire
 from fedfuse.config import FedfuseConfig
 from fedfuse.coordinator.cohorts import Cohort
 from fedfuse.coordinator.gates import gate_updates
 from fedfuse.coordinator.grid import exchange
 from fedfuse.coordinator.records import Participant, RoundRecord
-from fedfuse.coordinator.sessions import (aggregate_reply, close_sessions, collect_masked,
-                                          open_sessions, with_session)
+from fedfuse.coordinator.sessions import (
+    aggregate_reply,
+    close_sessions,
+    collect_masked,
+    open_sessions,
+    with_session,
+)
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import decode_fixed
 
@@ -107,9 +113,9 @@ class PlaintextCollector:
                          key=lambda r: rank.get(r.metadata.src_node_id, -1))
         if not replies:
             return None
-        A = sum(r.content["stats"]["A"].numpy() for r in replies)
-        b = sum(r.content["stats"]["b"].numpy() for r in replies)
-        n = int(sum(int(r.content["metrics"]["num-examples"]) for r in replies))
+        A = np.sum([wire.as_array(wire.arrays(r, "stats"), "A") for r in replies], axis=0)
+        b = np.sum([wire.as_array(wire.arrays(r, "stats"), "b") for r in replies], axis=0)
+        n = sum(wire.as_int(wire.metrics(r), "num-examples") for r in replies)
         return A, b, n, len(replies)
 
 

@@ -14,12 +14,18 @@ from typing import Union
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedfuse import wire
 from fedfuse.config import FedfuseConfig
 from fedfuse.coordinator.records import Participant
 from fedfuse.data.datasets import DataSchema
 from fedfuse.data.stats import pooled_mean_std
 from fedfuse.errors import FedfuseError
-from fedfuse.models.registry import build_model, get_architecture, load_model, set_standardization
+from fedfuse.models.registry import (
+    build_model,
+    get_architecture,
+    load_model,
+    set_standardization,
+)
 from fedfuse.privacy.client_level import cohort_ledger
 from fedfuse.strategies import ClientLevelDP, CohortStrategy, cohort_strategy
 
@@ -60,10 +66,10 @@ def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Par
     """One cohort per configured architecture over the participants that train it,
     each model standardised with the pooled moments of ``replies`` (discovery's);
     ``noise_key`` seeds client-level DP's noise."""
-    moments = [r.content["moments"] for r in replies]
+    moments = [wire.arrays(r, "moments") for r in replies]
     mean, std = pooled_mean_std(
-        [int(r.content["metrics"]["num-examples"]) for r in replies],
-        [m["sum"].numpy() for m in moments], [m["sumsq"].numpy() for m in moments])
+        [wire.as_int(wire.metrics(r), "num-examples") for r in replies],
+        [wire.as_array(m, "sum") for m in moments], [wire.as_array(m, "sumsq") for m in moments])
     if cfg.secure_aggregation.enabled:
         from fedfuse.secagg.encoding import check_ring
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedfuse import wire
 from fedfuse.config import FedfuseConfig
 from fedfuse.coordinator.records import Participant
 from fedfuse.data.datasets import DataSchema
+from fedfuse.wire import WireError
 
 log = logging.getLogger("fedfuse.coordinator")
 
@@ -43,7 +46,7 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
              sites: dict[int, str] | None = None) -> tuple[list[Participant], list[Message]]:
     """Every connected node's answer to the discovery query, as participants (in site
     order) and their replies (which carry the feature moments); a node whose answer
-    does not fit is dropped with the reason logged."""
+    does not fit, or is malformed, is dropped with the reason logged."""
     queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                for n in connected(grid, cfg, sites)]
     participants, replies = [], []
@@ -53,31 +56,57 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
         if reply.has_error():
             log.warning("node %d dropped at discovery: %s", node, reply.error.reason)
             continue
-        site, metrics = reply.content["site"], reply.content["metrics"]
-        reason = reject_reason(node, site, known, schema, sites)
-        if reason:
-            log.warning("node %d (%s) dropped at discovery: %s", node, site["name"], reason)
+        try:
+            answer = read_answer(reply)
+        except WireError as exc:
+            log.warning("node %d dropped at discovery: a malformed answer (%s)", node, exc)
             continue
-        participants.append(Participant(node, str(site["name"]), int(metrics["index"]),
-                                        str(site["arch"]), int(metrics["num-examples"]),
-                                        int(metrics["num-val"])))
+        reason = reject_reason(node, answer, known, schema, sites)
+        if reason:
+            log.warning("node %d (%s) dropped at discovery: %s", node, answer.name, reason)
+            continue
+        participants.append(Participant(node, answer.name, answer.index, answer.arch,
+                                        answer.num_train, answer.num_val))
         replies.append(reply)
     order = sorted(range(len(participants)), key=lambda i: participants[i].index)
     return [participants[i] for i in order], [replies[i] for i in order]
 
 
-def reject_reason(node: int, site: ConfigRecord, known: set[str], schema: DataSchema,
+@dataclass(frozen=True)
+class Answer:
+    """A site's answer to discovery (``fedfuse.site.app`` documents the layout)."""
+
+    name: str
+    arch: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    index: int
+    num_train: int
+    num_val: int
+
+
+def read_answer(reply: Message) -> Answer:
+    """The fields of a discovery reply, each of its type (raises ``WireError``)."""
+    site, metrics = wire.config(reply, "site"), wire.metrics(reply)
+    wire.arrays(reply, "moments")
+    return Answer(wire.as_str(site, "name"), wire.as_str(site, "arch"),
+                  tuple(wire.as_list(site, "input-shape", int)),
+                  wire.as_int(site, "num-classes"), wire.as_int(metrics, "index"),
+                  wire.as_int(metrics, "num-examples"), wire.as_int(metrics, "num-val"))
+
+
+def reject_reason(node: int, answer: Answer, known: set[str], schema: DataSchema,
                   sites: dict[int, str] | None) -> str | None:
     """Why a node's discovery answer does not fit, or None: a name other than its key's,
     an architecture no cohort trains, or data of another shape or class count."""
-    if sites is not None and sites.get(node) != site["name"]:
-        return (f"it calls itself {site['name']!r} but its key is registered as "
+    if sites is not None and sites.get(node) != answer.name:
+        return (f"it calls itself {answer.name!r} but its key is registered as "
                 f"{sites.get(node)!r}")
-    if site["arch"] not in known:
-        return f"architecture {site['arch']!r} is not one of the scenario's cohorts"
-    if tuple(site["input-shape"]) != tuple(schema.input_shape):
-        return (f"input shape {tuple(site['input-shape'])} differs from the "
+    if answer.arch not in known:
+        return f"architecture {answer.arch!r} is not one of the scenario's cohorts"
+    if answer.input_shape != tuple(schema.input_shape):
+        return (f"input shape {answer.input_shape} differs from the "
                 f"coordinator's {tuple(schema.input_shape)}")
-    if int(site["num-classes"]) != schema.num_classes:
-        return f"{site['num-classes']} classes, the coordinator has {schema.num_classes}"
+    if answer.num_classes != schema.num_classes:
+        return f"{answer.num_classes} classes, the coordinator has {schema.num_classes}"
     return None

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedfuse.strategies import GridView
 
 
 def exchange(grid: Grid, by_group: dict[str, list[Message]]) -> dict[str, list[Message]]:
@@ -26,7 +27,7 @@ def exchange(grid: Grid, by_group: dict[str, list[Message]]) -> dict[str, list[M
     return grouped
 
 
-class BoundedGrid:
+class BoundedGrid(GridView):
     """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds unless told
     otherwise: a client that never answers counts as failed instead of stalling the run.
     Each message expires when the wait ends (its TTL), so a site that connects later is
@@ -42,11 +43,11 @@ class BoundedGrid:
     """Seconds between pulls for replies inside a window."""
 
     def __init__(self, grid: Grid, timeout: float, window: int = 0) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._timeout = timeout
         self._window = window
 
-    def send_and_receive(self, messages: Iterable[Message],
+    def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         limit = timeout or self._timeout
         now = time.time()
@@ -54,7 +55,7 @@ class BoundedGrid:
         for msg in batch:
             msg.metadata.ttl = now - msg.metadata.created_at + limit
         if not self._window:
-            return self._grid.send_and_receive(batch, timeout=limit)
+            return self._base.send_and_receive(batch, timeout=limit)
         return self._windowed(batch, time.monotonic() + limit)
 
     def _windowed(self, batch: list[Message], deadline: float) -> list[Message]:
@@ -67,14 +68,11 @@ class BoundedGrid:
         while (pending or in_flight) and time.monotonic() < deadline:
             room = self._window - len(in_flight)
             if room > 0 and pending:
-                in_flight.update(self._grid.push_messages(
+                in_flight.update(self._base.push_messages(
                     [pending.pop() for _ in range(min(room, len(pending)))]))
-            pulled = list(self._grid.pull_messages(in_flight))
+            pulled = list(self._base.pull_messages(in_flight))
             replies += pulled
             in_flight -= {r.metadata.reply_to_message_id for r in pulled}
             if not pulled:
                 time.sleep(self.POLL)
         return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)

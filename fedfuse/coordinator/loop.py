@@ -57,9 +57,9 @@ class Coordinator:
         """Seeds client-level DP's noise: the scenario seed in simulation (reruns are
         identical), a fresh secret in deployment."""
 
-    def run(self, grid: Grid, resume: Checkpoint | None = None) -> FederationResult:
+    def run(self, flower_grid: Grid, resume: Checkpoint | None = None) -> FederationResult:
         cfg = self.cfg
-        grid = BoundedGrid(grid, cfg.round_timeout, self.max_in_flight)
+        grid = BoundedGrid(flower_grid, cfg.round_timeout, self.max_in_flight)
         participants, replies = discover(grid, cfg, self.rounds.test.schema, self.sites)
         if not participants:
             raise FedfuseError("no client answered the discovery query")

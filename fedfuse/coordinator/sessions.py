@@ -4,7 +4,7 @@ and turning a group's unmasked sum into the update its FedAvg strategy applies."
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,8 @@ def aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Mes
         "train-accuracy": total.accuracy})}), reply_to=like)
 
 
-def _advance(sessions: dict[str, SecAggSession], failed: dict[str, str], step) -> None:
+def _advance(sessions: dict[str, SecAggSession], failed: dict[str, str],
+             step: Callable[[str, SecAggSession], None]) -> None:
     """Apply ``step(group, session)``; a session that aborts is removed and logged."""
     for group in list(sessions):
         try:

@@ -18,6 +18,7 @@ import numpy as np
 from fedfuse.config import EMBEDDED_DATASETS, DataConfig
 from fedfuse.errors import DataError
 
+
 @dataclass(frozen=True)
 class DataSchema:
     """What one example looks like and what the classes are called."""

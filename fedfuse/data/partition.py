@@ -30,7 +30,8 @@ class Federation:
 
 
 def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (rest, holdout) with ``round(fraction * n_k)`` of each class k held out."""
+    """Split indices into (rest, holdout), holding out ``round(fraction * n_k)`` of each
+    class k."""
     rng = np.random.default_rng(seed)
     rest, hold = [], []
     for k in np.unique(y):

@@ -19,9 +19,9 @@ import numpy as np
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.config import FedfuseConfig, load_config
 from fedfuse.data.datasets import Dataset, load_dataset, split_transfer
-from fedfuse.models.device import worker_device
-from fedfuse.errors import FedfuseError
 from fedfuse.data.partition import Federation, build_federation
+from fedfuse.errors import FedfuseError
+from fedfuse.models.device import worker_device
 
 
 @dataclass(frozen=True)

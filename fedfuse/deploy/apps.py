@@ -28,17 +28,17 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedfuse.atomic import create_private
-from fedfuse.site.app import build_client_app
-from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
-from fedfuse.data.datasets import Dataset, load_dataset
-from fedfuse.errors import FedfuseError
-from fedfuse.data.partition import train_val_split
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
 from fedfuse.artifact.rundir import RunDirectory
 from fedfuse.artifact.summary import build_summary
+from fedfuse.atomic import create_private
+from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
 from fedfuse.coordinator.loop import Coordinator
+from fedfuse.data.datasets import Dataset, load_dataset
+from fedfuse.data.partition import train_val_split
 from fedfuse.data.sites import Site
+from fedfuse.errors import FedfuseError
+from fedfuse.site.app import build_client_app
 
 SECRET_FILE = "site-secret"
 

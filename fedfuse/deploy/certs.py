@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedfuse.atomic import create_private
 from fedfuse.config import SITE_NAME
-from fedfuse.errors import FedfuseError
 from fedfuse.deploy.pki import KeyPair, create_ca, issue_server_cert, write_pem
+from fedfuse.errors import FedfuseError
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -152,7 +152,7 @@ def check_server_certificate(d: CertsDir, now: dt.datetime | None = None) -> Non
                                "--sites ...` first")
     ca = x509.load_pem_x509_certificate(d.ca_cert.read_bytes())
     cert = x509.load_pem_x509_certificate(d.server_cert.read_bytes())
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise FedfuseError(f"{d.server_cert} is valid from {cert.not_valid_before_utc:%Y-%m-%d}"
                            f" to {cert.not_valid_after_utc:%Y-%m-%d}, not now; delete "

@@ -23,6 +23,7 @@ from typing import Any
 import tomli_w
 
 from fedfuse import __version__
+from fedfuse.artifact.rundir import partial_path
 from fedfuse.compat import ControlClient, build_fab
 from fedfuse.config import FedfuseConfig
 from fedfuse.config.preflight import check_scenario
@@ -31,7 +32,6 @@ from fedfuse.deploy.apps import run_config
 from fedfuse.deploy.certs import CertsDir, check_server_certificate, load_site_public_key
 from fedfuse.deploy.process import FlowerProcess, strip_ansi
 from fedfuse.errors import ConfigError, FedfuseError
-from fedfuse.artifact.rundir import partial_path
 
 CONNECT_TIMEOUT = 60.0
 """Seconds to wait for the freshly started SuperLink to answer."""
@@ -155,7 +155,8 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
         raise FedfuseError(f"{partial_path(out)} holds an interrupted run; the coordinator "
                            "cannot resume it: delete it, or choose another --out")
     state_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "fedfuse.deploy.superlink", "--ssl-ca-certfile", str(certs.ca_cert),
+    argv = [sys.executable, "-m", "fedfuse.deploy.superlink",
+            "--ssl-ca-certfile", str(certs.ca_cert),
             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", where.host, "--port", str(where.port)]

@@ -31,7 +31,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _builder(subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
              days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))

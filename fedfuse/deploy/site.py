@@ -20,11 +20,11 @@ from pathlib import Path
 from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import site_secret
-from fedfuse.models.device import resolve_device
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.process import FlowerProcess
 from fedfuse.errors import FedfuseError
+from fedfuse.models.device import resolve_device
 
 SOCKET_TIMEOUT = 5.0
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 FLEET_PREFIX = "/v1/fleet/"
 

@@ -18,20 +18,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
-from fedfuse.artifact.manifest import EnsembleMember
-from fedfuse.atomic import atomic_write_json
-from fedfuse.errors import FedfuseError
-from fedfuse.models.registry import load_model
 from fedfuse.artifact.fused import SCORED_FILES, write_model
+from fedfuse.artifact.manifest import EnsembleMember
 from fedfuse.artifact.summary import fused_summary
+from fedfuse.atomic import atomic_write_json
 from fedfuse.config import load_config
-from fedfuse.fusion.result import FusionResult, SCORED
 from fedfuse.data.sites import run_test_split
+from fedfuse.errors import FedfuseError
+from fedfuse.fusion.result import SCORED, FusionResult
 from fedfuse.fusion.stacking import StackedModel, load_head
+from fedfuse.models.registry import load_model
 from fedfuse.models.training import evaluate, predict_proba
-
 
 MISSING = {"distill": ("distilled student", "fusion.unlabeled_fraction", "student"),
            "stack": ("stacking head", "fusion.stacking_rounds", "head")}
@@ -57,7 +57,9 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
               for m, key in SCORED.items() if saved.get(key)}
     stats = FusionResult.from_dict(saved, states)
     test = run_test_split(run_dir)
-    members, models, probas = [], [], []
+    members: list[EnsembleMember] = []
+    models: list[torch.nn.Module] = []
+    probas = []
     for arch in stats.members:
         state = load_weights(run_dir / "cohorts" / f"{arch}.safetensors", run_dir)
         models.append(load_model(arch, test.schema, state))
@@ -68,13 +70,13 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
                               stats.sites, probas, test.y)
     rescored = {}
     if stats.stack is not None:
-        model = StackedModel(models, load_head(stats.stack.state))
+        stacked = StackedModel(models, load_head(stats.stack.state))
         rescored["stack"] = replace(stats.stack,
-                                    test_accuracy=evaluate(model, test.X, test.y).accuracy)
+                                    test_accuracy=evaluate(stacked, test.X, test.y).accuracy)
     if stats.student is not None:
-        model = load_model(stats.student.arch, test.schema, stats.student.state)
+        student = load_model(stats.student.arch, test.schema, stats.student.state)
         rescored["student"] = replace(stats.student,
-                                      test_accuracy=evaluate(model, test.X, test.y).accuracy)
+                                      test_accuracy=evaluate(student, test.X, test.y).accuracy)
     fusion = fusion.with_candidates(
         method or load_config(run_dir / "config.toml").fusion.method, **rescored)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))

@@ -21,6 +21,9 @@ from fedfuse.errors import ConfigError
 class Standardize(nn.Module):
     """``(x - mean) / std`` with fixed, non-trainable per-feature statistics."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, input_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(input_shape))
@@ -144,7 +147,7 @@ def readout(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def set_standardization(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+def set_standardization(model: nn.Sequential, mean: np.ndarray, std: np.ndarray) -> None:
     layer = model[0]
     assert isinstance(layer, Standardize)
     layer.mean.copy_(torch.as_tensor(mean, dtype=torch.float32).reshape(layer.mean.shape))

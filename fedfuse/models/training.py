@@ -7,6 +7,7 @@ model, optimiser and loader); the loops themselves stay ordinary PyTorch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class InMemoryDataset(TensorDataset):
         return tuple(t[index] for t in self.tensors)
 
 
-def batched(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def batched(batch: Any) -> Any:
     """The loader's collate function for :class:`InMemoryDataset`: its batches arrive
     already stacked."""
     return batch

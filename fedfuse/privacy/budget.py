@@ -15,6 +15,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.privacy.accounting import calibrate_noise, default_delta, steps_per_epoch
 from fedfuse.privacy.ledger import LedgerStore, PrivacyLedger
 
+
 @dataclass(frozen=True)
 class PrivacyRequest:
     """The privacy settings a coordinator sends with every train message (``dp-*`` keys).
@@ -89,10 +90,15 @@ def plan_round(ledger: PrivacyLedger, request: PrivacyRequest, n: int, batch_siz
     per_epoch = steps_per_epoch(n, batch_size)
     q, steps = 1.0 / per_epoch, epochs * per_epoch
     if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = (
-            request.noise_multiplier if request.noise_multiplier is not None else
-            calibrate_noise(float(request.target_epsilon), ledger.delta, q,
-                            request.planned_rounds * steps, ledger.accountant))
+        if request.noise_multiplier is not None:
+            ledger.noise_multiplier = request.noise_multiplier
+        elif request.target_epsilon is not None:
+            ledger.noise_multiplier = calibrate_noise(request.target_epsilon, ledger.delta, q,
+                                                      request.planned_rounds * steps,
+                                                      ledger.accountant)
+        else:
+            raise FedfuseError("the privacy request names neither a target ε nor a noise "
+                               "multiplier")
     sigma = ledger.noise_multiplier
     return PrivateRound(sigma, q, steps, ledger.would_exceed(sigma, q, steps))
 

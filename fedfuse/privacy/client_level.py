@@ -25,8 +25,9 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedfuse.privacy.ledger import PrivacyLedger
+from fedfuse import wire
 from fedfuse.privacy.accounting import calibrate_noise, default_delta
+from fedfuse.privacy.ledger import PrivacyLedger
 
 SAMPLE_RATE = 1.0
 """Each release is charged to every site of the cohort, sampled or not."""
@@ -54,8 +55,12 @@ def cohort_ledger(accountant: str, delta: float | None, budget: float | None,
     σ is the given one, or calibrated so ``planned_rounds`` releases spend
     ``target_epsilon``."""
     d = delta if delta is not None else default_delta(sites)
-    sigma = (noise_multiplier if noise_multiplier is not None else
-             calibrate_noise(float(target_epsilon), d, SAMPLE_RATE, planned_rounds, accountant))
+    if noise_multiplier is not None:
+        sigma = noise_multiplier
+    elif target_epsilon is not None:
+        sigma = calibrate_noise(target_epsilon, d, SAMPLE_RATE, planned_rounds, accountant)
+    else:
+        raise ValueError("client-level DP needs a target ε or a noise multiplier")
     return PrivacyLedger(accountant, d, budget, sigma)
 
 
@@ -77,18 +82,20 @@ def release(arrays: ArrayRecord, updates: list[Message], sent: list[Message],
     total = [np.zeros_like(b) for b in base]
     count, loss, accuracy = 0, 0.0, 0.0
     for reply in valid:
-        metrics = reply.content["metrics"]
-        n = int(metrics["num-examples"]) if secure else 1
+        metrics = wire.metrics(reply)
+        n = wire.as_int(metrics, "num-examples") if secure else 1
         delta = [a.numpy().astype(np.float64) - b
-                 for a, b in zip(reply.content["arrays"].values(), base, strict=True)]
+                 for a, b in zip(wire.arrays(reply, "arrays").values(), base, strict=True)]
         if not secure:
             delta, _ = clip_update(delta, clip)
         total = [t + n * d for t, d in zip(total, delta, strict=True)]
         count += n
-        loss += n * float(metrics["train-loss"])
-        accuracy += n * float(metrics["train-accuracy"])
-    step = noisy_mean(total, len(sent), float(ledger.noise_multiplier), clip, rng)
-    ledger.history.append((float(ledger.noise_multiplier), SAMPLE_RATE, 1))
+        loss += n * wire.as_float(metrics, "train-loss")
+        accuracy += n * wire.as_float(metrics, "train-accuracy")
+    sigma = ledger.noise_multiplier
+    assert sigma is not None, "a cohort ledger is calibrated when it is made"
+    step = noisy_mean(total, len(sent), sigma, clip, rng)
+    ledger.history.append((sigma, SAMPLE_RATE, 1))
     new = ArrayRecord({k: Array((b + s).astype(a.numpy().dtype))
                        for (k, a), b, s in zip(arrays.items(), base, step, strict=True)})
     return Message(RecordDict({"arrays": new, "metrics": MetricRecord({

@@ -19,6 +19,7 @@ from fedfuse.errors import ConfigError
 from fedfuse.models.device import model_device
 from fedfuse.privacy.accounting import HistoryEntry
 
+
 def check_dp_compatible(model: nn.Module, arch: str) -> None:
     """Refuse a model with layers that per-sample clipping cannot handle (BatchNorm, ...)."""
     from opacus.validators import ModuleValidator

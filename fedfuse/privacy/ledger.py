@@ -17,6 +17,7 @@ from fedfuse.atomic import atomic_write_json
 from fedfuse.errors import FedfuseError
 from fedfuse.privacy.accounting import HistoryEntry, epsilon_of
 
+
 @dataclass
 class PrivacyLedger:
     """One site's privacy account across rounds (and restarts)."""

@@ -6,7 +6,7 @@ ChaCha20 keystream masks) and Shamir sharing over GF(2^521 - 1). See docs/secure
 """
 
 from fedfuse.secagg.encoding import Quantizer, UpdateSum, decode_sum, encode_update
-from fedfuse.secagg.server import SecAggSession, SecAggAbort
+from fedfuse.secagg.server import SecAggAbort, SecAggSession
 
 __all__ = ["Quantizer", "SecAggAbort", "SecAggSession", "UpdateSum", "decode_sum",
            "encode_update"]

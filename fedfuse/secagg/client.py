@@ -19,16 +19,28 @@ drops out instead of helping to unmask anyone.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
-from fedfuse.secagg.messages import (MASKED, PAIR_MASK_LABEL, RECORD, SELF_MASK_LABEL,
-                                     SHARE_KEY_LABEL, associated_data, share_commitment)
+from fedfuse.secagg.messages import (
+    MASKED,
+    PAIR_MASK_LABEL,
+    RECORD,
+    SELF_MASK_LABEL,
+    SHARE_KEY_LABEL,
+    associated_data,
+    share_commitment,
+)
+from fedfuse.wire import WireError, as_bytes, as_int, as_list
 
 __all__ = ["MASKED", "RECORD", "SecAggError", "mask", "setup", "share", "unmask"]
+
+T = TypeVar("T")
 
 
 class SecAggError(FedfuseError):
@@ -41,14 +53,20 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _state(state: RecordDict, session: bytes) -> ConfigRecord:
-    _require(RECORD in state and state[RECORD]["session"] == session,
+    records = state.config_records
+    _require(RECORD in records and records[RECORD].get("session") == session,
              "request for a session this client did not set up (or already finished)")
-    return state[RECORD]
+    return records[RECORD]
+
+
+def _session(request: ConfigRecord) -> bytes:
+    """The request's session id."""
+    return _fields(as_bytes, request, "session")
 
 
 def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     """Stage 1: fresh key pairs for this session; answer their public halves."""
-    session = bytes(request["session"])
+    session = _session(request)
     c, s = crypto.new_private_key(), crypto.new_private_key()
     state[RECORD] = ConfigRecord({"session": session, "c": c, "s": s})
     return ConfigRecord({"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)})
@@ -56,17 +74,18 @@ def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
 
 def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     """Stage 2: share b and s among the members in ``request["nodes"]``, sealed to each."""
-    session = bytes(request["session"])
+    session = _session(request)
     st = _state(state, session)
-    nodes = list(request["nodes"])
-    c_pk, s_pk = list(request["c-pk"]), list(request["s-pk"])
-    t = int(request["threshold"])
+    nodes = _fields(as_list, request, "nodes", str)
+    c_pk, s_pk = _fields(as_list, request, "c-pk", bytes), _fields(as_list, request, "s-pk", bytes)
+    t = _fields(as_int, request, "threshold")
+    c_key, s_key = as_bytes(st, "c"), as_bytes(st, "s")
     _require(len(nodes) == len(set(nodes)) == len(c_pk) == len(s_pk),
              "the member list and key lists disagree")
     _require(me in nodes, "this client is not in the member list")
     mine = nodes.index(me)
-    _require(c_pk[mine] == crypto.public_key(st["c"]) and
-             s_pk[mine] == crypto.public_key(st["s"]),
+    _require(c_pk[mine] == crypto.public_key(c_key) and
+             s_pk[mine] == crypto.public_key(s_key),
              "the coordinator relayed other public keys for this client")
     _require(len(set(c_pk)) == len(c_pk) and len(set(s_pk)) == len(s_pk),
              "two members advertise the same public key")
@@ -74,9 +93,9 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
              f"threshold {t} is not a majority of the {len(nodes)} members")
     b = os.urandom(shamir.SECRET_BYTES)
     b_shares = shamir.split_secret(b, t, len(nodes))
-    s_shares = shamir.split_secret(bytes(st["s"]), t, len(nodes))
+    s_shares = shamir.split_secret(s_key, t, len(nodes))
     to, sealed = [], []
-    keys = [crypto.agree(st["c"], pk, SHARE_KEY_LABEL + session) if j != mine else b""
+    keys = [crypto.agree(c_key, pk, SHARE_KEY_LABEL + session) if j != mine else b""
             for j, pk in enumerate(c_pk)]  # K_uv both ways: seals now, opens at unmask
     for j, node in enumerate(nodes):
         if j != mine:
@@ -97,24 +116,26 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
 
 def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) -> np.ndarray:
     """Stage 3: ``vector`` (uint64) masked with PRG(b) and the pairwise masks of U2."""
-    session = bytes(request["session"])
+    session = _session(request)
     st = _state(state, session)
     _require("b" in st, "masking requested before shares were made")
     _require("masked-with" not in st, "a second masked vector requested in one session")
-    nodes, u2 = list(st["nodes"]), list(request["nodes"])
+    nodes, u2 = as_list(st, "nodes", str), _fields(as_list, request, "nodes", str)
+    threshold = as_int(st, "threshold")
     _require(me in u2 and set(u2) <= set(nodes) and len(u2) == len(set(u2)),
              "the members that shared are not a subset of the members")
-    _require(len(u2) >= int(st["threshold"]),
-             f"only {len(u2)} members shared, fewer than the threshold {st['threshold']}")
+    _require(len(u2) >= threshold,
+             f"only {len(u2)} members shared, fewer than the threshold {threshold}")
     out = vector.astype(np.uint64) + crypto.mask_words(
-        crypto.derive(st["b"], SELF_MASK_LABEL + session), vector.size)
+        crypto.derive(as_bytes(st, "b"), SELF_MASK_LABEL + session), vector.size)
+    s_key, s_pk = as_bytes(st, "s"), as_list(st, "s-pk", bytes)
     mine = nodes.index(me)
     for node in u2:
         j = nodes.index(node)
         if j == mine:
             continue
         words = crypto.mask_words(
-            crypto.agree(st["s"], st["s-pk"][j], PAIR_MASK_LABEL + session), vector.size)
+            crypto.agree(s_key, s_pk[j], PAIR_MASK_LABEL + session), vector.size)
         out = out + words if mine < j else out - words
     st["masked-with"] = u2
     state[RECORD] = st
@@ -123,26 +144,33 @@ def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) 
 
 def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     """Stage 4: shares of b for the survivors and of s for the dropped; then forget."""
-    session = bytes(request["session"])
+    session = _session(request)
     st = _state(state, session)
     _require("masked-with" in st, "unmasking requested before this client masked")
-    u2 = set(st["masked-with"])
-    survivors, dropped = list(request["survivors"]), list(request["dropped"])
+    u2 = set(as_list(st, "masked-with", str))
+    survivors = _fields(as_list, request, "survivors", str)
+    dropped = _fields(as_list, request, "dropped", str)
+    senders = _fields(as_list, request, "from", str)
+    blobs = _fields(as_list, request, "ciphertexts", bytes)
+    threshold = as_int(st, "threshold")
     _require(not set(survivors) & set(dropped), "a member is listed as survivor and dropped")
     _require(set(survivors) | set(dropped) == u2 and len(survivors) + len(dropped) == len(u2),
              "survivors and dropped do not make up the members that shared")
     _require(me in survivors, "this client is listed as dropped")
-    _require(len(survivors) >= int(st["threshold"]),
-             f"only {len(survivors)} survivors, fewer than the threshold {st['threshold']}")
-    nodes = list(st["nodes"])
-    b_from, b_shares, s_from, s_shares, unreadable = [me], [st["own-b"]], [], [], []
-    for src, blob in zip(request["from"], request["ciphertexts"]):
+    _require(len(survivors) >= threshold,
+             f"only {len(survivors)} survivors, fewer than the threshold {threshold}")
+    nodes, share_keys = as_list(st, "nodes", str), as_list(st, "share-keys", bytes)
+    b_from, b_shares = [me], [as_bytes(st, "own-b")]
+    s_from: list[str] = []
+    s_shares: list[bytes] = []
+    unreadable: list[str] = []
+    for src, blob in zip(senders, blobs, strict=False):
         if src not in u2 or src == me:
             unreadable.append(src)
             continue
-        key = st["share-keys"][nodes.index(src)]
+        key = share_keys[nodes.index(src)]
         try:
-            plain = crypto.unseal(key, bytes(blob), associated_data(session, src, me))
+            plain = crypto.unseal(key, blob, associated_data(session, src, me))
         except crypto.CryptoError:
             unreadable.append(src)
             continue
@@ -159,3 +187,11 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     del state[RECORD]
     return ConfigRecord({"b-from": b_from, "b-shares": b_shares, "s-from": s_from,
                          "s-shares": s_shares, "unreadable": unreadable})
+
+
+def _fields(read: Callable[..., T], request: ConfigRecord, *args: Any) -> T:
+    """``read(request, *args)``, a malformed request refused like any other."""
+    try:
+        return read(request, *args)
+    except WireError as exc:
+        raise SecAggError(f"secure aggregation: {exc}") from None

@@ -89,8 +89,8 @@ def encode_update(delta: list[np.ndarray], num_examples: int, loss: float, accur
         raise ValueError("the update has non-finite values")
     clipped = int(np.count_nonzero(np.abs(flat) > quantizer.clip_range))
     n = np.uint64(num_examples)
-    extras = np.concatenate([[n], encode_fixed([num_examples * loss, num_examples * accuracy]),
-                             [np.uint64(clipped)]]).astype(np.uint64)
+    sums = encode_fixed(np.array([num_examples * loss, num_examples * accuracy]))
+    extras = np.concatenate([[n], sums, [np.uint64(clipped)]]).astype(np.uint64)
     return np.concatenate([quantizer.quantize(flat, rng) * n, extras])
 
 

@@ -21,9 +21,20 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
-from fedfuse.secagg.messages import (CIPHERTEXT_BYTES, COMMIT_BYTES, MASKED, PAIR_MASK_LABEL,
-                                     PUBLIC_KEY_BYTES, RECORD, SELF_MASK_LABEL, SESSION_BYTES,
-                                     SETUP, SHARE, UNMASK, share_commitment)
+from fedfuse.secagg.messages import (
+    CIPHERTEXT_BYTES,
+    COMMIT_BYTES,
+    MASKED,
+    PAIR_MASK_LABEL,
+    PUBLIC_KEY_BYTES,
+    RECORD,
+    SELF_MASK_LABEL,
+    SESSION_BYTES,
+    SETUP,
+    SHARE,
+    UNMASK,
+    share_commitment,
+)
 
 log = logging.getLogger("fedfuse.secagg")
 
@@ -72,7 +83,8 @@ class SecAggSession:
         seen: set[bytes] = set()
         for node, rec in self._records(replies, self.selected, "setup"):
             c_pk, s_pk = rec.get("c-pk"), rec.get("s-pk")
-            if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in (c_pk, s_pk)):
+            if not (isinstance(c_pk, bytes) and isinstance(s_pk, bytes)
+                    and len(c_pk) == len(s_pk) == PUBLIC_KEY_BYTES):
                 self._drop(node, "setup: public keys are not two 32-byte X25519 keys")
             elif c_pk in seen or s_pk in seen or c_pk == s_pk:
                 self._drop(node, "setup: a public key already advertised in this session")
@@ -99,8 +111,9 @@ class SecAggSession:
         for node, rec in self._records(replies, u1, "share"):
             others = [n for n in u1 if n != node]
             to, sealed = _strings(rec.get("to")), _list(rec.get("ciphertexts"))
-            commits = [_list(rec.get("commit-b")), _list(rec.get("commit-s"))]
-            if to is None or sealed is None or None in commits:
+            commit_b, commit_s = _list(rec.get("commit-b")), _list(rec.get("commit-s"))
+            b_hash = rec.get("b-hash")
+            if to is None or sealed is None or commit_b is None or commit_s is None:
                 self._drop(node, "share: the reply's fields are not lists of the right types")
             elif sorted(to) != sorted(others) or len(sealed) != len(to):
                 self._drop(node, "share: sealed shares are not addressed to exactly the "
@@ -108,14 +121,12 @@ class SecAggSession:
             elif any(not isinstance(x, bytes) or len(x) != CIPHERTEXT_BYTES for x in sealed):
                 self._drop(node, f"share: a sealed share is not {CIPHERTEXT_BYTES} bytes")
             elif any(len(c) != len(u1) or any(not isinstance(x, bytes) or len(x) != COMMIT_BYTES
-                                              for x in c) for c in commits) \
-                    or not isinstance(rec.get("b-hash"), bytes) \
-                    or len(rec["b-hash"]) != COMMIT_BYTES:
+                                              for x in c) for c in (commit_b, commit_s)) \
+                    or not isinstance(b_hash, bytes) or len(b_hash) != COMMIT_BYTES:
                 self._drop(node, "share: commitments are missing or malformed")
             else:
-                self.sealed[node] = dict(zip(to, sealed))
-                self.commitments[node] = {"b": commits[0], "s": commits[1],
-                                          "b-hash": rec["b-hash"]}
+                self.sealed[node] = dict(zip(to, sealed, strict=True))
+                self.commitments[node] = {"b": commit_b, "s": commit_s, "b-hash": b_hash}
         self._require(len(self.sealed), "shared their keys")
 
     # -- stage 3 ------------------------------------------------------------------------
@@ -132,7 +143,7 @@ class SecAggSession:
                        declined: Iterable[int] = ()) -> None:
         """Masked vectors from the train replies; ``declined`` nodes answered without one
         on purpose (for example: privacy budget spent)."""
-        declined = {str(n) for n in declined}
+        refused = {str(n) for n in declined}
         u2 = self.u2
         answered = set()
         for reply in replies:
@@ -143,13 +154,14 @@ class SecAggSession:
                 continue
             answered.add(node)
             if reply.has_error():
-                self._drop(node, f"mask: failed ({reply.error.reason.splitlines()[0][:200]})")
-            elif node in declined:
+                self._drop(node, f"mask: failed ({_reason(reply)})")
+            elif node in refused:
                 self._drop(node, "mask: declined to train")
-            elif MASKED not in reply.content or "vector" not in reply.content[MASKED]:
+            elif MASKED not in reply.content.array_records \
+                    or "vector" not in reply.content.array_records[MASKED]:
                 self._drop(node, "mask: the reply has no masked vector")
             else:
-                vec = reply.content[MASKED]["vector"].numpy()
+                vec = reply.content.array_records[MASKED]["vector"].numpy()
                 if vec.dtype != np.uint64 or vec.shape != (self.length,):
                     self._drop(node, f"mask: vector is {vec.dtype}{list(vec.shape)}, expected "
                                      f"uint64[{self.length}]")
@@ -272,11 +284,11 @@ class SecAggSession:
                 continue
             answered.add(node)
             if reply.has_error():
-                reason = f"{stage}: failed ({reply.error.reason.splitlines()[0][:200]})"
-            elif RECORD not in reply.content:
+                reason = f"{stage}: failed ({_reason(reply)})"
+            elif RECORD not in reply.content.config_records:
                 reason = f"{stage}: the reply has no {RECORD!r} record"
             else:
-                yield node, reply.content[RECORD]
+                yield node, reply.content.config_records[RECORD]
                 continue
             self._drop(node, reason) if drop else log.warning("%s: node %s: %s", self.group,
                                                               node, reason)
@@ -292,6 +304,11 @@ class SecAggSession:
         if remaining < self.threshold:
             raise SecAggAbort(f"{self.group}: only {remaining} clients {what}, the "
                               f"threshold is {self.threshold}")
+
+
+def _reason(reply: Message) -> str:
+    """The first line of a failed reply's error, shortened."""
+    return (reply.error.reason or "no reason given").splitlines()[0][:200]
 
 
 def _list(value: Any) -> list[Any] | None:

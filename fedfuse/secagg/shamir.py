@@ -67,7 +67,7 @@ def combine_shares(shares: dict[int, bytes]) -> bytes:
         raise ValueError("shares need distinct indices")
     xs = tuple(sorted(shares))
     ys = [int.from_bytes(shares[x], "big") for x in xs]
-    s = sum(l * y for l, y in zip(lagrange_at_zero(xs), ys)) % PRIME
+    s = sum(lam * y for lam, y in zip(lagrange_at_zero(xs), ys)) % PRIME
     if s >= 1 << (8 * SECRET_BYTES):
         raise ValueError("the shares do not combine to a secret")
     return s.to_bytes(SECRET_BYTES, "big")

@@ -35,14 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from fedfuse import __version__
-from fedfuse.artifact.manifest import ArtifactError, MANIFEST, read_verified_manifest
-from fedfuse.serving.config import ServeConfig
+from fedfuse.artifact.manifest import MANIFEST, ArtifactError, read_verified_manifest
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
 from fedfuse.serving.batcher import BatcherClosed
+from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body
-from fedfuse.serving.metrics import ServeMetrics, MetricsMiddleware
+from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
 from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
 
 log = logging.getLogger("fedfuse.serve")
@@ -205,7 +205,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             raise RequestValidationError(exc.errors()) from None
         return np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
 
-    documented = {"openapi_extra": {"requestBody": {"required": True, "content": {
+    documented: dict[str, Any] = {"openapi_extra": {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
         "response_model": PredictResponse, "responses": errors}
 

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedfuse.atomic import atomic_write_bytes
@@ -109,7 +109,7 @@ def create_key(path: Path, name: str) -> tuple[StoredKey, str]:
     keys = read_keys(path) if path.exists() else []
     key_id, key = new_key()
     stored = StoredKey(id=key_id, name=name, sha256=key_digest(key),
-                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                       created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     write_keys(path, [*keys, stored])
     return stored, key
 

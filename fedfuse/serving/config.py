@@ -13,6 +13,7 @@ from fedfuse.config.sections import check
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
 
+
 @dataclass
 class ServeConfig:
     """The predict API server (``fedfuse serve``; a ``[serve]`` table, or CLI options)."""

@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedfuse.artifact.manifest import ArtifactError, MANIFEST
+from fedfuse.artifact.manifest import MANIFEST, ArtifactError
 from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.errors import FedfuseError
 from fedfuse.serving.batcher import BatchObserver, MicroBatcher
@@ -78,7 +80,7 @@ class ModelRegistry:
             raise RegistryError(f"{source}: not a directory (expected an artifact such as "
                                 "RUN_DIR/model, or a directory of artifacts)")
         self.source = source
-        self._batch = {"max_batch_size": max_batch_size, "max_wait": max_wait}
+        self._batch: dict[str, Any] = {"max_batch_size": max_batch_size, "max_wait": max_wait}
         self._executor = executor
         self._observe = observe
         self._device = device if device is not None else torch.device("cpu")
@@ -171,7 +173,7 @@ class ModelRegistry:
                 await slot.batcher.stop()
 
 
-def _forward(predictor: FusedPredictor):  # type: ignore[no-untyped-def]
+def _forward(predictor: FusedPredictor) -> Callable[[np.ndarray], np.ndarray]:
     """The probabilities of an already-validated float32 batch."""
     import torch
 

@@ -6,8 +6,8 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from fedfuse.serving.config import ServeConfig
 from fedfuse.errors import FedfuseError
+from fedfuse.serving.config import ServeConfig
 
 log = logging.getLogger("fedfuse.serve")
 

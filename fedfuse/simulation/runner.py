@@ -12,19 +12,19 @@ from typing import Any
 from flwr.app import Context
 from rich.console import Console
 
-from fedfuse.coordinator.checkpoint import load_latest
-from fedfuse.site.app import build_client_app
-from fedfuse.config import FedfuseConfig
-from fedfuse.config.preflight import check_scenario
-from fedfuse.models.device import ray_gpus
-from fedfuse.compat import message_pickup, run_simulation
-from fedfuse.simulation.engine import pickup_interval
-from fedfuse.data.partition import label_skew
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
 from fedfuse.artifact.rundir import RunDirectory
 from fedfuse.artifact.summary import build_summary
+from fedfuse.compat import message_pickup, run_simulation
+from fedfuse.config import FedfuseConfig
+from fedfuse.config.preflight import check_scenario
 from fedfuse.coordinator.app import build_server_app
+from fedfuse.coordinator.checkpoint import load_latest
+from fedfuse.data.partition import label_skew
 from fedfuse.data.sites import Site, plan_federation, simulated_site
+from fedfuse.models.device import ray_gpus
+from fedfuse.simulation.engine import pickup_interval
+from fedfuse.site.app import build_client_app
 
 log = logging.getLogger("fedfuse")
 

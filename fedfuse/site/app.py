@@ -43,11 +43,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
-                      RecordDict)
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedfuse import wire
 from fedfuse.data.sites import Site
 from fedfuse.data.stats import local_moments
 from fedfuse.fusion.soft_vote import brier_statistics
@@ -122,7 +130,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         torch.set_num_threads(threads)
         site = site_of(context)
         model = load_model(site.arch, site.train.schema,
-                           msg.content["arrays"].to_torch_state_dict())
+                           wire.arrays(msg, "arrays").to_torch_state_dict())
         result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
         content = RecordDict({"metrics": MetricRecord({
             "num-examples": result.num_examples, "val-loss": result.loss,
@@ -135,7 +143,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         site = site_of(context)
         device = resolve_device(site.device)
         probas = [predict_proba(model.to(device), site.val.X) for model in member_models(
-            msg, site, [str(a) for a in msg.content["fusion"]["members"]])]
+            msg, site, wire.as_list(wire.config(msg, "fusion"), "members", str))]
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:
             return masked_reply(msg, context, encode_fixed(
@@ -146,16 +154,16 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
 
     @app.query("secagg_setup")
     def secagg_setup(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.setup(context.state, msg.content[secagg.RECORD]))
+        return secagg_reply(msg, secagg.setup(context.state, wire.config(msg, secagg.RECORD)))
 
     @app.query("secagg_share")
     def secagg_share(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.share(context.state, msg.content[secagg.RECORD],
+        return secagg_reply(msg, secagg.share(context.state, wire.config(msg, secagg.RECORD),
                                               str(context.node_id)))
 
     @app.query("secagg_unmask")
     def secagg_unmask(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.unmask(context.state, msg.content[secagg.RECORD],
+        return secagg_reply(msg, secagg.unmask(context.state, wire.config(msg, secagg.RECORD),
                                                str(context.node_id)))
 
     return app

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
+from fedfuse import wire
 from fedfuse.data.sites import Site
 from fedfuse.models.training import LoopResult
 from fedfuse.privacy.dpsgd import noise_seed
@@ -26,12 +35,13 @@ def train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Modu
             "metrics": MetricRecord({"num-examples": n, "train-loss": result.loss,
                                      "train-accuracy": result.accuracy}),
         }), reply_to=msg)
-    request = msg.content[secagg.RECORD]
-    received = msg.content["arrays"]
+    request = wire.config(msg, secagg.RECORD)
+    received = wire.arrays(msg, "arrays")
     trained = model.state_dict()
     delta = [trained[k].detach().cpu().numpy().astype(np.float64) - a.numpy()
              for k, a in received.items()]
-    quantizer = Quantizer(float(request["clip-range"]), int(request["quantization-bits"]))
+    quantizer = Quantizer(wire.as_float(request, "clip-range"),
+                          wire.as_int(request, "quantization-bits"))
     rng = np.random.default_rng([noise_seed(site.secret, seed), 1])  # rounding, not DP noise
     return masked_reply(msg, context,
                         encode_update(delta, n, result.loss, result.accuracy, quantizer, rng))
@@ -39,7 +49,7 @@ def train_reply(msg: Message, context: Context, site: Site, model: torch.nn.Modu
 
 def masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
     """``vector`` under this node's masks for the session named in the message."""
-    masked = secagg.mask(context.state, msg.content[secagg.RECORD], str(context.node_id),
+    masked = secagg.mask(context.state, wire.config(msg, secagg.RECORD), str(context.node_id),
                          vector)
     return Message(RecordDict({secagg.MASKED: ArrayRecord({"vector": Array(masked)})}),
                    reply_to=msg)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message
 
+from fedfuse import wire
 from fedfuse.data.sites import Site
 from fedfuse.models.device import resolve_device
 from fedfuse.models.training import LoopResult, make_loader, make_optimizer, train_epochs
@@ -45,23 +46,23 @@ class Trained:
 
 def train(msg: Message, context: Context, site: Site) -> Trained:
     """Train what ``msg`` asks on this site's data, on the path its config names."""
-    cfg = msg.content["config"]
+    cfg = wire.config(msg, "config")
     model, X = trainee(msg, site)
-    seed = int(cfg["seed"]) + 7919 * site.index
+    seed = wire.as_int(cfg, "seed") + 7919 * site.index
     # CPU generator only: torch.manual_seed also queues a CUDA seeding call, with a
     # stack trace, on every call (about 0.75 ms each here)
     torch.random.default_generator.manual_seed(seed)
-    loader = make_loader(X, site.train.y, int(cfg["batch-size"]), seed=seed)
-    optimizer = make_optimizer(model, float(cfg["lr"]), float(cfg["momentum"]),
-                               float(cfg["weight-decay"]))
+    loader = make_loader(X, site.train.y, wire.as_int(cfg, "batch-size"), seed=seed)
+    optimizer = make_optimizer(model, wire.as_float(cfg, "lr"), wire.as_float(cfg, "momentum"),
+                               wire.as_float(cfg, "weight-decay"))
     request = PrivacyRequest.from_config(cfg)
     if request is not None:
         return train_private(msg, context, site, request, model, loader, optimizer, seed)
     result = train_epochs(model.to(resolve_device(site.device)), loader, optimizer,
-                          int(cfg["local-epochs"]))
+                          wire.as_int(cfg, "local-epochs"))
     model.cpu()
-    if str(cfg.get("dp-mode", "off")) == "user":
-        clip_to(model, msg.content["arrays"], float(cfg["dp-clipping-norm"]))
+    if cfg.get("dp-mode", "off") == "user":
+        clip_to(model, wire.arrays(msg, "arrays"), wire.as_float(cfg, "dp-clipping-norm"))
         return Trained(model, result, seed, weight=1)
     return Trained(model, result, seed)
 
@@ -71,22 +72,22 @@ def train_private(msg: Message, context: Context, site: Site, request: PrivacyRe
                   optimizer: torch.optim.Optimizer, seed: int) -> Trained:
     """Record-level DP-SGD under the site's own ledger, or the stored answer to this
     very request, or a refusal when the round would exceed the budget."""
-    cfg = msg.content["config"]
-    batch_size, epochs = int(cfg["batch-size"]), int(cfg["local-epochs"])
+    cfg = wire.config(msg, "config")
+    batch_size, epochs = wire.as_int(cfg, "batch-size"), wire.as_int(cfg, "local-epochs")
     store = ledger_store_for(site.state_dir, context)
     ledger = open_ledger(store, request, len(site.train))
     plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
     replays, key = None, ""
     if site.state_dir is not None:  # without a state directory nothing outlives a crash
         replays = ReplayStore(site.state_dir / "replay")
-        key = request_key(msg.content["arrays"], cfg)
+        key = request_key(wire.arrays(msg, "arrays"), cfg)
     if replays is not None and (stored := replays.load(key)) is not None:
         state, metrics = stored  # this very request was trained and charged before
         model.load_state_dict(state)
         return Trained(model, LoopResult(**metrics), seed,
                        privacy=report(ledger, plan, "trained"))
     if plan.exhausted:
-        ledger.refused_rounds.append(int(cfg["server-round"]))
+        ledger.refused_rounds.append(wire.as_int(cfg, "server-round"))
         store.save(ledger)
         return Trained(None, None, seed, privacy=report(ledger, plan, "budget-exhausted"))
     generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
