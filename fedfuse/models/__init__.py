@@ -1,0 +1,2 @@
+"""The architectures (``registry``), their plain training and evaluation loops
+(``training``) and where tensors live (``device``)."""

@@ -210,14 +210,14 @@ class SecAggSession:
         total = np.zeros(self.length, dtype=np.uint64)
         for node in u3:
             total = total + self.vectors[node]
-            b = self._rebuild(node, b_shares[node], "b")
+            b = rebuild(f"{self.group}: node {node}'s b", b_shares[node], self.threshold)
             if crypto.digest(b) != self.commitments[node]["b-hash"]:
                 raise SecAggAbort(f"{self.group}: node {node}'s shares do not rebuild the "
                                   "mask seed it committed to")
             total = total - crypto.mask_words(
                 crypto.derive(b, SELF_MASK_LABEL + self.session), self.length)
         for gone in dropped:
-            s = self._rebuild(gone, s_shares[gone], "s")
+            s = rebuild(f"{self.group}: node {gone}'s s", s_shares[gone], self.threshold)
             if crypto.public_key(s) != self.keys[gone][1]:
                 raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
                                   "masking key it advertised")
@@ -258,16 +258,6 @@ class SecAggSession:
                 out.append((kind, src, share))
         return out
 
-    def _rebuild(self, node: str, shares: dict[int, bytes], what: str) -> bytes:
-        if len(shares) < self.threshold:
-            raise SecAggAbort(f"{self.group}: {len(shares)} shares of node {node}'s {what}, "
-                              f"the threshold is {self.threshold}")
-        first = dict(sorted(shares.items())[: self.threshold])
-        try:
-            return shamir.combine_shares(first)
-        except ValueError as exc:
-            raise SecAggAbort(f"{self.group}: node {node}'s {what}: {exc}") from None
-
     # -- helpers ------------------------------------------------------------------------
 
     def _records(self, replies: Iterable[Message], expected: list[str], stage: str,
@@ -304,6 +294,16 @@ class SecAggSession:
         if remaining < self.threshold:
             raise SecAggAbort(f"{self.group}: only {remaining} clients {what}, the "
                               f"threshold is {self.threshold}")
+
+
+def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:
+    """The secret ``what`` from its first ``threshold`` Shamir shares (by index)."""
+    if len(shares) < threshold:
+        raise SecAggAbort(f"{what}: {len(shares)} shares, the threshold is {threshold}")
+    try:
+        return shamir.combine_shares(dict(sorted(shares.items())[:threshold]))
+    except ValueError as exc:
+        raise SecAggAbort(f"{what}: {exc}") from None
 
 
 def _reason(reply: Message) -> str:

@@ -1,1 +1,2 @@
-"""The predict API: ``fedfuse serve`` (FastAPI + uvicorn) over verified artifacts."""
+"""The predict API: ``fedfuse serve`` (FastAPI + uvicorn) over verified artifacts, its
+settings (``config``) and its Python client (``client``)."""
