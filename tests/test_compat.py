@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedfuse import compat
 from tests.helpers import ROOT
 
 PUBLIC_FLOWER = ("flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp",
-                 "flwr.clientapp.typing")
-"""Flower's public surface: what any module may import."""
+                 "flwr.clientapp.typing", "flwr.simulation")
+"""Flower's public surface: what any module may import (the bench's bare Flower baseline
+calls ``flwr.simulation.run_simulation`` itself, as Flower's quickstart apps do)."""
 
 
 def flower_imports(path: Path) -> list[str]:
@@ -66,6 +69,11 @@ def test_the_engine_loop_fedfuse_replaces_keeps_its_shape():
     original = vce_api.add_messages_to_queue
     with compat.message_pickup(0.01):
         assert vce_api.add_messages_to_queue is not original
+    assert vce_api.add_messages_to_queue is original
+    with pytest.raises(RuntimeError, match="boom"):  # a failing run puts Flower's loop back
+        with compat.message_pickup(0.01):
+            assert vce_api.add_messages_to_queue is not original
+            raise RuntimeError("boom")
     assert vce_api.add_messages_to_queue is original
 
 
@@ -138,7 +146,9 @@ def test_the_superlink_and_control_api_internals_are_where_compat_looks():
 def test_a_fab_is_built_and_task_identity_is_restored():
     from flwr.supercore.task_identity import TaskIdentity
 
-    fab = compat.build_fab({"pyproject.toml": b'[project]\nname = "x"\nversion = "1.0.0"\n'})
+    from fedfuse.deploy.coordinator import fab_bytes
+
+    fab = fab_bytes()  # through compat.build_fab
     assert fab[:2] == b"PK"  # a zip archive
     before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     with compat.task_identity(run_id=5, node_id=0, task_id=9):

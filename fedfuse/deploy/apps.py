@@ -55,7 +55,7 @@ def _coordinate(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
-    for noisy in ("httpx", "flwr"):  # a line per API call; flwr logs to the run already
+    for noisy in ("httpx", "flwr", "alembic"):  # API calls, Flower (it logs to the run), its store
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = scenario_of(context)
     test = load_dataset(cfg.data)

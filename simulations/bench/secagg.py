@@ -70,37 +70,40 @@ def logreg_payload() -> int:
 
 def protocol_compute(clients: int, length: int, repeats: int = 3) -> dict[str, float]:
     """Median seconds per stage of one session, clients' time summed over all clients."""
-    import time
+    from fedfuse.compat import task_identity
 
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedfuse.secagg import client
-    from tests.test_secagg import Harness
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    runs = []
-    for _ in range(repeats):
-        h = Harness(clients, length=length)
-        held: dict[str, list] = {}
-        steps = [
-            h.keys,
-            lambda: held.__setitem__("shares", h.answer(h.session.share_messages(),
-                                                          client.share)),
-            lambda: h.session.receive_shares(held["shares"]),
-            h.masked,
-            lambda: held.__setitem__("unmask", h.answer(h.session.unmask_messages(),
-                                                          client.unmask)),
-            lambda: h.session.receive_unmask(held["unmask"]),
-        ]
-        times = []
-        for step in steps:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        runs.append(times)
+    with task_identity():
+        runs = [stage_times(clients, length) for _ in range(repeats)]
     med = [statistics.median(col) for col in zip(*runs)]
     return {"setup_s": med[0], "share_clients_s": med[1], "share_coordinator_s": med[2],
             "mask_clients_s": med[3], "unmask_clients_s": med[4], "unmask_coordinator_s": med[5]}
+
+
+def stage_times(clients: int, length: int) -> list[float]:
+    """Seconds each protocol stage of one fresh session took, in order."""
+    import time
+
+    from fedfuse.secagg import client
+    from tests.helpers import SecAggHarness as Harness
+
+    h = Harness(clients, length=length)
+    held: dict[str, list] = {}
+    steps = [
+        h.keys,
+        lambda: held.__setitem__("shares", h.answer(h.session.share_messages(),
+                                                      client.share)),
+        lambda: h.session.receive_shares(held["shares"]),
+        h.masked,
+        lambda: held.__setitem__("unmask", h.answer(h.session.unmask_messages(),
+                                                      client.unmask)),
+        lambda: h.session.receive_unmask(held["unmask"]),
+    ]
+    times = []
+    for step in steps:
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def table(rows: list[dict], where: str, rounds: int) -> str:

@@ -37,7 +37,7 @@ import uvloop
 from common import ROOT, machine, publish
 
 from fedfuse.serving.auth import create_key
-from tests.conftest import free_port, make_artifact
+from tests.helpers import free_port, make_artifact
 
 
 def request_bytes(port: int, path: str, body: bytes, key: str | None) -> bytes:

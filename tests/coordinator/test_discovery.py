@@ -1,0 +1,109 @@
+"""Discovery: the sites a coordinator runs with, each answer checked against the
+scenario, the data schema and (deployment) the site names the keys were registered
+under (``fedfuse.coordinator.discovery``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedfuse.config import config_from_dict
+from fedfuse.coordinator.discovery import Answer, discover, read_answer, reject_reason
+from fedfuse.coordinator.grid import BoundedGrid
+from fedfuse.data.datasets import load_dataset
+from fedfuse.wire import WireError
+from tests.helpers import reply_from
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
+       "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+       "deployment": {"wait_for_sites": 0.0}}
+
+
+def answer(node: int, name: str, arch: str, **site) -> RecordDict:
+    return RecordDict({
+        "site": ConfigRecord({"arch": arch, "name": name, "input-shape": [1, 8, 8],
+                              "num-classes": 10, **site}),
+        "metrics": MetricRecord({"num-examples": 50, "num-val": 10, "index": node}),
+        "moments": ArrayRecord({"sum": Array(np.zeros(64)), "sumsq": Array(np.ones(64))})})
+
+
+class FakeGrid:
+    """Nodes that answer discovery with the given (name, arch) each, or with the given
+    RecordDict."""
+
+    def __init__(self, answers: dict[int, tuple[str, str] | RecordDict]) -> None:
+        self.answers = answers
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.answers)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            given = self.answers[node]
+            content = given if isinstance(given, RecordDict) else answer(node, *given)
+            replies.append(reply_from(node, content, "query"))
+        return replies
+
+
+def run_discovery(grid, sites: dict[int, str] | None):
+    cfg = config_from_dict(json.loads(json.dumps(RAW)))
+    return discover(grid, cfg, load_dataset(cfg.data).schema, sites)
+
+
+def test_discovery_drops_a_node_claiming_another_sites_name():
+    grid = FakeGrid({11: ("a", "logreg"), 22: ("a", "logreg")})
+    participants, replies = run_discovery(grid, {11: "a", 22: "b"})
+    assert [(p.node_id, p.name) for p in participants] == [(11, "a")]
+    assert [r.metadata.src_node_id for r in replies] == [11]
+
+
+def test_discovery_starts_with_the_sites_present_after_the_wait():
+    grid = FakeGrid({11: ("a", "logreg")})  # b never connects; wait_for_sites = 0
+    participants, _ = run_discovery(grid, {11: "a", 22: "b"})
+    assert [p.name for p in participants] == ["a"]
+
+
+def test_a_malformed_answer_drops_only_its_node(caplog):
+    """A field of another type than the layout's (a string for an integer) is a
+    WireError naming the field; that node is dropped, the others take part."""
+    bad = answer(22, "b", "logreg", **{"num-classes": "10"})
+    with pytest.raises(WireError, match="'num-classes' must be an integer"):
+        read_answer(reply_from(22, bad, "query"))
+    grid = FakeGrid({11: ("a", "logreg"), 22: bad})
+    participants, _ = run_discovery(grid, {11: "a", 22: "b"})
+    assert [p.name for p in participants] == ["a"]
+    assert "node 22 dropped at discovery: a malformed answer" in caplog.text
+
+
+def test_reject_reason_names_what_does_not_fit():
+    schema = load_dataset(config_from_dict(json.loads(json.dumps(RAW))).data).schema
+    good = read_answer(reply_from(11, answer(11, "a", "logreg"), "query"))
+    assert good == Answer("a", "logreg", (1, 8, 8), 10, 11, 50, 10)
+    known = {"logreg"}
+    assert reject_reason(11, good, known, schema, None) is None
+    assert reject_reason(11, good, known, schema, {11: "a"}) is None
+    assert "registered as 'b'" in reject_reason(11, good, known, schema, {11: "b"})
+    cnn = Answer("a", "cnn", (1, 8, 8), 10, 11, 50, 10)
+    assert "'cnn' is not one of the scenario's cohorts" in reject_reason(11, cnn, known, schema,
+                                                                        None)
+    flat = Answer("a", "logreg", (64,), 10, 11, 50, 10)
+    assert "input shape (64,) differs" in reject_reason(11, flat, known, schema, None)
+    binary = Answer("a", "logreg", (1, 8, 8), 2, 11, 50, 10)
+    assert "2 classes, the coordinator has 10" in reject_reason(11, binary, known, schema, None)
+
+
+def test_every_exchange_is_bounded_by_round_timeout():
+    grid = FakeGrid({11: ("a", "logreg")})
+    bounded = BoundedGrid(grid, 12.5)
+    participants, _ = run_discovery(bounded, {11: "a"})
+    assert participants and grid.timeouts == [12.5]
+    assert bounded.get_node_ids() == [11]

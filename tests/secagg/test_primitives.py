@@ -1,0 +1,155 @@
+"""Secure aggregation's building blocks: Shamir sharing, the crypto primitives, the
+quantised FedAvg encoding, and the settings."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fedfuse.config import config_from_dict
+from fedfuse.errors import ConfigError
+from fedfuse.secagg import Quantizer, crypto, decode_sum, encode_update, shamir
+
+# -- Shamir ---------------------------------------------------------------------------
+
+def test_any_threshold_subset_rebuilds_the_secret():
+    secret = bytes(range(32))
+    shares = shamir.split_secret(secret, 3, 5)
+    for subset in itertools.combinations(range(5), 3):
+        assert shamir.combine_shares({i + 1: shares[i] for i in subset}) == secret
+
+
+def test_fewer_than_threshold_shares_do_not_rebuild_the_secret():
+    secret = bytes(range(32))
+    shares = shamir.split_secret(secret, 4, 6)
+    for subset in itertools.combinations(range(6), 3):
+        with pytest.raises(ValueError):  # a ~521-bit value, not a 32-byte secret
+            shamir.combine_shares({i + 1: shares[i] for i in subset})
+
+
+def test_lagrange_coefficients_interpolate_a_known_polynomial():
+    # f(x) = 7 + 3x + 5x^2 -> f(0) = 7 from f(1), f(2), f(4)
+    xs = (1, 2, 4)
+    ys = [7 + 3 * x + 5 * x * x for x in xs]
+    lam = shamir.lagrange_at_zero(xs)
+    assert sum(l * y for l, y in zip(lam, ys)) % shamir.PRIME == 7
+
+
+# -- primitives -----------------------------------------------------------------------
+
+def test_key_agreement_is_symmetric_and_labelled():
+    a, b = crypto.new_private_key(), crypto.new_private_key()
+    k1 = crypto.agree(a, crypto.public_key(b), b"x")
+    assert k1 == crypto.agree(b, crypto.public_key(a), b"x")
+    assert k1 != crypto.agree(a, crypto.public_key(b), b"y")
+
+
+def test_sealed_share_is_bound_to_its_associated_data():
+    key = crypto.derive(b"k" * 32, b"test")
+    blob = crypto.seal(key, b"share", b"session|1|2")
+    assert crypto.unseal(key, blob, b"session|1|2") == b"share"
+    with pytest.raises(crypto.CryptoError):
+        crypto.unseal(key, blob, b"session|1|3")  # replayed to another recipient
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(crypto.CryptoError):
+        crypto.unseal(key, tampered, b"session|1|2")
+
+
+def test_mask_words_depend_on_the_key_only():
+    w1 = crypto.mask_words(b"a" * 32, 1000)
+    assert np.array_equal(w1, crypto.mask_words(b"a" * 32, 1000))
+    assert w1.dtype == np.uint64
+    assert not np.array_equal(w1, crypto.mask_words(b"b" * 32, 1000))
+    # uniform 64-bit words: the top bit is set about half of the time
+    assert 0.45 < np.mean(w1 >> np.uint64(63)) < 0.55
+
+
+# -- quantised FedAvg encoding --------------------------------------------------------
+
+def test_quantiser_error_is_below_one_step_and_unbiased():
+    q = Quantizer(clip_range=1.0, bits=8)
+    x = np.random.default_rng(0).uniform(-1, 1, 20_000)
+    rng = np.random.default_rng(1)
+    once = q.dequantize(q.quantize(x, rng).astype(np.float64))
+    assert np.max(np.abs(once - x)) <= q.step
+    mean = np.mean([q.dequantize(q.quantize(x[:10], rng).astype(np.float64))
+                    for _ in range(4000)], axis=0)
+    assert np.max(np.abs(mean - x[:10])) < q.step / 10
+
+
+def test_decoded_sum_is_the_weighted_mean_of_updates():
+    rng = np.random.default_rng(2)
+    shapes = [(3, 4), (4,)]
+    updates = [[rng.normal(0, 0.3, s) for s in shapes] for _ in range(5)]
+    counts, losses, accs = [10, 25, 7, 40, 18], [1.0, 0.5, 2.0, 0.25, 0.75], [.1, .5, .2, .9, .6]
+    q = Quantizer(clip_range=2.0, bits=24)
+    total = sum(encode_update(u, n, l, a, q, rng)
+                for u, n, l, a in zip(updates, counts, losses, accs))
+    got = decode_sum(total, shapes, q)
+    N = sum(counts)
+    for k in range(len(shapes)):
+        want = sum(n * u[k] for n, u in zip(counts, updates)) / N
+        assert np.max(np.abs(got.mean_delta[k] - want)) <= q.step
+    assert got.num_examples == N
+    assert got.loss == pytest.approx(sum(n * l for n, l in zip(counts, losses)) / N, abs=1e-6)
+    assert got.accuracy == pytest.approx(sum(n * a for n, a in zip(counts, accs)) / N, abs=1e-6)
+    assert got.clipped == 0
+
+
+def test_coordinates_beyond_the_clip_range_are_clipped_and_counted():
+    q = Quantizer(clip_range=0.5, bits=16)
+    vec = encode_update([np.array([0.1, 3.0, -7.0])], 4, 0.0, 0.0, q, np.random.default_rng(0))
+    got = decode_sum(vec, [(3,)], q)
+    assert got.clipped == 2
+    assert got.mean_delta[0][1:] == pytest.approx([0.5, -0.5], abs=q.step)
+
+
+def test_fixed_point_sums_keep_their_sign():
+    from fedfuse.secagg.encoding import decode_fixed, encode_fixed
+    parts = [np.array([1.5, -2.25, 0.0]), np.array([-3.0, 0.125, 1e-7])]
+    total = encode_fixed(parts[0]) + encode_fixed(parts[1])  # wraps mod 2^64
+    np.testing.assert_allclose(decode_fixed(total), parts[0] + parts[1], atol=2**-23)
+
+
+def test_non_finite_update_is_refused_before_masking():
+    q = Quantizer(clip_range=1.0, bits=16)
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_update([np.array([0.0, np.nan])], 3, 0.0, 0.0, q, np.random.default_rng(0))
+
+
+# -- config ---------------------------------------------------------------------------
+
+def _raw(**secure) -> dict:
+    return {"name": "x", "cohorts": [{"arch": "mlp", "clients": 3}],
+            "secure_aggregation": secure}
+
+
+@pytest.mark.parametrize("secure, key", [
+    ({"threshold": 0.5}, "secure_aggregation.threshold"),
+    ({"threshold": 1.2}, "secure_aggregation.threshold"),
+    ({"clip_range": 0.0}, "secure_aggregation.clip_range"),
+    ({"quantization_bits": 60}, "secure_aggregation.quantization_bits"),
+])
+def test_bad_secure_aggregation_settings_are_refused(secure, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_raw(**secure))
+    assert err.value.key == key
+
+
+def test_a_cohort_of_one_is_refused_under_secure_aggregation():
+    raw = {"name": "x", "cohorts": [{"arch": "mlp", "clients": 1}]}
+    with pytest.raises(ConfigError, match="at least 2 clients") as err:
+        config_from_dict(raw)
+    assert err.value.key == "cohorts[0].clients"
+    raw["secure_aggregation"] = {"enabled": False}
+    assert config_from_dict(raw).num_clients == 1
+
+
+def test_ring_overflow_is_refused_with_the_bits_named():
+    from fedfuse.secagg.encoding import check_ring
+    check_ring(24, 1_000_000)
+    with pytest.raises(ConfigError, match="at most 32 bits") as err:
+        check_ring(40, 2_000_000_000)
+    assert err.value.key == "secure_aggregation.quantization_bits"

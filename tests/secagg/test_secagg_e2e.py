@@ -1,0 +1,134 @@
+"""Secure aggregation through Flower's real simulation engine, with real dropouts: sites
+whose ClientApp fails after they have shared their keys."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.simulation import run_simulation
+
+from fedfuse.config import config_from_dict
+from fedfuse.coordinator.app import build_server_app
+from fedfuse.coordinator.records import FederationResult
+from fedfuse.data.sites import plan_federation
+from fedfuse.secagg.messages import MASKED
+from fedfuse.simulation.runner import backend_config, site_from_context
+from fedfuse.site.app import build_client_app
+
+pytestmark = pytest.mark.slow
+
+OFFLINE = {1, 3}
+"""Partition ids whose site fails in training: after the key exchange of its session."""
+
+
+def offline_in_training(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: these sites crash when asked to train."""
+    if msg.metadata.message_type == "train" and \
+            int(context.node_config["partition-id"]) in OFFLINE:
+        raise RuntimeError("site lost its connection")
+    return call_next(msg, context)
+
+
+def inflated_count(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: site 0 claims 1000 more training examples than it has, by
+    adding to the count entry of its masked vector (masks are additive)."""
+    reply = call_next(msg, context)
+    if MASKED in reply.content and int(context.node_config["partition-id"]) == 0:
+        vector = reply.content[MASKED]["vector"].numpy().copy()
+        vector[-4] += np.uint64(1000)
+        reply.content[MASKED] = ArrayRecord({"vector": Array(vector)})
+    return reply
+
+
+class Keep:
+    """A RoundListener that keeps the coordinator's result."""
+
+    result: FederationResult | None = None
+
+    def on_start(self, participants, rounds) -> None: ...
+
+    def on_round(self, record) -> None: ...
+
+    def on_finish(self, result: FederationResult) -> None:
+        self.result = result
+
+
+def run(secure: bool, clients: int = 5, threshold: float = 0.6,
+        mods=(offline_in_training,)) -> FederationResult:
+    cfg = config_from_dict({
+        "name": "drop", "seed": 5, "rounds": 2,
+        "cohorts": [{"arch": "logreg", "clients": clients}],
+        "partition": {"method": "dirichlet", "alpha": 0.5, "min_samples": 20},
+        "secure_aggregation": {"enabled": secure, "threshold": threshold},  # t = 3 of 5
+    })
+    keep = Keep()
+    server = build_server_app(cfg, plan_federation(cfg).test, keep)
+    client = build_client_app(partial(site_from_context, cfg, None), mods=list(mods))
+    run_simulation(server_app=server, client_app=client, num_supernodes=cfg.num_clients,
+                   backend_config=backend_config(cfg))
+    assert keep.result is not None
+    return keep.result
+
+
+@pytest.fixture(scope="module")
+def both():
+    return run(secure=True), run(secure=False)
+
+
+def test_round_completes_without_the_dropped_sites(both):
+    secure, _ = both
+    assert secure.secure_sums == 2
+    for record in secure.history:
+        entry = record.cohorts["logreg"]
+        assert entry.secagg_clients == 3 and entry.secagg_dropped == len(OFFLINE)
+        assert entry.train_failures == len(OFFLINE) and entry.secagg_failed is False
+
+
+def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
+    secure, plain = both
+    assert plain.secure_sums == 0
+    step = 2 * 2.0 / (2**24 - 1)  # the quantiser's step at the default clip range and bits
+    a = secure.cohorts["logreg"].arrays
+    b = plain.cohorts["logreg"].arrays
+    for key in a:
+        want = b[key].numpy()
+        diff = np.abs(a[key].numpy().astype(np.float64) - want)
+        # two rounds: each adds at most one step, plus float32 rounding of the weights
+        assert np.all(diff <= 2 * step + 2 * np.spacing(np.abs(want))), key
+    for ra, rb in zip(secure.history, plain.history):
+        ca, cb = ra.cohorts["logreg"], rb.cohorts["logreg"]
+        assert ca.train_loss == pytest.approx(cb.train_loss, abs=1e-6)
+        assert ca.test_accuracy == pytest.approx(cb.test_accuracy, abs=0.003)
+
+
+def test_fusion_statistics_come_out_of_a_secure_sum(both):
+    secure, plain = both
+    fs, fp = secure.fusion, plain.fusion
+    assert fs is not None and fp is not None
+    assert fs.sites == fp.sites == 5 and fs.num_examples == fp.num_examples
+    # the cohort models differ by quantisation only, so the statistics nearly agree
+    np.testing.assert_allclose(fs.A, fp.A, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(fs.b, fp.b, rtol=1e-4, atol=1e-3)
+
+
+def test_too_many_dropouts_fail_the_round_cleanly_and_the_run_goes_on():
+    # t = 3 of 3: site 1 failing leaves fewer survivors than the threshold
+    result = run(secure=True, clients=3, threshold=1.0)
+    assert result.secure_sums == 0 and len(result.history) == 2
+    first, second = (r.cohorts["logreg"] for r in result.history)
+    assert first.secagg_failed and second.secagg_failed
+    assert first.train_loss is None  # nothing was aggregated, nothing revealed
+    assert "train_loss" not in result.history[0].to_dict()["cohorts"]["logreg"]
+    assert first.test_accuracy == second.test_accuracy  # the model was kept
+
+
+def test_a_misreported_example_count_is_caught_and_the_sum_rejected():
+    result = run(secure=True, clients=3, mods=[inflated_count])
+    assert result.secure_sums == 0
+    first, second = (r.cohorts["logreg"] for r in result.history)
+    assert first.secagg_failed and second.secagg_failed
+    assert first.secagg_clients == 3  # the protocol itself completed
+    assert first.test_accuracy == second.test_accuracy  # the model was kept
