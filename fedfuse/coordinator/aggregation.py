@@ -59,9 +59,10 @@ class Collector(Protocol):
     """Cohort updates that came out of secure sums so far."""
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float]) -> Batch:
+             tag: str, clip: dict[str, float | None]) -> Batch:
         """Send every group's messages (``lengths``: the payload each group sums;
-        ``clip``: each group's per-coordinate clip) and collect their answers."""
+        ``clip``: each group's own per-coordinate clip, None for the configured one) and
+        collect their answers."""
 
     def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
                 cohorts: dict[str, Cohort], record: RoundRecord
@@ -85,7 +86,7 @@ class PlaintextCollector:
         self.max_update_norm = max_update_norm
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float]) -> Batch:
+             tag: str, clip: dict[str, float | None]) -> Batch:
         return Batch(msgs, exchange(grid, msgs))
 
     def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
@@ -132,13 +133,13 @@ class SecureCollector:
         self.secure_sums = 0
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float]) -> Batch:
+             tag: str, clip: dict[str, float | None]) -> Batch:
         """Stages 1-2 (keys, sealed shares) for every group, then its messages to the
         members that shared, each asking for a masked vector (stage 3)."""
         sessions, failed = open_sessions(
             grid, {g: [m.metadata.dst_node_id for m in group] for g, group in msgs.items()},
             self.threshold, lengths, tag=tag)
-        settings = {g: {"clip-range": c, "quantization-bits": self.bits}
+        settings = {g: {"clip-range": self.clip_for(c), "quantization-bits": self.bits}
                     for g, c in clip.items()}
         sent = {g: with_session(group, sessions.get(g), **settings.get(g, {}))
                 for g, group in msgs.items()}
@@ -167,7 +168,7 @@ class SecureCollector:
                            if str(p.node_id) in session.u3)
             try:
                 total = decode_sum(sums[arch], [tuple(a.shape) for a in cohort.arrays.values()],
-                                   Quantizer(self.clip_for(cohort), self.bits))
+                                   Quantizer(self.clip_for(cohort.clip_range), self.bits))
                 if total.num_examples != expected:
                     raise ValueError(f"it counts {total.num_examples} training examples, the "
                                      f"{len(session.u3)} clients in it reported {expected}")
@@ -202,9 +203,9 @@ class SecureCollector:
         return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
                 len(batch.sessions["fusion"].u3))
 
-    def clip_for(self, cohort: Cohort) -> float:
-        """The cohort's per-coordinate clip (its own, else the configured one)."""
-        return cohort.clip_range or self.clip_range
+    def clip_for(self, clip_range: float | None) -> float:
+        """A group's per-coordinate clip: its own, else the configured one."""
+        return clip_range or self.clip_range
 
 
 def make_collector(cfg: FedfuseConfig) -> PlaintextCollector | SecureCollector:

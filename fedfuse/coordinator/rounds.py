@@ -79,8 +79,7 @@ class Rounds:
         batch = self.collector.send(
             grid, msgs, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
             f"round {server_round}",
-            {a: c.clip_range or self.cfg.secure_aggregation.clip_range
-             for a, c in cohorts.items()})
+            {a: c.clip_range for a, c in cohorts.items()})
         accepted: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             replies = batch.replies[arch]
