@@ -33,14 +33,19 @@ class BoundedGrid(GridView):
     Each message expires when the wait ends (its TTL), so a site that connects later is
     not handed work for a phase that is over (training it would spend ε for nothing).
 
-    With ``window`` > 0 (simulation), at most that many messages are in the engine at
-    once: the next one is pushed as soon as a reply comes back (see
-    ``SimulationConfig.max_in_flight``), and replies are pulled every ``POLL`` seconds
-    instead of the in-memory Grid's 0.1 s.
+    Replies are pulled by this Grid itself (the public ``push_messages`` /
+    ``pull_messages``): every ``POLL`` seconds within a window (simulation) instead of
+    the in-memory Grid's 0.1 s, else (deployment) every ``DEPLOYED_POLL`` seconds
+    instead of the SuperLink Grid's 3 s. With ``window`` > 0 (simulation), at most that many messages
+    are in the engine at once: the next one is pushed as soon as a reply comes back (see
+    ``SimulationConfig.max_in_flight``); with 0 every message is pushed at once.
     """
 
     POLL = 0.005
-    """Seconds between pulls for replies inside a window."""
+    """Seconds between pulls for replies in simulation (an in-memory store)."""
+    DEPLOYED_POLL = 0.02
+    """Seconds between pulls without a window (in deployment each pull is a request to
+    the SuperLink)."""
 
     def __init__(self, grid: Grid, timeout: float, window: int = 0) -> None:
         super().__init__(grid)
@@ -54,19 +59,19 @@ class BoundedGrid(GridView):
         batch = list(messages)
         for msg in batch:
             msg.metadata.ttl = now - msg.metadata.created_at + limit
-        if not self._window:
-            return self._base.send_and_receive(batch, timeout=limit)
         return self._windowed(batch, time.monotonic() + limit)
 
     def _windowed(self, batch: list[Message], deadline: float) -> list[Message]:
-        """Push up to ``window`` messages, and one more for every reply pulled, until every
-        message is answered or ``deadline`` passes (the unsent ones then count as
-        unanswered, like messages that timed out)."""
+        """Push up to ``window`` messages (all with no window), and one more for every
+        reply pulled, until every message is answered or ``deadline`` passes (the unsent
+        ones then count as unanswered, like messages that timed out)."""
+        window = self._window or len(batch)
+        poll = self.POLL if self._window else self.DEPLOYED_POLL
         pending = batch[::-1]
         in_flight: set[str] = set()
         replies: list[Message] = []
         while (pending or in_flight) and time.monotonic() < deadline:
-            room = self._window - len(in_flight)
+            room = window - len(in_flight)
             if room > 0 and pending:
                 in_flight.update(self._base.push_messages(
                     [pending.pop() for _ in range(min(room, len(pending)))]))
@@ -74,5 +79,5 @@ class BoundedGrid(GridView):
             replies += pulled
             in_flight -= {r.metadata.reply_to_message_id for r in pulled}
             if not pulled:
-                time.sleep(self.POLL)
+                time.sleep(poll)
         return replies
