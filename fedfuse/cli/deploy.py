@@ -115,14 +115,20 @@ def site(
         help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
     device: Annotated[str, typer.Option(
         help="cpu, cuda, cuda:N or auto: where this site trains")] = "cpu",
+    verbose: Annotated[bool, typer.Option(
+        help="log every message this site handles, with its time")] = False,
 ) -> None:
     """Join a federation as a partner site (a Flower SuperNode on this site's data).
 
     The data never leave the site; its privacy ledger persists across restarts in
     --state."""
+    import logging
+
     from fedfuse.deploy.site import SiteOptions, run_site
 
     setup_logging(False)
+    if verbose:
+        logging.getLogger("fedfuse.site").setLevel(logging.DEBUG)
     stop_on_sigterm()
     opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
                        state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,

@@ -32,6 +32,7 @@ from fedfuse.artifact.progress import Fanout, ProgressDisplay
 from fedfuse.artifact.rundir import RunDirectory
 from fedfuse.artifact.summary import build_summary
 from fedfuse.atomic import create_private
+from fedfuse.compat import fast_grid_pulls
 from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
 from fedfuse.coordinator.loop import Coordinator
 from fedfuse.data.datasets import Dataset, load_dataset
@@ -57,6 +58,7 @@ def _coordinate(grid: Grid, context: Context) -> None:
                         stream=sys.stdout, force=True)
     for noisy in ("httpx", "flwr", "alembic"):  # API calls, Flower (it logs to the run), its store
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    fast_grid_pulls()
     cfg = scenario_of(context)
     test = load_dataset(cfg.data)
     sites = {int(k): str(v) for k, v in json.loads(str(context.run_config["sites"])).items()}

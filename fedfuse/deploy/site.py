@@ -1,6 +1,9 @@
 """``fedfuse site``: a partner site's Flower SuperNode, with its data, key and state.
 
-Before the SuperNode starts, the site checks what it can check alone and explains what
+The SuperNode runs with ``--isolation process`` and a SuperExec secret made at the
+site: this process is its executor and runs every message in process, with the site's
+data and models loaded once (``fedfuse.deploy.warm``), and the SuperNode's own waits
+are capped (``fedfuse.deploy.supernode``). Before the SuperNode starts, the site checks what it can check alone and explains what
 goes wrong: its key and data files, then a TLS handshake with the coordinator against
 the CA (retried while the coordinator is unreachable, refused at once for a wrong CA,
 an expired certificate or a host name the certificate does not list). The SuperNode's
@@ -10,8 +13,10 @@ own exit is translated too (an unregistered key, a coordinator gone for good).
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +24,8 @@ from pathlib import Path
 
 from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
+from fedfuse.atomic import create_private
+from fedfuse.compat import RuntimeTasks
 from fedfuse.deploy.apps import site_secret
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
@@ -27,6 +34,9 @@ from fedfuse.errors import FedfuseError
 from fedfuse.models.device import resolve_device
 
 SOCKET_TIMEOUT = 5.0
+EXECUTOR_SECRET = "superexec-secret"
+"""The secret the SuperNode's Runtime API asks of its executor (this process), made at
+the site; without it another local process could claim the site's tasks."""
 
 
 @dataclass(frozen=True)
@@ -123,13 +133,23 @@ def explain_verify_error(exc: ssl.SSLCertVerificationError, address: Address, ca
     return f"the coordinator's certificate at {where} was rejected: {reason}"
 
 
-def supernode_argv(opts: SiteOptions, ca: Path, key: Path) -> list[str]:
+def executor_secret(state: Path) -> Path:
+    """The file holding the SuperExec secret (32 random bytes, 0600), made once."""
+    path = state / EXECUTOR_SECRET
+    if not path.exists():
+        create_private(path, secrets.token_bytes(32))
+    return path
+
+
+def supernode_argv(opts: SiteOptions, ca: Path, key: Path, secret: Path) -> list[str]:
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
         "name": opts.name, "data": str(opts.data.resolve()),
         "state-dir": str(opts.state.resolve()), "device": opts.device}.items())
-    return ["flower-supernode", "--root-certificates", str(ca), "--superlink", opts.coordinator,
-            "--auth-supernode-private-key", str(key), "--node-config", node_config,
-            "--port", str(opts.runtime_port), "--max-wait-time", str(opts.max_wait)]
+    return [sys.executable, "-m", "fedfuse.deploy.supernode", "--root-certificates", str(ca),
+            "--superlink", opts.coordinator, "--auth-supernode-private-key", str(key),
+            "--node-config", node_config, "--port", str(opts.runtime_port),
+            "--max-wait-time", str(opts.max_wait), "--isolation", "process",
+            "--superexec-auth-secret-file", str(secret)]
 
 
 def explain_exit(code: int, log_tail: str, opts: SiteOptions) -> str:
@@ -152,7 +172,16 @@ def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
     probe_coordinator(Address.parse(opts.coordinator), ca, opts.connect_timeout, say)
     say(f"site {opts.name}: coordinator {opts.coordinator} verified; joining "
         f"(state in {opts.state}, SuperNode log in {opts.state / 'supernode.log'})")
-    with FlowerProcess(supernode_argv(opts, ca, key), opts.state / "supernode.log",
+    from fedfuse.deploy.apps import client_app
+    from fedfuse.deploy.warm import WarmSite
+
+    secret = executor_secret(opts.state)
+    with FlowerProcess(supernode_argv(opts, ca, key, secret), opts.state / "supernode.log",
                        opts.state / "flwr") as node:
+        runtime = RuntimeTasks(f"127.0.0.1:{opts.runtime_port}", secret.read_bytes())
+        try:
+            WarmSite(client_app, runtime, opts.state).serve(lambda: node.poll() is None)
+        finally:
+            runtime.close()
         code = node.wait()
         raise FedfuseError(explain_exit(code, node.tail(40), opts))
