@@ -53,7 +53,7 @@ def no_phoning_home() -> None:
     os.environ.update(NO_PHONING_HOME)
     telemetry = sys.modules.get("flwr.supercore.telemetry")
     if telemetry is not None:
-        telemetry.FLWR_TELEMETRY_ENABLED = "0"
+        telemetry.__dict__["FLWR_TELEMETRY_ENABLED"] = "0"  # read at each event
 
 
 no_phoning_home()

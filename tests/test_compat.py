@@ -154,3 +154,87 @@ def test_a_fab_is_built_and_task_identity_is_restored():
     with compat.task_identity(run_id=5, node_id=0, task_id=9):
         assert (TaskIdentity._run_id, TaskIdentity._task_id) == (5, 9)
     assert (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id) == before
+
+
+def test_the_supernode_internals_fedfuse_patches_are_still_there():
+    """``serve_supernode`` replaces ``time`` in the SuperNode's main-loop module and the
+    object-pull helpers three modules imported by name; if Flower renames or moves any
+    of them, the caps silently stop working, so this fails instead."""
+    import time as time_module
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.runtime import run_clientapp
+
+    assert start_client_internal.time is time_module
+    source = inspect.getsource(start_client_internal)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    for module, name in ((start_client_internal, "pull_objects"), (http_grid, "pull_objects"),
+                         (run_clientapp, "pull_and_inflate_object_from_tree")):
+        fn = getattr(module, name)
+        fn = getattr(fn, "func", fn)  # patched already in this process
+        assert fn.__module__ == "flwr.supercore.inflatable.inflatable_utils", (module, name)
+        params = inspect.signature(fn).parameters
+        assert {"initial_backoff", "backoff_cap"} <= set(params), (module.__name__, name)
+        assert f"{name}(" in inspect.getsource(module)  # still called there
+
+
+def test_the_runtime_api_an_executor_uses_keeps_its_shape():
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
+                                             SuperExecAuthHttpInterceptor)
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+    from flwr.supernode.runtime import run_clientapp
+
+    assert AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    assert {"task", "token"} <= {f.name for f in AcquireTaskResponse.DESCRIPTOR.fields}
+    assert list(inspect.signature(SuperExecAuthHttpInterceptor).parameters)[:2] == [
+        "master_secret", "protected_methods"]
+    assert list(inspect.signature(RuntimeTokenHttpInterceptor).parameters) == ["token"]
+    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert list(inspect.signature(run_clientapp.push_message).parameters) == [
+        "client", "message", "context"]
+    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == [
+        "client", "context", "sub_status", "details"]
+    args = _parse_args_run_supernode().parse_args(
+        ["--isolation", "process", "--superexec-auth-secret-file", "/x", "--insecure"])
+    assert args.isolation == "process" and args.superexec_auth_secret_file == "/x"
+
+
+def test_capped_sleeps_and_fast_object_pulls():
+    import time as time_module
+    import types
+
+    capped = compat._CappedSleep(0.01)
+    start = time_module.monotonic()
+    capped.sleep(3)
+    assert time_module.monotonic() - start < 0.5
+    assert capped.monotonic is time_module.monotonic  # the rest of `time` passes through
+
+    def pull(ids, initial_backoff=1, backoff_cap=10):
+        return ids, initial_backoff, backoff_cap
+
+    module = types.SimpleNamespace(pull=pull)
+    compat.fast_object_pulls(module, "pull")
+    compat.fast_object_pulls(module, "pull")  # twice is the same as once
+    assert module.pull(["a"]) == (["a"], *compat.OBJECT_PULL_BACKOFF)
+
+
+def test_no_fedfuse_process_phones_home():
+    """Flower's telemetry and update check are off after importing fedfuse (so in every
+    process it starts), and off even when Flower was imported first."""
+    probe = ("import os, fedfuse; print(os.environ['FLWR_TELEMETRY_ENABLED'], "
+             "os.environ['FLWR_DISABLE_UPDATE_CHECK'])")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FLWR_")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=env)
+    assert done.stdout.split() == ["0", "1"], done.stderr
+    late = ("import flwr.supercore.telemetry as t; before = t.FLWR_TELEMETRY_ENABLED; "
+            "import fedfuse.compat; print(before, t.FLWR_TELEMETRY_ENABLED)")
+    done = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=env)
+    assert done.stdout.split() == ["1", "0"], done.stderr
+    from flwr.supercore import update_check
+
+    assert "FLWR_DISABLE_UPDATE_CHECK" in inspect.getsource(update_check)

@@ -36,9 +36,9 @@ class BoundedGrid(GridView):
     Replies are pulled by this Grid itself (the public ``push_messages`` /
     ``pull_messages``): every ``POLL`` seconds within a window (simulation) instead of
     the in-memory Grid's 0.1 s, else (deployment) every ``DEPLOYED_POLL`` seconds
-    instead of the SuperLink Grid's 3 s. With ``window`` > 0 (simulation), at most that many messages
-    are in the engine at once: the next one is pushed as soon as a reply comes back (see
-    ``SimulationConfig.max_in_flight``); with 0 every message is pushed at once.
+    instead of the SuperLink Grid's 3 s. With ``window`` > 0 (simulation), at most that
+    many messages are in the engine at once: the next one is pushed as soon as a reply
+    comes back (see ``SimulationConfig.max_in_flight``); with 0 all are pushed at once.
     """
 
     POLL = 0.005

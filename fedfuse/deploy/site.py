@@ -3,7 +3,9 @@
 The SuperNode runs with ``--isolation process`` and a SuperExec secret made at the
 site: this process is its executor and runs every message in process, with the site's
 data and models loaded once (``fedfuse.deploy.warm``), and the SuperNode's own waits
-are capped (``fedfuse.deploy.supernode``). Before the SuperNode starts, the site checks what it can check alone and explains what
+are capped (``fedfuse.deploy.supernode``).
+
+Before the SuperNode starts, the site checks what it can check alone and explains what
 goes wrong: its key and data files, then a TLS handshake with the coordinator against
 the CA (retried while the coordinator is unreachable, refused at once for a wrong CA,
 an expired certificate or a host name the certificate does not list). The SuperNode's
@@ -22,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfuse.config import DataConfig
-from fedfuse.data.datasets import load_dataset
 from fedfuse.atomic import create_private
 from fedfuse.compat import RuntimeTasks
+from fedfuse.config import DataConfig
+from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import site_secret
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
