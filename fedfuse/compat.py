@@ -160,16 +160,21 @@ class ControlClient:
         self.client.ListNodes(ListNodesRequest())
 
     def register_node(self, openssh_public_key: bytes, name: str) -> int:
-        """Register a SuperNode's public key; the node id (0: refused)."""
+        """Register a SuperNode's public key; the node id (0: refused). A key the
+        SuperLink's database holds already (a coordinator restarted on its state) keeps
+        the node id it was given then."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
-        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
         key = serialization.load_ssh_public_key(openssh_public_key)
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ValueError("node authentication needs an EC public key")
         public = public_key_to_bytes(key)
+        for node in self.client.ListNodes(ListNodesRequest()).nodes_info:
+            if bytes(node.public_key) == public and node.status == "registered":
+                return int(node.node_id)
         return int(self.client.RegisterNode(RegisterNodeRequest(public_key=public,
                                                                 name=name)).node_id)
 

@@ -29,6 +29,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict
@@ -40,9 +41,12 @@ from fedfuse.artifact.fused import save_weights, write_fused_artifact
 from fedfuse.artifact.summary import privacy_entries, privacy_summary
 from fedfuse.atomic import atomic_write_figure, atomic_write_json, atomic_write_text
 from fedfuse.config import FedfuseConfig
+from fedfuse.coordinator.checkpoint import Checkpoint, load_latest
 from fedfuse.coordinator.records import FederationResult, Participant, RoundRecord
 from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
+
+log = logging.getLogger("fedfuse")
 
 
 def partial_path(final: Path) -> Path:
@@ -100,6 +104,16 @@ class RunDirectory:
             self.path = self.final
         elif not any(self.checkpoints.glob("round-*.ckpt")):
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def resume_point(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies, with ``metrics.jsonl`` put back to it;
+        None (and the run starts again from round 1) if there is none."""
+        checkpoint = load_latest(self.checkpoints)
+        if checkpoint is None:
+            log.warning("no usable checkpoint in %s; starting again from round 1",
+                        self.checkpoints)
+        self.restore_history(checkpoint.history if checkpoint else [])
+        return checkpoint
 
     def restore_history(self, history: list[dict[str, Any]]) -> None:
         """``metrics.jsonl`` as of a checkpoint (rounds after it are run again)."""

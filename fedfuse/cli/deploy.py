@@ -68,8 +68,10 @@ def partition(
 @app.command()
 @reports_errors
 def coordinator(
-    config: Annotated[Path, typer.Argument(help="scenario TOML; every cohort lists its sites")],
     certs: Annotated[Path, typer.Option(help="certificates directory (fedfuse certs init)")],
+    config: Annotated[Optional[Path], typer.Argument(
+        help="scenario TOML; every cohort lists its sites (with --resume: optional, and "
+             "must be the interrupted run's)")] = None,
     address: Annotated[str, typer.Option(help="address the sites connect to")] = "0.0.0.0:9092",
     out: Annotated[Optional[Path], typer.Option(help="run directory to create")] = None,
     state: Annotated[Path, typer.Option(
@@ -77,22 +79,35 @@ def coordinator(
         "coordinator-state"),
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="override any key: --set rounds=5 (repeatable)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="continue the interrupted run that was to become this run directory, from "
+             "its last complete round, with the same sites (same --state)")] = None,
 ) -> None:
     """Run a scenario across partner sites (SuperLink with TLS and node authentication).
 
-    Writes the same run directory, fused artifact included, as simulate."""
+    Writes the same run directory, fused artifact included, as simulate, with a
+    checkpoint after every round: after a crash, Ctrl-C or kill -9, run it again with
+    --resume RUN_DIR."""
+    from fedfuse.artifact.rundir import resumable_config
     from fedfuse.config import load_config
 
+    if config is None and resume is None:
+        raise FedfuseError("give a scenario file, or --resume RUN_DIR")
+    if resume is not None and (set_ or out):
+        raise FedfuseError("--resume continues a run with its own settings; --set and --out "
+                           "do not apply")
     setup_logging(False)
     stop_on_sigterm()
-    cfg = load_config(config, overrides=set_ or [])
+    scenario = config if config is not None else resumable_config(resume)  # type: ignore[arg-type]
+    cfg = load_config(scenario, overrides=set_ or [])
     from fedfuse.deploy.coordinator import run_coordinator
     from fedfuse.simulation.runner import default_run_dir
 
-    run_dir = out or default_run_dir(cfg)
+    run_dir = resume or out or default_run_dir(cfg)
     summary = run_coordinator(cfg, certs, address, run_dir, state,
                               lambda text: console.print(text, end="", markup=False,
-                                                         highlight=False))
+                                                         highlight=False),
+                              resume=resume is not None)
     print_summary(cfg.name, summary)
     console.print(f"run directory: {run_dir}")
 

@@ -5,8 +5,9 @@ Everything a run needs arrives in Flower's own configs:
 
 - run config (set by the coordinator, seen by every party): ``scenario`` (the resolved
   scenario as TOML), ``class-labels`` (JSON list: the coordinator's classes, which fix
-  every site's label encoding), ``run-dir`` (where the coordinator writes the run) and
-  ``sites`` (JSON: registered node id -> site name);
+  every site's label encoding), ``run-dir`` (where the coordinator writes the run),
+  ``sites`` (JSON: registered node id -> site name) and ``resume`` ("true": continue the
+  interrupted run of ``run-dir`` from its last checkpoint);
 - node config (set by ``fedfuse site`` at each site, never leaves it): ``name``,
   ``data`` (the site's data file), ``state-dir`` (privacy ledger, site secret) and
   ``device`` (where the site trains).
@@ -63,8 +64,12 @@ def _coordinate(grid: Grid, context: Context) -> None:
     test = load_dataset(cfg.data)
     sites = {int(k): str(v) for k, v in json.loads(str(context.run_config["sites"])).items()}
     display = ProgressDisplay(Console(file=sys.stdout, width=120, no_color=True))
-    with RunDirectory(Path(str(context.run_config["run-dir"])), cfg, test.schema) as run:
-        Coordinator(cfg, test, Fanout(run, display), sites).run(grid)
+    resume = str(context.run_config.get("resume", "")) == "true"
+    with RunDirectory(Path(str(context.run_config["run-dir"])), cfg, test.schema,
+                      resume=resume) as run:
+        checkpoint = run.resume_point() if resume else None
+        Coordinator(cfg, test, Fanout(run, display), sites,
+                    checkpoints=run.checkpoints).run(grid, checkpoint)
         assert run.result is not None
         run.write_summary(build_summary(cfg, run.result, time.perf_counter() - started))
 
@@ -127,7 +132,8 @@ client_app = build_client_app(deployed_site)
 
 
 def run_config(cfg: FedfuseConfig, class_labels: tuple[str, ...], run_dir: Path,
-               sites: dict[int, str]) -> dict[str, Any]:
+               sites: dict[int, str], resume: bool = False) -> dict[str, Any]:
     """The run config the coordinator hands its ServerApp and every site."""
     return {"scenario": cfg.to_toml(), "class-labels": json.dumps(list(class_labels)),
-            "run-dir": str(run_dir), "sites": json.dumps({str(k): v for k, v in sites.items()})}
+            "run-dir": str(run_dir), "sites": json.dumps({str(k): v for k, v in sites.items()}),
+            "resume": "true" if resume else "false"}

@@ -6,7 +6,13 @@ registered keys may join, only the Fleet API reachable from other machines: see
 ``fedfuse.deploy.superlink``) -> register each listed site's public key, remembering the
 node id Flower gives it -> submit a FAB whose components are ``fedfuse.deploy.apps``
 -> relay the run's log until it finishes -> stop the SuperLink. The ServerApp writes
-the run directory, fused artifact included, exactly as a simulation does.
+the run directory, fused artifact included, exactly as a simulation does, with a
+checkpoint after every round.
+
+The SuperLink keeps its state (registered nodes, runs) in ``<state>/superlink.db``, so a
+coordinator restarted after a crash, Ctrl-C or kill -9 (``resume``) admits the same sites
+under the node ids they already hold, and its run continues from the interrupted run
+directory's last complete round (``fedfuse.artifact.rundir``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +30,9 @@ from typing import Any
 import tomli_w
 
 from fedfuse import __version__
-from fedfuse.artifact.rundir import partial_path
+from fedfuse.artifact.rundir import partial_path, resumable_config
 from fedfuse.compat import ControlClient, build_fab
-from fedfuse.config import FedfuseConfig
+from fedfuse.config import FedfuseConfig, config_from_dict
 from fedfuse.config.preflight import check_scenario
 from fedfuse.data.datasets import load_dataset
 from fedfuse.deploy.apps import run_config
@@ -67,6 +74,15 @@ def check_deployment(cfg: FedfuseConfig, certs: CertsDir) -> dict[str, bytes]:
     return {name: load_site_public_key(certs, name) for name in cfg.site_names}
 
 
+def check_resumable(cfg: FedfuseConfig, out: Path) -> None:
+    """``out`` holds an interrupted run of this very scenario."""
+    saved = config_from_dict(tomllib.loads(resumable_config(out).read_text(encoding="utf-8")))
+    if saved.to_toml() != cfg.to_toml():
+        raise FedfuseError(f"the interrupted run in {partial_path(out)} ran another scenario "
+                           f"than this one; resume it with its own (leave out the scenario "
+                           f"file, or give {resumable_config(out)})")
+
+
 def fab_bytes(version: str = __version__) -> bytes:
     """The Flower App Bundle: only a pyproject naming fedfuse's installed apps, so every
     party runs its own installed fedfuse, never code shipped over the network."""
@@ -77,7 +93,8 @@ def fab_bytes(version: str = __version__) -> bytes:
             "publisher": "fedfuse",
             "components": {"serverapp": "fedfuse.deploy.apps:server_app",
                            "clientapp": "fedfuse.deploy.apps:client_app"},
-            "config": {"scenario": "", "class-labels": "[]", "run-dir": "", "sites": "{}"},
+            "config": {"scenario": "", "class-labels": "[]", "run-dir": "", "sites": "{}",
+                       "resume": "false"},
         }}},
     }
     return build_fab({"pyproject.toml": tomli_w.dumps(project).encode()})
@@ -141,8 +158,10 @@ class Control:
 
 
 def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path,
-                    state_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Serve ``cfg`` to the sites listed in it and return the run's summary."""
+                    state_dir: Path, echo: Callable[[str], None],
+                    resume: bool = False) -> dict[str, Any]:
+    """Serve ``cfg`` to the sites listed in it and return the run's summary; with
+    ``resume``, ``out`` is an interrupted run of ``cfg``, continued."""
     certs = CertsDir(certs_dir)
     keys = check_deployment(cfg, certs)
     where = Address.parse(address)
@@ -151,14 +170,17 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     out = out.resolve()
     if out.exists():
         raise FedfuseError(f"output directory already exists: {out} (choose another --out)")
-    if partial_path(out).exists():
-        raise FedfuseError(f"{partial_path(out)} holds an interrupted run; the coordinator "
-                           "cannot resume it: delete it, or choose another --out")
+    if resume:
+        check_resumable(cfg, out)
+    elif partial_path(out).exists():
+        raise FedfuseError(f"{partial_path(out)} holds an interrupted run: continue it with "
+                           f"`fedfuse coordinator --resume {out}`, or delete it")
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fedfuse.deploy.superlink",
             "--ssl-ca-certfile", str(certs.ca_cert),
             "--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--database", str((state_dir / "superlink.db").resolve()),
             "--host", where.host, "--port", str(where.port)]
     with FlowerProcess(argv, state_dir / "superlink.log", state_dir / "flwr") as superlink:
         control = Control(where.local, certs.ca_cert)
@@ -167,7 +189,7 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
         echo(f"SuperLink on {where.host}:{where.port} (TLS, node authentication); "
              f"admitted sites: {', '.join(sorted(nodes.values()))}\n")
         run_id = control.start_run(fab_bytes(), run_config(cfg, test.schema.class_labels, out,
-                                                           nodes))
+                                                           nodes, resume))
         try:
             outcome = control.follow(run_id, echo)
         except BaseException:

@@ -19,14 +19,11 @@ from fedfuse.compat import message_pickup, run_simulation
 from fedfuse.config import FedfuseConfig
 from fedfuse.config.preflight import check_scenario
 from fedfuse.coordinator.app import build_server_app
-from fedfuse.coordinator.checkpoint import load_latest
 from fedfuse.data.partition import label_skew
 from fedfuse.data.sites import Site, plan_federation, simulated_site
 from fedfuse.models.device import ray_gpus
 from fedfuse.simulation.engine import pickup_interval
 from fedfuse.site.app import build_client_app
-
-log = logging.getLogger("fedfuse")
 
 
 def default_run_dir(cfg: FedfuseConfig, root: Path = Path("runs")) -> Path:
@@ -72,13 +69,7 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
-        checkpoint = None
-        if resume:
-            checkpoint = load_latest(run.checkpoints)
-            if checkpoint is None:
-                log.warning("no usable checkpoint in %s; starting again from round 1",
-                            run.checkpoints)
-            run.restore_history(checkpoint.history if checkpoint else [])
+        checkpoint = run.resume_point() if resume else None
         server_app = build_server_app(cfg, plan.test, Fanout(run, display), run.checkpoints,
                                       checkpoint)
         client_app = build_client_app(partial(site_from_context, cfg, run.path / "sites"),
