@@ -173,7 +173,7 @@ class ControlClient:
             raise ValueError("node authentication needs an EC public key")
         public = public_key_to_bytes(key)
         for node in self.client.ListNodes(ListNodesRequest()).nodes_info:
-            if bytes(node.public_key) == public and node.status == "registered":
+            if bytes(node.public_key) == public and node.status != "unregistered":
                 return int(node.node_id)
         return int(self.client.RegisterNode(RegisterNodeRequest(public_key=public,
                                                                 name=name)).node_id)

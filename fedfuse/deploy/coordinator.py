@@ -42,6 +42,9 @@ from fedfuse.errors import ConfigError, FedfuseError
 
 CONNECT_TIMEOUT = 60.0
 """Seconds to wait for the freshly started SuperLink to answer."""
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05"
+"""How often the SuperLink's SuperExec looks for the ServerApp task to launch (Flower's
+default: every 1 s)."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--database", str((state_dir / "superlink.db").resolve()),
             "--host", where.host, "--port", str(where.port)]
-    with FlowerProcess(argv, state_dir / "superlink.log", state_dir / "flwr") as superlink:
+    with FlowerProcess(argv, state_dir / "superlink.log", state_dir / "flwr",
+                       {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL}) as superlink:
         control = Control(where.local, certs.ca_cert)
         control.wait_ready(superlink, CONNECT_TIMEOUT)
         nodes = control.register(keys)

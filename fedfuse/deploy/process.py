@@ -15,10 +15,12 @@ from fedfuse.errors import FedfuseError
 
 
 class FlowerProcess:
-    """A Flower command run in its own process group, its output appended to ``log``;
-    stopped (SIGTERM, then SIGKILL) when the ``with`` block ends."""
+    """A Flower command run in its own process group, its output appended to ``log``,
+    with this process's environment and ``env``; stopped (SIGTERM, then SIGKILL) when
+    the ``with`` block ends."""
 
-    def __init__(self, argv: list[str], log: Path, flwr_home: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, flwr_home: Path,
+                 env: dict[str, str] | None = None) -> None:
         # Flower's commands (and the ones they start, such as flower-superexec) are
         # taken from this interpreter's environment first, activated or not
         scripts = str(Path(sys.executable).parent)
@@ -28,7 +30,7 @@ class FlowerProcess:
             raise FedfuseError(f"{argv[0]} is not installed; install flwr in this environment")
         self.argv = [exe, *argv[1:]]
         self.log = log
-        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home)}
+        self.env = {**os.environ, **(env or {}), "PATH": path, "FLWR_HOME": str(flwr_home)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.offset = 0
         """Where this process's output starts in ``log`` (earlier runs' output precedes it)."""

@@ -100,7 +100,10 @@ class WarmSite:
 
     def serve(self, alive: Callable[[], bool]) -> None:
         """Poll for tasks and execute them while ``alive()``; the Runtime API not
-        answering yet (the SuperNode starting) is waited out."""
+        answering yet (the SuperNode starting) is waited out, and a task that cannot be
+        completed (its message's objects never arrive, the coordinator went away while
+        the reply was pushed) is given up with a warning: the coordinator counts it as
+        unanswered, and the site takes the next one."""
         delay = FAST_POLL
         while alive():
             try:
@@ -112,7 +115,10 @@ class WarmSite:
                 time.sleep(delay)
                 delay = min(2 * delay, IDLE_POLL)
                 continue
-            self.execute(token)
+            try:
+                self.execute(token)
+            except Exception as exc:  # transport and object-store errors of one task
+                log.warning("a task was given up: %s", str(exc).splitlines()[0][:300])
             delay = FAST_POLL
 
     def execute(self, token: str) -> None:

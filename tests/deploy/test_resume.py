@@ -19,6 +19,31 @@ from tests.helpers import free_port, run_cli
 
 SITES = "abcd"
 
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
 SCENARIO = """
 name = "four-sites"
 seed = 3
@@ -65,6 +90,18 @@ def test_a_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path):
         wait_for(lambda: all(ledger_steps(tmp_path, n) > 0 for n in SITES)
                  or coord.proc.poll() is not None, 240, "every site's first round")
         per_round = {n: ledger_steps(tmp_path, n) for n in SITES}
+        # nothing fedfuse started phones home: SuperLink, its SuperExec and ServerApp,
+        # every SuperNode (no flwr-clientapp process: the sites run their tasks)
+        at_sites = {p: command(p) for s in sites.values() for p in descendants(s.proc.pid)}
+        assert len(at_sites) == len(SITES), at_sites  # a SuperNode each, nothing per message
+        assert all("fedfuse.deploy.supernode" in c for c in at_sites.values()), at_sites
+        started = {**at_sites, **{p: command(p) for p in descendants(coord.proc.pid)}}
+        names = " ".join(started.values())
+        assert "fedfuse.deploy.superlink" in names and "flwr-serverapp" in names
+        for pid, cmd in started.items():
+            env = environment(pid)
+            assert env.get("FLWR_TELEMETRY_ENABLED") == "0", cmd
+            assert env.get("FLWR_DISABLE_UPDATE_CHECK") == "1", cmd
         wait_for(lambda: (checkpoints / "round-0002.ckpt").exists()
                  or coord.proc.poll() is not None, 240, "the checkpoint of round 2")
         assert coord.proc.poll() is None, coord.output()
