@@ -17,6 +17,12 @@ from fedfuse.errors import FedfuseError
 
 T = TypeVar("T")
 
+VALIDATION = "validation"
+"""A train reply's MetricRecord of the site's validation figures for the model it
+received ({num-examples, val-loss, val-accuracy}; num-examples: validation examples)."""
+VALIDATE = "validate"
+"""The train config's flag asking the site to score the received model before training."""
+
 
 class WireError(FedfuseError):
     """A message lacks a record or field, or holds one of the wrong type."""

@@ -55,6 +55,9 @@ class ClientLevelDP:
     def retire(self, node_id: int) -> None:
         self.strategy.retire(node_id)
 
+    def fix_train_sample(self, grid: Grid) -> list[int]:
+        return self.strategy.fix_train_sample(grid)
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         return self.strategy.state_arrays()
 

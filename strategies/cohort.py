@@ -92,18 +92,25 @@ class CohortStrategy:
         """Members still sampled for training."""
         self.fractions = {"train": fraction_train, "evaluate": fraction_evaluate}
         self.sampler = random.Random(seed)
+        self.pending: list[int] | None = None
+        """The next round's training sample, when it was fixed ahead of the round
+        (``fix_train_sample``)."""
         self._rank = {node: i for i, node in enumerate(self.members)}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The strategy's own state beyond the model, for checkpoints: the sampler's."""
         version, internal, _ = self.sampler.getstate()
-        return {"sampler": np.asarray([version, *internal], dtype=np.int64)}
+        state = {"sampler": np.asarray([version, *internal], dtype=np.int64)}
+        if self.pending is not None:
+            state["pending"] = np.asarray(self.pending, dtype=np.uint64)  # node ids
+        return state
 
     def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
         """Resume from ``state_arrays()`` with the cohort's model ``arrays``."""
         if "sampler" in state:
             version, *internal = (int(v) for v in state["sampler"])
             self.sampler.setstate((version, tuple(internal), None))
+        self.pending = [int(n) for n in state["pending"]] if "pending" in state else None
 
     def retire(self, node_id: int) -> None:
         """Stop sampling ``node_id`` for training (for example: its privacy budget is
@@ -121,9 +128,20 @@ class CohortStrategy:
         k = min(len(live), max(int(len(live) * fraction), 1))
         return sorted(self.sampler.sample(live, k), key=self._rank.__getitem__)
 
+    def fix_train_sample(self, grid: Grid) -> list[int]:
+        """Draw the next round's training sample now (secure aggregation opens its
+        session a round ahead); ``configure_train`` then sends to those of it that
+        may still train."""
+        self.pending = self.sample(grid, self.trainers, "train")
+        return self.pending
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        chosen = self.sample(grid, self.trainers, "train")
+        if self.pending is None:
+            chosen = self.sample(grid, self.trainers, "train")
+        else:
+            chosen = [n for n in self.pending if n in self.trainers]
+            self.pending = None
         if not chosen:
             return []
         return self.in_member_order(super().configure_train(  # type: ignore[misc]

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedfuse.secagg import SecAggSession, client
-from fedfuse.secagg.messages import MASKED, RECORD
+from fedfuse.secagg.messages import MASKED, SETUP_RECORD, SHARE_RECORD, UNMASK_RECORD
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDFUSE = [sys.executable, "-m", "fedfuse"]
@@ -73,34 +73,41 @@ SECAGG_LENGTH = 64
 
 
 class SecAggHarness:
-    """n secure-aggregation clients (real handlers, their own state) and one coordinator
-    session, in process (tests/secagg/test_protocol.py; simulations/bench/secagg.py)."""
+    """n secure-aggregation clients (real stages, their own state) and one coordinator
+    session, in process (tests/secagg/test_protocol.py; simulations/bench/secagg.py).
+    Each stage's requests go out as carriers and are answered by ``client.answer``, as
+    the ClientApp answers whatever message they ride on."""
 
-    def __init__(self, n: int, fraction: float = 0.6, length: int = SECAGG_LENGTH) -> None:
+    def __init__(self, n: int, fraction: float = 0.6, length: int = SECAGG_LENGTH,
+                 states: dict[int, RecordDict] | None = None) -> None:
         self.nodes = list(range(101, 101 + n))
-        self.states = {node: RecordDict() for node in self.nodes}
+        self.states = states if states is not None else {node: RecordDict()
+                                                         for node in self.nodes}
         self.session = SecAggSession("test", self.nodes, fraction, length)
         self.inputs = {node: np.random.default_rng(node).integers(0, 2**20, length,
                                                                    dtype=np.uint64)
                        for node in self.nodes}
         self.received: dict[int, np.ndarray] = {}
 
-    def answer(self, msgs: list[Message], handler, skip=()) -> list[Message]:
-        out = []
-        for m in msgs:
-            node = m.metadata.dst_node_id
-            if node in skip:
-                continue
-            rec = handler(self.states[node], m.content[RECORD], str(node))
-            out.append(reply_from(node, RecordDict({RECORD: rec})))
-        return out
+    def requests(self, stage: str) -> dict[int, RecordDict]:
+        """Each node's message content for ``stage`` (setup, share or unmask)."""
+        s = self.session
+        if stage == "setup":
+            return {int(n): RecordDict({SETUP_RECORD: s.setup_record()}) for n in s.selected}
+        if stage == "share":
+            return {int(n): RecordDict({SHARE_RECORD: s.share_record()}) for n in s.u1}
+        return {int(n): RecordDict({UNMASK_RECORD: rec})
+                for n, rec in s.unmask_records().items()}
+
+    def answer(self, requests: dict[int, RecordDict], skip=()) -> list[Message]:
+        return [reply_from(node, client.answer(self.states[node], content, str(node)))
+                for node, content in requests.items() if node not in skip]
 
     def keys(self, skip=()) -> None:
-        msgs = self.session.setup_messages()
-        self.session.receive_keys(self.answer(msgs, lambda st, r, me: client.setup(st, r), skip))
+        self.session.receive_keys(self.answer(self.requests("setup"), skip))
 
     def shares(self, skip=(), edit=None) -> None:
-        replies = self.answer(self.session.share_messages(), client.share, skip)
+        replies = self.answer(self.requests("share"), skip)
         self.session.receive_shares(edit(replies) if edit else replies)
 
     def masked(self, skip=()) -> None:
@@ -116,7 +123,7 @@ class SecAggHarness:
         self.session.receive_masked(replies)
 
     def unmask(self, edit=None) -> np.ndarray:
-        replies = self.answer(self.session.unmask_messages(), client.unmask)
+        replies = self.answer(self.requests("unmask"))
         return self.session.receive_unmask(edit(replies) if edit else replies)
 
     def run(self, drop_before_keys=(), drop_after_shares=(), edit_shares=None,
@@ -262,3 +269,76 @@ class Server:
 
     def output(self) -> str:
         return self.log.read_text()
+
+
+class ExchangeCounter:
+    """A RoundListener and a Grid wrapper at once: counts the exchanges the coordinator
+    makes through the Grid it is given (one ``send_and_receive``, or one batch of
+    ``push_messages`` when the coordinator's window holds a whole exchange), and the
+    message types of each, split into discovery, every round and the fusion after."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[list[str]] = []
+        self.marks: list[int] = []
+        self.result = None
+
+    def wrap(self, grid):
+        from fedfuse.strategies import GridView
+
+        counter = self
+
+        class Counting(GridView):
+            def push_messages(self, messages):
+                batch = list(messages)
+                counter.exchanges.append([m.metadata.message_type for m in batch])
+                return self._base.push_messages(batch)
+
+            def send_and_receive(self, messages, *, timeout=None):
+                batch = list(messages)
+                counter.exchanges.append([m.metadata.message_type for m in batch])
+                return self._base.send_and_receive(batch, timeout=timeout)
+
+        return Counting(grid)
+
+    def on_start(self, participants, rounds) -> None:
+        self.marks.append(len(self.exchanges))
+
+    def on_round(self, record) -> None:
+        self.marks.append(len(self.exchanges))
+
+    def on_finish(self, result) -> None:
+        self.marks.append(len(self.exchanges))
+        self.result = result
+
+    def per_round(self) -> list[list[list[str]]]:
+        """The exchanges of every round, then of the fusion (discovery left out)."""
+        return [self.exchanges[a:b] for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run_federation(cfg, mods=(), counter: ExchangeCounter | None = None):
+    """``cfg`` through Flower's simulation engine with fedfuse's ClientApp (``mods``
+    around it); the coordinator's window holds every exchange whole. Returns the
+    counter that followed the run (its ``result`` is the FederationResult)."""
+    from functools import partial
+
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedfuse.coordinator.loop import Coordinator
+    from fedfuse.data.sites import plan_federation
+    from fedfuse.simulation.runner import backend_config, site_from_context
+    from fedfuse.site.app import build_client_app
+
+    counter = counter or ExchangeCounter()
+    test = plan_federation(cfg).test
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        Coordinator(cfg, test, counter, max_in_flight=10_000).run(counter.wrap(grid))
+
+    client = build_client_app(partial(site_from_context, cfg, None), mods=list(mods))
+    run_simulation(server_app=server, client_app=client, num_supernodes=cfg.num_clients,
+                   backend_config=backend_config(cfg))
+    assert counter.result is not None
+    return counter

@@ -27,12 +27,15 @@ from fedfuse.coordinator.gates import gate_updates
 from fedfuse.coordinator.grid import exchange
 from fedfuse.coordinator.records import Participant, RoundRecord
 from fedfuse.coordinator.sessions import (
+    Openings,
+    advance,
     aggregate_reply,
     close_sessions,
     collect_masked,
-    open_sessions,
+    members,
     with_session,
 )
+from fedfuse.coordinator.validation import fold, split
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import decode_fixed
 
@@ -40,6 +43,13 @@ log = logging.getLogger("fedfuse.coordinator")
 
 Statistics = tuple[np.ndarray, np.ndarray, int, int]
 """Summed Brier statistics A, b, the validation examples and the sites behind them."""
+FUSION = "fusion"
+"""The tag and group of the fusion statistics' batch."""
+
+
+def statistics_length(num_members: int) -> int:
+    """Entries of a site's fusion statistics vector [A, b, n]: m² + m + 1."""
+    return num_members * num_members + num_members + 1
 
 
 @dataclass
@@ -49,6 +59,9 @@ class Batch:
 
     sent: dict[str, list[Message]]
     replies: dict[str, list[Message]]
+    validation: dict[str, list[Message]] = field(default_factory=dict)
+    """Per group, the sites' validation figures as evaluate replies
+    (``fedfuse.coordinator.validation``)."""
     sessions: dict[str, SecAggSession] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -59,10 +72,16 @@ class Collector(Protocol):
     """Cohort updates that came out of secure sums so far."""
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float | None]) -> Batch:
+             tag: str, clip: dict[str, float | None],
+             evaluate: dict[str, list[Message]] | None = None) -> Batch:
         """Send every group's messages (``lengths``: the payload each group sums;
-        ``clip``: each group's own per-coordinate clip, None for the configured one) and
-        collect their answers."""
+        ``clip``: each group's own per-coordinate clip, None for the configured one),
+        with ``evaluate``'s messages folded into the same exchange, and collect their
+        answers."""
+
+    def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
+        """The next batch sent with ``tag`` goes to (some of) each group's ``nodes`` and
+        sums ``lengths`` entries: prepare for it on the exchanges until then."""
 
     def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
                 cohorts: dict[str, Cohort], record: RoundRecord
@@ -86,8 +105,14 @@ class PlaintextCollector:
         self.max_update_norm = max_update_norm
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float | None]) -> Batch:
-        return Batch(msgs, exchange(grid, msgs))
+             tag: str, clip: dict[str, float | None],
+             evaluate: dict[str, list[Message]] | None = None) -> Batch:
+        out = fold(msgs, evaluate or {})
+        replies, validation = split(out, exchange(grid, out))
+        return Batch(msgs, replies, validation)
+
+    def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
+        """Nothing to prepare: a plaintext batch needs no session."""
 
     def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
                 cohorts: dict[str, Cohort], record: RoundRecord
@@ -131,19 +156,38 @@ class SecureCollector:
         self.clip_range = clip_range
         self.bits = quantization_bits
         self.secure_sums = 0
+        self.openings = Openings(threshold)
+
+    def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
+        """Open each group's session for that batch on the exchanges until then: its
+        setup rides on the next exchange, its share stage on the one after."""
+        for group, members_ in nodes.items():
+            self.openings.expect(f"{tag}/{group}", members_, lengths[group])
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
-             tag: str, clip: dict[str, float | None]) -> Batch:
-        """Stages 1-2 (keys, sealed shares) for every group, then its messages to the
-        members that shared, each asking for a masked vector (stage 3)."""
-        sessions, failed = open_sessions(
-            grid, {g: [m.metadata.dst_node_id for m in group] for g, group in msgs.items()},
-            self.threshold, lengths, tag=tag)
+             tag: str, clip: dict[str, float | None],
+             evaluate: dict[str, list[Message]] | None = None) -> Batch:
+        """Each group's session, ready (opened on earlier exchanges, see ``expect``) or
+        opened now (stages 1-2, keys and sealed shares); then its messages to the
+        members that shared, each asking for a masked vector (stage 3), in one exchange
+        that carries a stage of every session being opened."""
+        nodes = {g: members(group) for g, group in msgs.items()}
+        failed = {g: f"{tag}/{g}: 1 client sampled; a sum over one client is its update"
+                  for g, n in nodes.items() if len(n) == 1}
+        for reason in failed.values():
+            log.warning("secure aggregation skipped: %s", reason)
+        ready, why = self.openings.take(grid, {f"{tag}/{g}": (n, lengths[g])
+                                               for g, n in nodes.items() if len(n) >= 2})
+        sessions = {g: ready[f"{tag}/{g}"] for g in nodes if f"{tag}/{g}" in ready}
+        failed.update({g: why[f"{tag}/{g}"] for g in nodes if f"{tag}/{g}" in why})
+        advance(sessions, failed, lambda g, s: s.narrow(str(n) for n in nodes[g]))
         settings = {g: {"clip-range": self.clip_for(c), "quantization-bits": self.bits}
                     for g, c in clip.items()}
         sent = {g: with_session(group, sessions.get(g), **settings.get(g, {}))
                 for g, group in msgs.items()}
-        return Batch(sent, exchange(grid, sent), sessions, failed)
+        out = fold(sent, evaluate or {})
+        replies, validation = split(out, self.openings.exchange(grid, out))
+        return Batch(sent, replies, validation, sessions, failed)
 
     def updates(self, grid: Grid, batch: Batch, accepted: dict[str, list[Message]],
                 cohorts: dict[str, Cohort], record: RoundRecord
@@ -154,7 +198,7 @@ class SecureCollector:
         declined = {a: {r.metadata.src_node_id for r in batch.replies[a]}
                     - {r.metadata.src_node_id for r in accepted[a]} for a in cohorts}
         collect_masked(batch.sessions, batch.failed, batch.replies, declined)
-        sums = close_sessions(grid, batch.sessions, batch.failed)
+        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
         out: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             entry = record.cohort(arch)
@@ -194,14 +238,14 @@ class SecureCollector:
         """The same sums through one session over all sites: each site masks the
         fixed-point vector [A, b, n] and only the total is unmasked."""
         m = num_members
-        batch = self.send(grid, {"fusion": msgs}, {"fusion": m * m + m + 1}, "fusion", {})
+        batch = self.send(grid, {FUSION: msgs}, {FUSION: statistics_length(m)}, FUSION, {})
         collect_masked(batch.sessions, batch.failed, batch.replies, {})
-        sums = close_sessions(grid, batch.sessions, batch.failed)
-        if "fusion" not in sums:
+        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
+        if FUSION not in sums:
             return None
-        flat = decode_fixed(sums["fusion"])
+        flat = decode_fixed(sums[FUSION])
         return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
-                len(batch.sessions["fusion"].u3))
+                len(batch.sessions[FUSION].u3))
 
     def clip_for(self, clip_range: float | None) -> float:
         """A group's per-coordinate clip: its own, else the configured one."""

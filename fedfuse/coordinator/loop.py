@@ -81,7 +81,7 @@ class Coordinator:
             start = time.perf_counter()
             record = RoundRecord(server_round)
             self.rounds.train(grid, cohorts, server_round, record)
-            self.rounds.evaluate(grid, cohorts, server_round, record)
+            self.rounds.evaluate(cohorts, record)
             record.wall_seconds = round(time.perf_counter() - start, 4)
             history.append(record)
             if self.checkpoints is not None:

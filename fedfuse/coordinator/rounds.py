@@ -1,7 +1,9 @@
-"""One federated round in every cohort: train (configure -> one exchange for all cohorts
--> privacy reports -> collect -> aggregate), then federated evaluation and the
+"""One federated round in every cohort: train (configure -> one exchange for all cohorts,
+federated evaluation folded in -> privacy reports -> collect -> aggregate), then the
 coordinator's own test evaluation. Each step writes its figures into the round's
-:class:`~fedfuse.coordinator.records.RoundRecord`."""
+:class:`~fedfuse.coordinator.records.RoundRecord`; the validation figures of round r
+are the sites' scores of the model they received in round r (round r - 1's aggregate,
+see ``fedfuse.coordinator.validation``)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedfuse.config import FedfuseConfig
-from fedfuse.coordinator.aggregation import Collector
+from fedfuse.coordinator.aggregation import FUSION, Collector, statistics_length
 from fedfuse.coordinator.cohorts import Cohort
-from fedfuse.coordinator.grid import exchange
 from fedfuse.coordinator.privacy import SiteReports
 from fedfuse.coordinator.records import RoundRecord
 from fedfuse.coordinator.sessions import sizes
@@ -65,21 +66,24 @@ class Rounds:
         return ConfigRecord(items)
 
     def train(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
-              record: RoundRecord) -> None:
+              record: RoundRecord, validate: bool = True) -> None:
         """One round of training in every cohort; with secure aggregation the
-        coordinator sees only each cohort's masked sum."""
-        if self.collector.secure:
-            for arch, cohort in cohorts.items():
-                if len(cohort.strategy.trainers) == 1:
-                    log.warning("round %d: cohort %s has one site left that may train; "
-                                "secure aggregation cannot hide a lone update, so the "
-                                "cohort stops training", server_round, arch)
-                    cohort.strategy.retire(cohort.strategy.trainers[0])
+        coordinator sees only each cohort's masked sum. With ``validate``, the sites
+        sampled for evaluation score the received model in the same exchange."""
+        for cohort in cohorts.values():
+            self.retire_lone(cohort, server_round)
         msgs = {a: self.configure(grid, c, server_round) for a, c in cohorts.items()}
-        batch = self.collector.send(
-            grid, msgs, {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()},
-            f"round {server_round}",
-            {a: c.clip_range for a, c in cohorts.items()})
+        evaluate = {a: list(c.strategy.configure_evaluate(server_round, c.arrays,
+                                                          ConfigRecord(), grid))
+                    for a, c in cohorts.items()} if validate else {}
+        lengths = {a: payload_length(sizes(c.arrays)) for a, c in cohorts.items()}
+        if self.collector.secure:
+            self.expect_next(grid, cohorts, server_round, lengths)
+        batch = self.collector.send(grid, msgs, lengths, f"round {server_round}",
+                                    {a: c.clip_range for a, c in cohorts.items()}, evaluate)
+        for arch in evaluate:
+            record.cohort(arch).add_metrics(cohorts[arch].strategy.aggregate_evaluate(
+                server_round, batch.validation.get(arch, [])))
         accepted: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             replies = batch.replies[arch]
@@ -94,6 +98,35 @@ class Rounds:
         updates = self.collector.updates(grid, batch, accepted, cohorts, record)
         for arch, cohort in cohorts.items():
             self.aggregate(cohort, updates[arch], server_round, record)
+
+    def retire_lone(self, cohort: Cohort, server_round: int) -> None:
+        """Under secure aggregation, retire a cohort's last site that may train: a sum
+        over one site is its update."""
+        if self.collector.secure and len(cohort.strategy.trainers) == 1:
+            log.warning("round %d: cohort %s has one site left that may train; secure "
+                        "aggregation cannot hide a lone update, so the cohort stops "
+                        "training", server_round, cohort.arch)
+            cohort.strategy.retire(cohort.strategy.trainers[0])
+
+    def expect_next(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
+                    lengths: dict[str, int]) -> None:
+        """Fix who the batch after this round goes to, so that its sessions open on
+        this round's exchanges: each cohort's training sample of round r + 1 (drawn
+        now, after this round's evaluation sample, in the order the sampler always
+        drew), or after the last round the live sites for the fusion statistics.
+        Stacking rounds (after the last round) open their own."""
+        if server_round < self.cfg.rounds:
+            nodes = {}
+            for arch, cohort in cohorts.items():
+                self.retire_lone(cohort, server_round + 1)
+                nodes[arch] = cohort.strategy.fix_train_sample(grid)
+            self.collector.expect(f"round {server_round + 1}", nodes, lengths)
+        elif server_round == self.cfg.rounds:
+            live = set(grid.get_node_ids())
+            sites = [p.node_id for c in cohorts.values() for p in c.participants
+                     if p.node_id in live]
+            self.collector.expect(FUSION, {FUSION: sites},
+                                  {FUSION: statistics_length(len(cohorts))})
 
     def configure(self, grid: Grid, cohort: Cohort, server_round: int) -> list[Message]:
         """The cohort strategy's train messages, with the cohort's extra records."""
@@ -128,17 +161,11 @@ class Rounds:
             cohort.arrays = arrays
         entry.add_metrics(metrics)
 
-    def evaluate(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
-                 record: RoundRecord) -> None:
-        """Federated evaluation on the sites' validation splits, and the coordinator's
-        evaluation on its test split, of every cohort's model."""
-        msgs = {a: list(c.strategy.configure_evaluate(server_round, c.arrays, ConfigRecord(),
-                                                      grid)) for a, c in cohorts.items()}
-        replies = exchange(grid, msgs)
+    def evaluate(self, cohorts: dict[str, Cohort], record: RoundRecord) -> None:
+        """The coordinator's evaluation of every cohort's model on its test split (the
+        sites' validation came with the train exchange)."""
         for arch, cohort in cohorts.items():
             entry = record.cohort(arch)
-            entry.add_metrics(cohort.strategy.aggregate_evaluate(server_round, replies[arch]))
             res = evaluate(cohort.model(self.test.schema, self.device), self.test.X,
                            self.test.y)
             entry.test_loss, entry.test_accuracy = res.loss, res.accuracy
-

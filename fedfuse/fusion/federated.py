@@ -118,7 +118,8 @@ class FederatedFusion:
                 log.warning("stacking stops after %d rounds: no site may train", r - 1)
                 break
             record = RoundRecord(f"stacking {r}")
-            self.rounds.train(grid, {HEAD: group}, self.cfg.rounds + r, record)
+            self.rounds.train(grid, {HEAD: group}, self.cfg.rounds + r, record,
+                              validate=False)
             entry = record.cohort(HEAD)
             losses.append(entry.train_loss)
             clipped.append(entry.secagg_clipped or 0)

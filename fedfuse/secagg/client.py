@@ -1,6 +1,11 @@
-"""The client's half of the protocol: four handlers over the node's persistent state.
+"""The client's half of the protocol: four stages over the node's persistent state.
 
-Round of one group (a cohort's sampled clients), as the client sees it:
+Every session has its own state record (``secagg/<session hex>``), at most
+``MAX_SESSIONS`` of them at once (setting up one more forgets the oldest), so a site can
+hold the session it masked for and the next one, whose stages ride on the same messages
+(``answer``). Keys are fresh per session and never shared between sessions.
+
+Session of one group (a cohort's sampled clients), as the client sees it:
 1. setup: draw two X25519 key pairs, (c, c_pk) to encrypt shares and (s, s_pk) to agree
    pairwise masks; answer both public keys.
 2. share: get every member's public keys (U1). Draw the self-mask seed b; Shamir-share b
@@ -29,16 +34,22 @@ from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
 from fedfuse.secagg.messages import (
     MASKED,
+    MAX_SESSIONS,
     PAIR_MASK_LABEL,
     RECORD,
+    REFUSED,
     SELF_MASK_LABEL,
+    SETUP_RECORD,
     SHARE_KEY_LABEL,
+    SHARE_RECORD,
+    STAGES,
+    UNMASK_RECORD,
     associated_data,
     share_commitment,
 )
 from fedfuse.wire import WireError, as_bytes, as_int, as_list
 
-__all__ = ["MASKED", "RECORD", "SecAggError", "mask", "setup", "share", "unmask"]
+__all__ = ["MASKED", "RECORD", "SecAggError", "answer", "mask", "setup", "share", "unmask"]
 
 T = TypeVar("T")
 
@@ -52,11 +63,23 @@ def _require(ok: bool, message: str) -> None:
         raise SecAggError(f"secure aggregation: {message}")
 
 
+def state_key(session: bytes) -> str:
+    """The node-state record of one session: ``secagg/<session hex>``."""
+    return f"{RECORD}/{session.hex()}"
+
+
 def _state(state: RecordDict, session: bytes) -> ConfigRecord:
     records = state.config_records
-    _require(RECORD in records and records[RECORD].get("session") == session,
+    key = state_key(session)
+    _require(key in records and records[key].get("session") == session,
              "request for a session this client did not set up (or already finished)")
-    return records[RECORD]
+    return records[key]
+
+
+def _sessions(state: RecordDict) -> list[str]:
+    """This node's live session records, oldest first."""
+    live = [k for k in state.config_records if k.startswith(f"{RECORD}/")]
+    return sorted(live, key=lambda k: as_int(state.config_records[k], "serial"))
 
 
 def _session(request: ConfigRecord) -> bytes:
@@ -67,8 +90,15 @@ def _session(request: ConfigRecord) -> bytes:
 def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     """Stage 1: fresh key pairs for this session; answer their public halves."""
     session = _session(request)
+    _require(state_key(session) not in state.config_records,
+             "setup for a session this client already set up")
+    live = _sessions(state)
+    serial = 1 + max((as_int(state.config_records[k], "serial") for k in live), default=0)
+    for old in live[:max(0, len(live) - MAX_SESSIONS + 1)]:
+        del state[old]  # abandoned by the coordinator (an aborted or stale session)
     c, s = crypto.new_private_key(), crypto.new_private_key()
-    state[RECORD] = ConfigRecord({"session": session, "c": c, "s": s})
+    state[state_key(session)] = ConfigRecord({"session": session, "serial": serial, "c": c,
+                                              "s": s})
     return ConfigRecord({"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)})
 
 
@@ -76,6 +106,7 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     """Stage 2: share b and s among the members in ``request["nodes"]``, sealed to each."""
     session = _session(request)
     st = _state(state, session)
+    _require("b" not in st, "a second share request in one session")
     nodes = _fields(as_list, request, "nodes", str)
     c_pk, s_pk = _fields(as_list, request, "c-pk", bytes), _fields(as_list, request, "s-pk", bytes)
     t = _fields(as_int, request, "threshold")
@@ -104,7 +135,7 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
             to.append(node)
     st.update({"threshold": t, "nodes": nodes, "share-keys": keys, "s-pk": s_pk, "b": b,
                "own-b": b_shares[mine], "own-s": s_shares[mine]})
-    state[RECORD] = st
+    state[state_key(session)] = st
     return ConfigRecord({
         "to": to, "ciphertexts": sealed, "b-hash": crypto.digest(b),
         "commit-b": [share_commitment(session, b"b", me, j + 1, x)
@@ -138,7 +169,7 @@ def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) 
             crypto.agree(s_key, s_pk[j], PAIR_MASK_LABEL + session), vector.size)
         out = out + words if mine < j else out - words
     st["masked-with"] = u2
-    state[RECORD] = st
+    state[state_key(session)] = st
     return out
 
 
@@ -184,9 +215,28 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
         else:
             s_from.append(src)
             s_shares.append(plain[half:])
-    del state[RECORD]
+    del state[state_key(session)]
     return ConfigRecord({"b-from": b_from, "b-shares": b_shares, "s-from": s_from,
                          "s-shares": s_shares, "unreadable": unreadable})
+
+
+def answer(state: RecordDict, content: RecordDict, me: str) -> RecordDict:
+    """The answers to every stage request riding in ``content`` (``STAGES`` order), one
+    record each; a refused stage answers nothing and its reason goes to ``REFUSED``, so
+    the message's other stages (and its training) still count."""
+    out = RecordDict()
+    refused: dict[str, str] = {}
+    stages = {UNMASK_RECORD: lambda st, rq: unmask(st, rq, me),
+              SHARE_RECORD: lambda st, rq: share(st, rq, me), SETUP_RECORD: setup}
+    for request, reply in STAGES:
+        if request in content.config_records:
+            try:
+                out[reply] = stages[request](state, content.config_records[request])
+            except SecAggError as exc:
+                refused[reply] = str(exc)
+    if refused:
+        out[REFUSED] = ConfigRecord(dict(refused.items()))
+    return out
 
 
 def _fields(read: Callable[..., T], request: ConfigRecord, *args: Any) -> T:

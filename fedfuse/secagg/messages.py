@@ -6,13 +6,28 @@ from fedfuse.secagg.crypto import NONCE_BYTES, TAG_BYTES, digest
 from fedfuse.secagg.shamir import SHARE_BYTES
 
 RECORD = "secagg"
-"""The ConfigRecord that carries the protocol's fields in every stage."""
+"""The ConfigRecord of a masking request (in a train or query.fusion message); also the
+prefix of a site's per-session state records (``secagg/<session hex>``)."""
 MASKED = "masked"
 """The ArrayRecord of a client's masked vector (key ``vector``) in its train reply."""
 
-SETUP = "query.secagg_setup"
-SHARE = "query.secagg_share"
-UNMASK = "query.secagg_unmask"
+SETUP_RECORD = "secagg-setup"
+KEYS = "secagg-keys"
+SHARE_RECORD = "secagg-share"
+SHARES = "secagg-shares"
+UNMASK_RECORD = "secagg-unmask"
+REVEAL = "secagg-reveal"
+REFUSED = "secagg-refused"
+"""A reply's ConfigRecord {answer record name: why the site refused that stage}."""
+STAGES = ((UNMASK_RECORD, REVEAL), (SHARE_RECORD, SHARES), (SETUP_RECORD, KEYS))
+"""(request, answer) record names of the stages that ride on any message, in the order a
+site answers them: finish a session before it shares or sets up the next one."""
+CARRIER = "query.secagg"
+"""The message type that carries stage records alone, to a node that gets no other
+message in that exchange."""
+MAX_SESSIONS = 2
+"""Sessions a site keeps at once: the one it masked for and the next one; setting up
+another forgets the oldest."""
 
 SESSION_BYTES = 16
 PUBLIC_KEY_BYTES = 32

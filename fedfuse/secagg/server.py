@@ -1,5 +1,9 @@
 """The coordinator's half of the protocol: one ``SecAggSession`` per group per round.
 
+A session builds the records of its stages (setup, share, masking request, unmask) and
+reads the answers out of whatever replies carry them: each stage's records may ride on
+another session's messages (``fedfuse.coordinator.sessions``).
+
 The coordinator relays keys and sealed shares, collects masked vectors and, from the
 survivors' shares, rebuilds exactly the secrets it needs: the self-mask seed b of every
 survivor and the masking key s of every member that dropped after sharing. Every reply is
@@ -17,22 +21,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message
 
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
 from fedfuse.secagg.messages import (
     CIPHERTEXT_BYTES,
     COMMIT_BYTES,
+    KEYS,
     MASKED,
     PAIR_MASK_LABEL,
     PUBLIC_KEY_BYTES,
-    RECORD,
+    REFUSED,
+    REVEAL,
     SELF_MASK_LABEL,
     SESSION_BYTES,
-    SETUP,
-    SHARE,
-    UNMASK,
+    SHARES,
     share_commitment,
 )
 
@@ -71,17 +75,21 @@ class SecAggSession:
         self.vectors: dict[str, np.ndarray] = {}
         """U3: node -> masked vector."""
 
+    @property
+    def stage(self) -> str:
+        """The next stage to open the session: ``setup``, ``share``, or ``ready`` for
+        masked input."""
+        return "setup" if not self.keys else "share" if not self.sealed else "ready"
+
     # -- stage 1 ------------------------------------------------------------------------
 
-    def setup_messages(self) -> list[Message]:
-        content = RecordDict({RECORD: ConfigRecord({"session": self.session,
-                                                    "group": self.group})})
-        return [Message(content, dst_node_id=int(n), message_type=SETUP)
-                for n in self.selected]
+    def setup_record(self) -> ConfigRecord:
+        """Stage 1's request, the same for every selected node."""
+        return ConfigRecord({"session": self.session, "group": self.group})
 
     def receive_keys(self, replies: Iterable[Message]) -> None:
         seen: set[bytes] = set()
-        for node, rec in self._records(replies, self.selected, "setup"):
+        for node, rec in self._records(replies, self.selected, "setup", KEYS):
             c_pk, s_pk = rec.get("c-pk"), rec.get("s-pk")
             if not (isinstance(c_pk, bytes) and isinstance(s_pk, bytes)
                     and len(c_pk) == len(s_pk) == PUBLIC_KEY_BYTES):
@@ -99,16 +107,16 @@ class SecAggSession:
     def u1(self) -> list[str]:
         return [n for n in self.selected if n in self.keys]
 
-    def share_messages(self) -> list[Message]:
+    def share_record(self) -> ConfigRecord:
+        """Stage 2's request to every U1 member: U1 with its keys, and t."""
         u1 = self.u1
-        content = RecordDict({RECORD: ConfigRecord({
+        return ConfigRecord({
             "session": self.session, "threshold": self.threshold, "nodes": u1,
-            "c-pk": [self.keys[n][0] for n in u1], "s-pk": [self.keys[n][1] for n in u1]})})
-        return [Message(content, dst_node_id=int(n), message_type=SHARE) for n in u1]
+            "c-pk": [self.keys[n][0] for n in u1], "s-pk": [self.keys[n][1] for n in u1]})
 
     def receive_shares(self, replies: Iterable[Message]) -> None:
         u1 = self.u1
-        for node, rec in self._records(replies, u1, "share"):
+        for node, rec in self._records(replies, u1, "share", SHARES):
             others = [n for n in u1 if n != node]
             to, sealed = _strings(rec.get("to")), _list(rec.get("ciphertexts"))
             commit_b, commit_s = _list(rec.get("commit-b")), _list(rec.get("commit-s"))
@@ -134,6 +142,16 @@ class SecAggSession:
     @property
     def u2(self) -> list[str]:
         return [n for n in self.u1 if n in self.sealed]
+
+    def narrow(self, nodes: Iterable[str]) -> None:
+        """Keep in U2 only ``nodes`` (those asked for masked input: a member retired
+        since it shared gets no train message). The others leave before anyone masks
+        with them, so nothing of theirs is ever revealed."""
+        keep = set(nodes)
+        for node in [n for n in self.u2 if n not in keep]:
+            del self.sealed[node]
+            self.dropped.setdefault(node, "not asked for masked input")
+        self._require(len(self.u2), "asked for masked input")
 
     def mask_request(self, **settings: Any) -> ConfigRecord:
         """The record to attach to each U2 member's train message."""
@@ -177,17 +195,14 @@ class SecAggSession:
     def u3(self) -> list[str]:
         return [n for n in self.u2 if n in self.vectors]
 
-    def unmask_messages(self) -> list[Message]:
+    def unmask_records(self) -> dict[str, ConfigRecord]:
+        """Stage 4's request to each survivor: U3, U2 \\ U3 and its sealed shares."""
         u2, u3 = self.u2, self.u3
         dropped = [n for n in u2 if n not in self.vectors]
-        out = []
-        for node in u3:
-            senders = [s for s in u2 if s != node]
-            content = RecordDict({RECORD: ConfigRecord({
-                "session": self.session, "survivors": u3, "dropped": dropped,
-                "from": senders, "ciphertexts": [self.sealed[s][node] for s in senders]})})
-            out.append(Message(content, dst_node_id=int(node), message_type=UNMASK))
-        return out
+        return {node: ConfigRecord({
+            "session": self.session, "survivors": u3, "dropped": dropped,
+            "from": [s for s in u2 if s != node],
+            "ciphertexts": [self.sealed[s][node] for s in u2 if s != node]}) for node in u3}
 
     def receive_unmask(self, replies: Iterable[Message]) -> np.ndarray:
         """The unmasked sum over U3 of the clients' vectors (mod 2^64)."""
@@ -197,8 +212,8 @@ class SecAggSession:
         b_shares: dict[str, dict[int, bytes]] = {n: {} for n in u3}
         s_shares: dict[str, dict[int, bytes]] = {n: {} for n in dropped}
         responders = 0
-        for node, rec in self._records(replies, u3, "unmask", drop=False):
-            got = self._verified_shares(node, rec, index, set(u3), set(dropped))
+        for node, rec in self._records(replies, u3, "unmask", REVEAL, drop=False):
+            got = verified_shares(self, node, rec, index, set(u3), set(dropped))
             if got is None:
                 continue
             responders += 1
@@ -229,41 +244,12 @@ class SecAggSession:
                 total = total - words if index[node] < index[gone] else total + words
         return total
 
-    def _verified_shares(self, node: str, rec: ConfigRecord, index: dict[str, int],
-                         survivors: set[str], dropped: set[str]
-                         ) -> list[tuple[bytes, str, bytes]] | None:
-        """A responder's shares, each checked against its sharer's commitment; None (and
-        the responder's shares discarded) if any is malformed, foreign or forged."""
-        out = []
-        for kind, wanted, key in ((b"b", survivors, "b"), (b"s", dropped, "s")):
-            sources = _strings(rec.get(f"{key}-from"))
-            shares = _list(rec.get(f"{key}-shares"))
-            if sources is None or shares is None or len(sources) != len(shares) \
-                    or len(set(sources)) != len(sources):
-                log.warning("%s: node %s's %s-shares are malformed; ignored", self.group,
-                            node, key)
-                return None
-            for src, share in zip(sources, shares):
-                if src not in wanted:
-                    log.warning("%s: node %s returned a %s-share of %s, which was not asked "
-                                "for; its shares are ignored", self.group, node, key, src)
-                    return None
-                expected = self.commitments[src][key][index[node] - 1]
-                if not isinstance(share, bytes) or share_commitment(
-                        self.session, kind, src, index[node], share) != expected:
-                    log.warning("%s: node %s returned a %s-share of %s that does not match "
-                                "the sharer's commitment; its shares are ignored",
-                                self.group, node, key, src)
-                    return None
-                out.append((kind, src, share))
-        return out
-
     # -- helpers ------------------------------------------------------------------------
 
     def _records(self, replies: Iterable[Message], expected: list[str], stage: str,
-                 drop: bool = True) -> Iterable[tuple[str, ConfigRecord]]:
-        """(node, record) of the well-formed replies from ``expected`` nodes; the others
-        are dropped (or only logged, ``drop=False``) with the reason."""
+                 record: str, drop: bool = True) -> Iterable[tuple[str, ConfigRecord]]:
+        """(node, answer ``record``) of the well-formed replies from ``expected`` nodes;
+        the others are dropped (or only logged, ``drop=False``) with the reason."""
         expected_set = set(expected)
         answered = set()
         for reply in replies:
@@ -275,11 +261,11 @@ class SecAggSession:
             answered.add(node)
             if reply.has_error():
                 reason = f"{stage}: failed ({_reason(reply)})"
-            elif RECORD not in reply.content.config_records:
-                reason = f"{stage}: the reply has no {RECORD!r} record"
-            else:
-                yield node, reply.content.config_records[RECORD]
+            elif record in reply.content.config_records:
+                yield node, reply.content.config_records[record]
                 continue
+            else:
+                reason = f"{stage}: {_missing(reply, record)}"
             self._drop(node, reason) if drop else log.warning("%s: node %s: %s", self.group,
                                                               node, reason)
         for node in expected_set - answered:
@@ -296,6 +282,37 @@ class SecAggSession:
                               f"threshold is {self.threshold}")
 
 
+def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
+                    index: dict[str, int], survivors: set[str], dropped: set[str]
+                    ) -> list[tuple[bytes, str, bytes]] | None:
+    """A responder's shares, each checked against its sharer's commitment; None (and
+    the responder's shares discarded) if any is malformed, foreign or forged (of
+    ``session``)."""
+    out = []
+    for kind, wanted, key in ((b"b", survivors, "b"), (b"s", dropped, "s")):
+        sources = _strings(rec.get(f"{key}-from"))
+        shares = _list(rec.get(f"{key}-shares"))
+        if sources is None or shares is None or len(sources) != len(shares) \
+                or len(set(sources)) != len(sources):
+            log.warning("%s: node %s's %s-shares are malformed; ignored", session.group,
+                        node, key)
+            return None
+        for src, share in zip(sources, shares):
+            if src not in wanted:
+                log.warning("%s: node %s returned a %s-share of %s, which was not asked "
+                            "for; its shares are ignored", session.group, node, key, src)
+                return None
+            expected = session.commitments[src][key][index[node] - 1]
+            if not isinstance(share, bytes) or share_commitment(
+                    session.session, kind, src, index[node], share) != expected:
+                log.warning("%s: node %s returned a %s-share of %s that does not match "
+                            "the sharer's commitment; its shares are ignored",
+                            session.group, node, key, src)
+                return None
+            out.append((kind, src, share))
+    return out
+
+
 def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:
     """The secret ``what`` from its first ``threshold`` Shamir shares (by index)."""
     if len(shares) < threshold:
@@ -309,6 +326,13 @@ def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:
 def _reason(reply: Message) -> str:
     """The first line of a failed reply's error, shortened."""
     return (reply.error.reason or "no reason given").splitlines()[0][:200]
+
+
+def _missing(reply: Message, record: str) -> str:
+    """Why a reply has no ``record``: the site's stated refusal, or its absence."""
+    refused = reply.content.config_records.get(REFUSED, ConfigRecord()).get(record)
+    return (f"refused ({str(refused)[:200]})" if refused is not None
+            else f"the reply has no {record!r} record")
 
 
 def _list(value: Any) -> list[Any] | None:

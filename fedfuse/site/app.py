@@ -66,7 +66,8 @@ from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.site import training
 from fedfuse.site.members import member_models
-from fedfuse.site.replies import masked_reply, secagg_reply, train_reply
+from fedfuse.site.replies import answered, masked_reply, train_reply
+from fedfuse.wire import VALIDATE, VALIDATION
 
 SiteProvider = Callable[[Context], Site]
 
@@ -115,27 +116,26 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
+        checked = validation(msg, site) if wire.config(msg, "config").get(
+            VALIDATE, False) is True else None  # the received model, before training
         done = training.train(msg, context, site)
         if done.model is None or done.result is None:  # declined: over its budget
-            return Message(RecordDict({"privacy": ConfigRecord(done.privacy or {})}),
-                           reply_to=msg)
-        reply = train_reply(msg, context, site, done.model, done.result, done.seed,
-                            weight=done.weight)
+            reply = Message(RecordDict({"privacy": ConfigRecord(done.privacy or {})}),
+                            reply_to=msg)
+        else:
+            reply = train_reply(msg, context, site, done.model, done.result, done.seed,
+                                weight=done.weight)
         if done.privacy is not None:
             reply.content["privacy"] = ConfigRecord(done.privacy)
-        return reply
+        if checked is not None:
+            reply.content[VALIDATION] = checked
+        return answered(msg, context, reply)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
-        site = site_of(context)
-        model = load_model(site.arch, site.train.schema,
-                           wire.arrays(msg, "arrays").to_torch_state_dict())
-        result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
-        content = RecordDict({"metrics": MetricRecord({
-            "num-examples": result.num_examples, "val-loss": result.loss,
-            "val-accuracy": result.accuracy})})
-        return Message(content=content, reply_to=msg)
+        return answered(msg, context, Message(
+            RecordDict({"metrics": validation(msg, site_of(context))}), reply_to=msg))
 
     @app.query("fusion")
     def fusion_statistics(msg: Message, context: Context) -> Message:
@@ -146,24 +146,24 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
             msg, site, wire.as_list(wire.config(msg, "fusion"), "members", str))]
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:
-            return masked_reply(msg, context, encode_fixed(
-                np.concatenate([A.ravel(), b, [len(site.val)]])))
+            return answered(msg, context, masked_reply(msg, context, encode_fixed(
+                np.concatenate([A.ravel(), b, [len(site.val)]]))))
         content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),
                               "metrics": MetricRecord({"num-examples": len(site.val)})})
         return Message(content=content, reply_to=msg)
 
-    @app.query("secagg_setup")
-    def secagg_setup(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.setup(context.state, wire.config(msg, secagg.RECORD)))
-
-    @app.query("secagg_share")
-    def secagg_share(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.share(context.state, wire.config(msg, secagg.RECORD),
-                                              str(context.node_id)))
-
-    @app.query("secagg_unmask")
-    def secagg_unmask(msg: Message, context: Context) -> Message:
-        return secagg_reply(msg, secagg.unmask(context.state, wire.config(msg, secagg.RECORD),
-                                               str(context.node_id)))
+    @app.query("secagg")
+    def secagg_stages(msg: Message, context: Context) -> Message:
+        return answered(msg, context, Message(RecordDict(), reply_to=msg))
 
     return app
+
+
+def validation(msg: Message, site: Site) -> MetricRecord:
+    """The figures of the model in ``msg`` on ``site``'s validation split: mean
+    cross-entropy, accuracy and the example count they average over."""
+    model = load_model(site.arch, site.train.schema,
+                       wire.arrays(msg, "arrays").to_torch_state_dict())
+    result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
+    return MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss,
+                         "val-accuracy": result.accuracy})

@@ -1,5 +1,6 @@
 """What a site sends back: its trained weights and metrics in plaintext, or under
-secure aggregation only its masked vector (``fedfuse.secagg``)."""
+secure aggregation only its masked vector (``fedfuse.secagg``), and the answers to the
+protocol stages that ride on the message."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 from flwr.app import (
     Array,
     ArrayRecord,
-    ConfigRecord,
     Context,
     Message,
     MetricRecord,
@@ -55,6 +55,11 @@ def masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
                    reply_to=msg)
 
 
-def secagg_reply(msg: Message, record: ConfigRecord) -> Message:
-    """A secure-aggregation stage's answer."""
-    return Message(RecordDict({secagg.RECORD: record}), reply_to=msg)
+def answered(msg: Message, context: Context, reply: Message) -> Message:
+    """``reply`` with the answers to the secure-aggregation stages riding on ``msg``
+    (``fedfuse.secagg.client.answer``), given after the message's own work (its
+    masking, for one session, comes before another session's setup)."""
+    for name, record in secagg.answer(context.state, msg.content,
+                                      str(context.node_id)).config_records.items():
+        reply.content[name] = record
+    return reply

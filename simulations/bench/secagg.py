@@ -83,19 +83,16 @@ def stage_times(clients: int, length: int) -> list[float]:
     """Seconds each protocol stage of one fresh session took, in order."""
     import time
 
-    from fedfuse.secagg import client
     from tests.helpers import SecAggHarness as Harness
 
     h = Harness(clients, length=length)
     held: dict[str, list] = {}
     steps = [
         h.keys,
-        lambda: held.__setitem__("shares", h.answer(h.session.share_messages(),
-                                                      client.share)),
+        lambda: held.__setitem__("shares", h.answer(h.requests("share"))),
         lambda: h.session.receive_shares(held["shares"]),
         h.masked,
-        lambda: held.__setitem__("unmask", h.answer(h.session.unmask_messages(),
-                                                      client.unmask)),
+        lambda: held.__setitem__("unmask", h.answer(h.requests("unmask"))),
         lambda: h.session.receive_unmask(held["unmask"]),
     ]
     times = []
@@ -114,8 +111,11 @@ def table(rows: list[dict], where: str, rounds: int) -> str:
                      f"{r['ratio']:.2f}x |")
     lines += ["", f"Measured on {where}; median round of rounds 2..{rounds} (train, "
               "aggregate, evaluate), `logreg` on digits, IID, DP off, Flower's simulation "
-              "engine with 2 CPUs. A round with secure aggregation exchanges five batches "
-              "of messages (setup, share, train, unmask, evaluate), one without it two.", "",
+              "engine with 2 CPUs. A round with secure aggregation exchanges two batches "
+              "of messages (train with evaluation folded in, carrying the next round's "
+              "setup; unmask, carrying its share stage), one without it one (train). "
+              "Before issue 22 (commit d4793e3, docs/secure-aggregation.md#cost): five "
+              "and two.", "",
               "Protocol computation per session, in process (no messaging), "
               f"{rows[0]['vector_length']}-entry vector:", "",
               "| clients | clients' work, all stages, per client | coordinator, all stages |",

@@ -10,7 +10,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedfuse.secagg import SecAggAbort, client, crypto, shamir
-from fedfuse.secagg.messages import MASKED, RECORD
+from fedfuse.secagg.messages import (
+    KEYS,
+    MASKED,
+    MAX_SESSIONS,
+    REFUSED,
+    REVEAL,
+    SHARE_RECORD,
+    SHARES,
+    UNMASK_RECORD,
+)
 from fedfuse.secagg.server import threshold_for
 from tests.helpers import SecAggHarness as Harness
 from tests.helpers import reply_from
@@ -74,7 +83,7 @@ def test_one_vector_cannot_be_unmasked_with_fewer_than_threshold_shares():
 
     def b_share(holder: int) -> tuple[int, bytes]:
         """What ``holder`` would reveal of node 0's self-mask seed b."""
-        st = h.states[holder][RECORD]
+        st = h.states[holder][client.state_key(session)]
         key = crypto.agree(st["c"], h.session.keys[target][0],
                            b"fedfuse/secagg/share-key/" + session)
         plain = crypto.unseal(key, h.session.sealed[target][str(holder)],
@@ -92,12 +101,11 @@ def test_malformed_keys_and_shares_drop_only_their_sender(caplog):
     nodes = h.nodes
 
     def bad_keys(replies):
-        replies[0].content[RECORD]["c-pk"] = b"short"
+        replies[0].content[KEYS]["c-pk"] = b"short"
         return replies
-    msgs = h.session.setup_messages()
-    replies = h.answer(msgs, lambda st, r, me: client.setup(st, r))
+    replies = h.answer(h.requests("setup"))
     # a reply from a node that is not in the session is ignored
-    replies.append(reply_from(999, RecordDict({RECORD: ConfigRecord({"c-pk": b"x" * 32,
+    replies.append(reply_from(999, RecordDict({KEYS: ConfigRecord({"c-pk": b"x" * 32,
                                                                     "s-pk": b"y" * 32})})))
     with caplog.at_level(logging.WARNING, logger="fedfuse.secagg"):
         h.session.receive_keys(bad_keys(replies))
@@ -105,9 +113,9 @@ def test_malformed_keys_and_shares_drop_only_their_sender(caplog):
     assert list(h.session.dropped) == [str(nodes[0])]
 
     def bad_shares(replies):
-        rec = replies[0].content[RECORD]
+        rec = replies[0].content[SHARES]
         rec["ciphertexts"] = [c[:-1] for c in rec["ciphertexts"]]  # wrong length
-        rec = replies[1].content[RECORD]
+        rec = replies[1].content[SHARES]
         rec["to"] = [*rec["to"][:-1], "424242"]  # an unknown node id
         return replies
     h.shares(edit=bad_shares)
@@ -122,15 +130,15 @@ def test_wrongly_typed_fields_drop_the_sender_instead_of_crashing():
     h.keys()
 
     def mistyped(replies):
-        replies[0].content[RECORD]["to"] = [1, 2, 3, 4]  # ints, not node ids
-        replies[1].content[RECORD]["commit-b"] = b"not a list"
+        replies[0].content[SHARES]["to"] = [1, 2, 3, 4]  # ints, not node ids
+        replies[1].content[SHARES]["commit-b"] = b"not a list"
         return replies
     h.shares(edit=mistyped)
     assert "not lists of the right types" in h.session.dropped[str(h.nodes[0])]
     assert "not lists of the right types" in h.session.dropped[str(h.nodes[1])]
 
     def mistyped_unmask(replies):
-        replies[0].content[RECORD]["b-from"] = 7
+        replies[0].content[REVEAL]["b-from"] = 7
         return replies
     h = Harness(6)  # t = 4: five valid responders remain
     assert np.array_equal(h.run(edit_unmask=mistyped_unmask), h.plain_sum(h.nodes))
@@ -140,7 +148,7 @@ def test_forged_share_at_unmask_is_caught_and_ignored(caplog):
     h = Harness(6)  # t = 4, five honest responders remain
 
     def forge(replies):
-        rec = replies[0].content[RECORD]
+        rec = replies[0].content[REVEAL]
         rec["b-shares"] = [bytes(shamir.SHARE_BYTES)] + list(rec["b-shares"][1:])
         return replies
     with caplog.at_level(logging.WARNING, logger="fedfuse.secagg"):
@@ -155,12 +163,10 @@ def test_share_replayed_from_another_session_is_unreadable():
         h.keys()
         h.shares()
         h.masked()
-    msgs = h2.session.unmask_messages()
-    target = msgs[0]
-    rec = target.content[RECORD]
-    foreign = h1.session.sealed[rec["from"][0]][str(target.metadata.dst_node_id)]
+    node, rec = next(iter(h2.session.unmask_records().items()))
+    foreign = h1.session.sealed[rec["from"][0]][node]
     rec["ciphertexts"] = [foreign, *rec["ciphertexts"][1:]]
-    node = target.metadata.dst_node_id
+    node = int(node)
     answer = client.unmask(h2.states[node], rec, str(node))
     assert answer["unreadable"] == [rec["from"][0]]
 
@@ -168,18 +174,16 @@ def test_share_replayed_from_another_session_is_unreadable():
 def test_client_refuses_a_substituted_key_and_contradictory_requests():
     h = Harness(3)
     h.keys()
-    msgs = h.session.share_messages()
-    rec = msgs[0].content[RECORD]
-    me = str(msgs[0].metadata.dst_node_id)
+    rec = h.session.share_record()
+    me = h.session.u1[0]
     forged = ConfigRecord(dict(rec))
     forged["c-pk"] = [crypto.public_key(crypto.new_private_key()), *rec["c-pk"][1:]]
     with pytest.raises(client.SecAggError, match="other public keys"):
         client.share(h.states[int(me)], forged, me)
     h.shares()
     h.masked()
-    msg = h.session.unmask_messages()[0]
-    rec = msg.content[RECORD]
-    node = msg.metadata.dst_node_id
+    node, rec = next(iter(h.session.unmask_records().items()))
+    node = int(node)
     both = ConfigRecord(dict(rec))
     both["dropped"] = [rec["survivors"][1]]
     with pytest.raises(client.SecAggError, match="survivor and dropped"):
@@ -208,9 +212,107 @@ def test_wrong_length_masked_vector_counts_as_a_dropout():
 def test_client_refuses_a_minority_threshold():
     h = Harness(4)
     h.keys()
-    msg = h.session.share_messages()[0]
-    rec = ConfigRecord(dict(msg.content[RECORD]))
+    rec = ConfigRecord(dict(h.session.share_record()))
     rec["threshold"] = 2  # half of 4: two disjoint pairs could each rebuild secrets
-    node = msg.metadata.dst_node_id
+    node = int(h.session.u1[0])
     with pytest.raises(client.SecAggError, match="not a majority"):
         client.share(h.states[node], rec, str(node))
+
+
+# -- two sessions live at once (issue 22: the next session rides on this one) -----------
+
+def test_two_sessions_live_at_one_site_each_sum_correctly_and_keep_their_own_keys():
+    now = Harness(5)
+    now.keys()
+    now.shares()
+    now.masked()
+    following = Harness(5, states=now.states)  # the same sites open the next session
+    following.keys()
+    following.shares()
+    node = now.nodes[0]
+    keys = {k: now.states[node][k] for k in now.states[node].config_records}
+    assert len(keys) == 2  # one state record per session
+    a, b = (client.state_key(h.session.session) for h in (now, following))
+    assert keys[a]["c"] != keys[b]["c"] and keys[a]["s"] != keys[b]["s"]  # fresh keys
+    assert np.array_equal(now.unmask(), now.plain_sum(now.nodes))
+    following.masked()
+    assert np.array_equal(following.unmask(), following.plain_sum(following.nodes))
+
+
+def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
+    now = Harness(4)
+    now.keys()
+    now.shares()
+    now.masked()
+    following = Harness(4, states=now.states)
+    following.keys()
+    following.shares()
+    node, rec = next(iter(now.session.unmask_records().items()))
+    both = ConfigRecord(dict(rec))
+    both["dropped"] = [rec["survivors"][1]]
+    with pytest.raises(client.SecAggError, match="survivor and dropped"):
+        client.unmask(now.states[int(node)], both, node)
+    # riding on a carrier, the refusal is stated and the other session's stage answered
+    mixed = RecordDict({UNMASK_RECORD: both, SHARE_RECORD: following.session.share_record()})
+    answer = client.answer(now.states[int(node)], mixed, node)
+    assert REVEAL not in answer.config_records
+    assert "survivor and dropped" in answer[REFUSED][REVEAL]
+    assert "second share request" in answer[REFUSED][SHARES]  # one sharing per session
+
+
+def test_a_request_mixing_two_sessions_is_refused():
+    now = Harness(4)
+    now.keys()
+    following = Harness(4, states=now.states)
+    following.keys()
+    # session B's share request relaying the keys this site made for session A
+    me = now.session.u1[0]
+    rec = ConfigRecord(dict(following.session.share_record()))
+    for field in ("c-pk", "s-pk"):
+        rec[field] = [now.session.keys[n][0 if field == "c-pk" else 1]
+                      for n in now.session.u1]
+    with pytest.raises(client.SecAggError, match="other public keys"):
+        client.share(now.states[int(me)], rec, me)
+    # session B's unmask carrying sealed shares made for session A: unreadable
+    now.shares()
+    following.shares()
+    now.masked()
+    following.masked()
+    node, rec = next(iter(following.session.unmask_records().items()))
+    rec["ciphertexts"] = [now.session.sealed[s][node] for s in rec["from"]]
+    assert client.unmask(following.states[int(node)], rec, node)["unreadable"] == rec["from"]
+
+
+def test_a_site_keeps_at_most_two_sessions_and_forgets_the_oldest():
+    sessions = [Harness(3)]
+    sessions[0].keys()
+    for _ in range(3):
+        sessions.append(Harness(3, states=sessions[0].states))
+        sessions[-1].keys()
+    node = sessions[0].nodes[0]
+    live = [k for k in sessions[0].states[node].config_records]
+    assert live == [client.state_key(h.session.session) for h in sessions[-MAX_SESSIONS:]]
+    with pytest.raises(client.SecAggError, match="did not set up"):
+        client.share(sessions[0].states[node], sessions[0].session.share_record(), str(node))
+    with pytest.raises(client.SecAggError, match="already set up"):
+        client.setup(sessions[-1].states[node], sessions[-1].session.setup_record())
+    sessions[-1].shares()
+    sessions[-1].masked()
+    assert np.array_equal(sessions[-1].unmask(), sessions[-1].plain_sum(sessions[-1].nodes))
+
+
+def test_a_member_left_out_before_masking_is_neither_unmasked_nor_counted():
+    h = Harness(5)  # t = 3
+    h.keys()
+    h.shares()
+    out = str(h.nodes[4])
+    h.session.narrow(n for n in h.session.u2 if n != out)  # e.g. retired since it shared
+    h.masked()
+    rec = next(iter(h.session.unmask_records().values()))
+    assert out not in rec["survivors"] and out not in rec["dropped"]
+    assert np.array_equal(h.unmask(), h.plain_sum(h.nodes[:4]))
+    h = Harness(3)  # t = 2
+    h.keys()
+    h.shares()
+    with pytest.raises(SecAggAbort, match="asked for masked input"):
+        h.session.narrow([h.session.u2[0]])

@@ -1,5 +1,6 @@
 """Secure aggregation through Flower's real simulation engine, with real dropouts: sites
-whose ClientApp fails after they have shared their keys."""
+whose ClientApp fails after they have shared their keys, in a session of their own or
+in one opened on the previous round's exchanges."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedfuse.data.sites import plan_federation
 from fedfuse.secagg.messages import MASKED
 from fedfuse.simulation.runner import backend_config, site_from_context
 from fedfuse.site.app import build_client_app
+from tests.helpers import run_federation
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +134,38 @@ def test_a_misreported_example_count_is_caught_and_the_sum_rejected():
     assert first.secagg_failed and second.secagg_failed
     assert first.secagg_clients == 3  # the protocol itself completed
     assert first.test_accuracy == second.test_accuracy  # the model was kept
+
+
+def offline_in_round_two(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: these sites crash when asked to train in round 2, after
+    round 1's train reply carried their keys for round 2 and round 1's unmask reply
+    their sealed shares."""
+    if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 2 \
+            and int(context.node_config["partition-id"]) in OFFLINE:
+        raise RuntimeError("site lost its connection")
+    return call_next(msg, context)
+
+
+def test_sites_crashing_after_the_piggybacked_key_exchange_are_unmasked_out():
+    def cfg(secure: bool):
+        return config_from_dict({
+            "name": "drop", "seed": 5, "rounds": 3,
+            "cohorts": [{"arch": "logreg", "clients": 5}],
+            "partition": {"method": "dirichlet", "alpha": 0.5, "min_samples": 20},
+            "secure_aggregation": {"enabled": secure, "threshold": 0.6}})
+    secure = run_federation(cfg(True), [offline_in_round_two])
+    plain = run_federation(cfg(False), [offline_in_round_two])
+    counts = [len(r) for r in secure.per_round()]
+    # round 2 masks in the session opened on round 1's exchanges; round 3 opens a fresh
+    # one, so that the two sites (back after their crash) take part again
+    assert counts == [4, 2, 4, 2]
+    entries = [r.cohorts["logreg"] for r in secure.result.history]
+    assert [(e.secagg_clients, e.secagg_dropped, e.secagg_failed) for e in entries] == [
+        (5, 0, False), (3, 2, False), (5, 0, False)]
+    assert entries[1].train_failures == 2
+    step = 2 * 2.0 / (2**24 - 1)
+    a, b = secure.result.cohorts["logreg"].arrays, plain.result.cohorts["logreg"].arrays
+    for key in a:  # the survivors' FedAvg, up to one quantiser step a round
+        want = b[key].numpy()
+        diff = np.abs(a[key].numpy().astype(np.float64) - want)
+        assert np.all(diff <= 3 * step + 3 * np.spacing(np.abs(want))), key
