@@ -1,4 +1,5 @@
-"""The fedfuse ClientApp: answers the coordinator's query, train and evaluate messages.
+"""The fedfuse ClientApp: answers the coordinator's query, train and evaluate messages,
+and the secure-aggregation stages riding on any of them.
 
 The handlers only route: training is ``fedfuse.site.training``, the models a message
 names ``fedfuse.site.members``, the replies ``fedfuse.site.replies``.
@@ -8,7 +9,7 @@ Message layout (all keys fixed):
              MetricRecord "metrics" {num-examples, num-val, index},
              ArrayRecord "moments" {sum, sumsq} (feature sums of the training split)
 - train   <- ArrayRecord "arrays", ConfigRecord "config" {lr, local-epochs, batch-size,
-             momentum, weight-decay, seed, server-round}
+             momentum, weight-decay, seed, server-round, validate (optional)}
              (+ dp-* keys under DP, see ``fedfuse.privacy.budget.PrivacyRequest``; under
              client-level DP only dp-mode = "user" and dp-clipping-norm: the update is
              clipped to that norm and weighted 1, see ``fedfuse.privacy.client_level``)
@@ -16,15 +17,25 @@ Message layout (all keys fixed):
              train-accuracy}; under DP also ConfigRecord "privacy" {status, epsilon,
              delta, noise-multiplier, sample-rate, steps, accountant, budget}. A site
              whose next round would exceed its ε budget answers with only the "privacy"
-             record, status "budget-exhausted".
+             record, status "budget-exhausted". With validate = true (the site is
+             sampled for evaluation) the site first scores the model it received and
+             adds MetricRecord "validation" {num-examples (validation examples),
+             val-loss, val-accuracy}, also when it declines to train.
           With secure aggregation the train message also carries ConfigRecord "secagg"
           {session, nodes, clip-range, quantization-bits}, and the reply carries
-          ArrayRecord "masked" {vector} (uint64) instead of "arrays" and "metrics":
-          see ``fedfuse.secagg.encoding`` for the vector's layout.
-- query.secagg_setup / query.secagg_share / query.secagg_unmask <-> ConfigRecord
-          "secagg": the protocol stages of ``fedfuse.secagg.client``.
+          ArrayRecord "masked" {vector} (uint64) instead of "arrays" and "metrics"
+          (see ``fedfuse.secagg.encoding`` for the vector's layout); "validation" stays
+          in plaintext beside it, outside the masked sum.
 - evaluate <- ArrayRecord "arrays" -> MetricRecord "metrics" {num-examples, val-loss,
-             val-accuracy}
+             val-accuracy}: to a site sampled for evaluation that gets no train
+             message in that exchange.
+- any message (train, evaluate, query.fusion, query.secagg) may carry the stages of
+             other secure-aggregation sessions, one ConfigRecord each: "secagg-setup"
+             {session, group}, "secagg-share" {session, threshold, nodes, c-pk, s-pk},
+             "secagg-unmask" {session, survivors, dropped, from, ciphertexts}; the reply
+             adds "secagg-keys", "secagg-shares", "secagg-reveal" (and
+             "secagg-refused" {answer record: reason} for a stage the site refuses);
+             see ``fedfuse.secagg.client.answer``. query.secagg carries stages only.
 - train with ConfigRecord "stack" {members} and ArrayRecord "member/<arch>" per member:
              the same, for the stacking head in "arrays" on the members' probabilities
              (``fedfuse.fusion.stacking``)

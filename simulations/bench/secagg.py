@@ -46,6 +46,11 @@ num_cpus = 2
 """
 
 
+BEFORE = {10: (0.52, 1.14), 50: (1.16, 3.39), 100: (2.41, 8.23)}
+"""Median round without / with secure aggregation before issue 22 (five exchanges a
+secure round, two a plaintext one), from this bench's run published with d4793e3."""
+
+
 def round_times(workdir: Path, clients: int, rounds: int, secure: bool) -> list[float]:
     scenario = workdir / f"n{clients}.toml"
     scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients))
@@ -105,10 +110,13 @@ def stage_times(clients: int, length: int) -> list[float]:
 
 def table(rows: list[dict], where: str, rounds: int) -> str:
     lines = ["| clients in the cohort | round without | round with secure aggregation | "
-             "with / without |", "|---|---|---|---|"]
+             "with / without | before issue 22: without, with, ratio |",
+             "|---|---|---|---|---|"]
     for r in rows:
+        was = BEFORE.get(r["clients"])
+        before = f"{was[0]:.2f} s, {was[1]:.2f} s, {was[1] / was[0]:.2f}x" if was else "-"
         lines.append(f"| {r['clients']} | {r['plain_s']:.2f} s | {r['secure_s']:.2f} s | "
-                     f"{r['ratio']:.2f}x |")
+                     f"{r['ratio']:.2f}x | {before} |")
     lines += ["", f"Measured on {where}; median round of rounds 2..{rounds} (train, "
               "aggregate, evaluate), `logreg` on digits, IID, DP off, Flower's simulation "
               "engine with 2 CPUs. A round with secure aggregation exchanges two batches "
