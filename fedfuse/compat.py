@@ -265,14 +265,15 @@ def serve_supernode(poll: float) -> None:
 
 
 def _runtime_client(address: str, component: str, auth: Any) -> Any:
+    """A Runtime API client that tries each call once: the executor's loop decides what a
+    failure means (Flower's retry invoker, made for a one-message process, retries for
+    ever while the SuperNode is gone and interrupts its own process on a 401)."""
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name=component), auth],
-        retry_invoker=make_simple_http_retry_invoker())
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=component), auth])
 
 
 class RuntimeTasks:
