@@ -43,6 +43,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python simulations/bench/scale.py
 	$(BIN)/python simulations/bench/secagg.py
+	$(BIN)/python simulations/bench/deploy.py
 	$(BIN)/python simulations/bench/privacy.py
 	$(BIN)/python simulations/bench/fusion.py
 	$(BIN)/python simulations/bench/serve.py
