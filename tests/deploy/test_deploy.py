@@ -42,7 +42,7 @@ alpha = 1.0
 
 [[cohorts]]
 arch = "logreg"
-sites = ["a", "b", "c"]
+sites = ["a", "b", "c", "d"]
 
 [privacy]
 mode = "sample"
@@ -62,11 +62,11 @@ def write_scenario(tmp: Path, rounds: int = 2, round_timeout: float = 60.0) -> P
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Certificates for sites a, b, c and x (x is not in the scenario), and each site's
-    data file written by ``fedfuse partition``."""
+    """Certificates for sites a, b, c, d and x (x is not in the scenario), and each
+    site's data file written by ``fedfuse partition``."""
     tmp = tmp_path_factory.mktemp("deploy")
     scenario = write_scenario(tmp)
-    assert run_cli("certs", "init", tmp / "certs", "--sites", "a,b,c,x").returncode == 0
+    assert run_cli("certs", "init", tmp / "certs", "--sites", "a,b,c,d,x").returncode == 0
     res = run_cli("partition", scenario, "--out", tmp / "data", "--set", "data.source=digits")
     assert res.returncode == 0, res.stderr
     return tmp
@@ -114,10 +114,10 @@ def recorded_rounds(out: Path) -> list[dict]:
 
 
 def drop_round(history: list[dict]) -> int | None:
-    """The first round aggregated without one of the three sites (it failed, dropped out
+    """The first round aggregated without one of the four sites (it failed, dropped out
     of secure aggregation, or was offline and not sent the round)."""
     for record in history:
-        if record["cohorts"]["logreg"]["train_clients"] < 3:
+        if record["cohorts"]["logreg"]["train_clients"] < 4:
             return int(record["round"])
     return None
 
@@ -131,19 +131,22 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_three_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federation: Path):
-    """Coordinator + sites a, b, c on 127.0.0.1 (TLS, node authentication, DP, secure
+def test_four_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federation: Path):
+    """Coordinator + sites a, b, c, d on 127.0.0.1 (TLS, node authentication, DP, secure
     aggregation). Meanwhile: site x (a key the scenario does not list) and a plaintext
     SuperNode are refused; site c is killed with SIGKILL once its first round is charged
-    to its ledger, and restarted from its state directory once a round has gone on without
-    it. The run completes, c's ledger kept every charge, and the artifact loads."""
+    to its ledger (by then it has sent its keys, and perhaps its shares, for the next
+    round's session: they ride on round 1's exchanges), and restarted from its state
+    directory once a round has gone on without it. That round's secure sum is unmasked
+    over the 3 survivors; the run completes, c's ledger kept every charge, and the
+    artifact loads."""
     tmp = federation
     port = free_port()
     out = tmp / "run"
     coord = Proc(tmp / "coordinator.log", "coordinator", write_scenario(tmp, 8, 25.0),
                  "--certs", tmp / "certs", "--address", f"127.0.0.1:{port}", "--out", out,
                  "--state", tmp / "coordinator-state")
-    sites = {n: site(tmp, n, port) for n in "abc"}
+    sites = {n: site(tmp, n, port) for n in "abcd"}
     try:
         # c's first private round is on its disk once its ledger has steps
         wait_for(lambda: ledger_steps(tmp, "c") > 0 or coord.proc.poll() is not None, 240,
@@ -194,10 +197,12 @@ def test_three_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federat
     history = recorded_rounds(out)
     dropped_in = drop_round(history)
     assert dropped_in is not None, history
+    without_c = history[dropped_in - 1]["cohorts"]["logreg"]
+    assert without_c["secagg_clients"] == 3 and not without_c["secagg_failed"], without_c
     # the restarted site kept its account: the steps of its first round (whether or not
     # its update arrived) plus those of every round it trained after the restart
     entries = {e["client_id"]: e for e in json.loads((out / "privacy.json").read_text())["clients"]}
-    rejoined = sum(r["cohorts"]["logreg"]["train_clients"] == 3 for r in history
+    rejoined = sum(r["cohorts"]["logreg"]["train_clients"] == 4 for r in history
                    if r["round"] > dropped_in)
     assert rejoined >= 1, history
     assert entries["c"]["steps"] == ledger_steps(tmp, "c") == steps_at_kill * (1 + rejoined)
