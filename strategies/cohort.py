@@ -98,11 +98,13 @@ class CohortStrategy:
         self._rank = {node: i for i, node in enumerate(self.members)}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The strategy's own state beyond the model, for checkpoints: the sampler's."""
+        """The strategy's own state beyond the model, for checkpoints: the sampler's, and
+        the next round's sample when it was fixed ahead (``fix_train_sample``)."""
         version, internal, _ = self.sampler.getstate()
         state = {"sampler": np.asarray([version, *internal], dtype=np.int64)}
-        if self.pending is not None:
-            state["pending"] = np.asarray(self.pending, dtype=np.uint64)  # node ids
+        if self.pending is not None:  # by member rank: node ids change when a run resumes
+            state["pending"] = np.asarray([self._rank[n] for n in self.pending],
+                                          dtype=np.int64)
         return state
 
     def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
@@ -110,7 +112,8 @@ class CohortStrategy:
         if "sampler" in state:
             version, *internal = (int(v) for v in state["sampler"])
             self.sampler.setstate((version, tuple(internal), None))
-        self.pending = [int(n) for n in state["pending"]] if "pending" in state else None
+        self.pending = ([self.members[int(i)] for i in state["pending"]]
+                        if "pending" in state else None)
 
     def retire(self, node_id: int) -> None:
         """Stop sampling ``node_id`` for training (for example: its privacy budget is

@@ -106,3 +106,18 @@ def test_fedfuse_never_seeds_or_sets_the_global_random_module(monkeypatch):
         restored = cohort_strategy(aggregation, "logreg", MEMBERS, seed=3, **extra)
         restored.restore_state(strategy.state_arrays(), arrays)
     assert calls == []
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_sample_fixed_ahead_survives_a_checkpoint_onto_new_node_ids():
+    """Secure aggregation fixes round r + 1's sample during round r; the checkpoint
+    keeps it by member rank, since a resumed run's nodes have other ids."""
+    before = cohort_strategy("fedavg", "logreg", [11, 12, 13, 14], seed=3, fraction_train=0.5)
+    fixed = before.fix_train_sample(NodesGrid([11, 12, 13, 14]))
+    after = cohort_strategy("fedavg", "logreg", [21, 22, 23, 24], seed=3, fraction_train=0.5)
+    after.restore_state(before.state_arrays(), GLOBAL)
+    assert after.pending == [n + 10 for n in fixed] and len(fixed) == 2
+    before.retire(fixed[0])
+    sent = before.configure_train(1, GLOBAL, ConfigRecord(), NodesGrid([11, 12, 13, 14]))
+    assert [m.metadata.dst_node_id for m in sent] == fixed[1:]  # retired since: left out
+    assert before.pending is None
