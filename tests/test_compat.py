@@ -1,4 +1,4 @@
-"""fedfuse/compat.py is the one place that reaches into Flower's internals: these tests
+"""fedfuse/compat/ is the one place that reaches into Flower's internals: these tests
 fail loudly when an internal it relies on moves or changes shape in a new Flower."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import pytest
 
 from fedfuse import compat
 from tests.helpers import ROOT
+
+COMPAT = ROOT / "fedfuse" / "compat"
 
 PUBLIC_FLOWER = ("flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp",
                  "flwr.clientapp.typing", "flwr.simulation")
@@ -36,13 +38,15 @@ def test_only_the_compat_module_imports_flower_beyond_its_public_surface():
     offenders = {}
     for folder in ("fedfuse", "strategies", "simulations"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "fedfuse" / "compat.py":
+            if COMPAT in path.parents:
                 continue
             private = [m for m in flower_imports(path) if m not in PUBLIC_FLOWER]
             if private:
                 offenders[str(path.relative_to(ROOT))] = private
     assert offenders == {}
-    assert set(flower_imports(ROOT / "fedfuse" / "compat.py")) - set(PUBLIC_FLOWER)
+    for part in sorted(COMPAT.glob("*.py")):
+        if part.name != "__init__.py":
+            assert set(flower_imports(part)) - set(PUBLIC_FLOWER), part
 
 
 def test_the_compat_module_imports_neither_flower_nor_torch():
@@ -98,7 +102,7 @@ def test_the_deprecation_banner_is_recognised_and_nothing_else_is_dropped():
             seen.append(record)
 
     flower = logging.getLogger("flwr")
-    handler, banner = Keep(), compat._DropDeprecationBanner()
+    handler, banner = Keep(), compat.simulation._DropDeprecationBanner()
     flower.addHandler(handler)
     flower.addFilter(banner)
     try:
@@ -141,6 +145,13 @@ def test_the_superlink_and_control_api_internals_are_where_compat_looks():
     assert isinstance(Fab("hash", b"", {}).hash_str, str)
     for attr in ("_run_id", "_node_id", "_task_id"):
         assert hasattr(TaskIdentity, attr), attr
+    # the SuperLink's --database keeps link state only (compat.superlink._objects_in_memory)
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.superlink import main
+
+    assert "get_objectstore_linkstate_factories(" in inspect.getsource(main.create_app)
+    assert list(inspect.signature(LinkStateFactory).parameters)[:3] == [
+        "database", "federation_manager", "objectstore_factory"]
 
 
 def test_a_fab_is_built_and_task_identity_is_restored():
@@ -206,7 +217,7 @@ def test_capped_sleeps_and_fast_object_pulls():
     import time as time_module
     import types
 
-    capped = compat._CappedSleep(0.01)
+    capped = compat.supernode._CappedSleep(0.01)
     start = time_module.monotonic()
     capped.sleep(3)
     assert time_module.monotonic() - start < 0.5

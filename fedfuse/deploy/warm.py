@@ -123,20 +123,22 @@ class WarmSite:
 
     def execute(self, token: str) -> None:
         """One task: pull, run the ClientApp in process, store the context, reply, end;
-        logged (DEBUG) with the app's time and the task's."""
+        logged (DEBUG) with the time to pull it (waiting for its content to arrive), to
+        run the app and store the context (work), and to push the reply and end it."""
         start = time.perf_counter()
         with self.runtime.task(token) as task:
             message, pulled, fab = task.pull()
-            context = self.contexts.resume(pulled)
             began = time.perf_counter()
+            context = self.contexts.resume(pulled)
             reply, failure = self.answer(message, context, fab)
-            work = time.perf_counter() - began
             self.contexts.store(context)
+            done = time.perf_counter()
             task.push(reply, context)
             task.finish(context, failure)
         self.tasks_done += 1
-        log.debug("task %s: work %.4f s, task %.4f s", message.metadata.message_type, work,
-                  time.perf_counter() - start)
+        log.debug("task %s: pull %.4f s, work %.4f s, reply %.4f s",
+                  message.metadata.message_type, began - start, done - began,
+                  time.perf_counter() - done)
 
     def answer(self, message: Message, context: Context, fab: bytes
                ) -> tuple[Message, str | None]:

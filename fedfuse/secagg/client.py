@@ -126,8 +126,8 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     b_shares = shamir.split_secret(b, t, len(nodes))
     s_shares = shamir.split_secret(s_key, t, len(nodes))
     to, sealed = [], []
-    keys = [crypto.agree(c_key, pk, SHARE_KEY_LABEL + session) if j != mine else b""
-            for j, pk in enumerate(c_pk)]  # K_uv both ways: seals now, opens at unmask
+    keys = crypto.agree_all(c_key, c_pk[:mine] + c_pk[mine + 1:], SHARE_KEY_LABEL + session)
+    keys.insert(mine, b"")  # K_uv both ways: seals now, opens at unmask
     for j, node in enumerate(nodes):
         if j != mine:
             sealed.append(crypto.seal(keys[j], b_shares[j] + s_shares[j],
@@ -161,12 +161,10 @@ def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) 
         crypto.derive(as_bytes(st, "b"), SELF_MASK_LABEL + session), vector.size)
     s_key, s_pk = as_bytes(st, "s"), as_list(st, "s-pk", bytes)
     mine = nodes.index(me)
-    for node in u2:
-        j = nodes.index(node)
-        if j == mine:
-            continue
-        words = crypto.mask_words(
-            crypto.agree(s_key, s_pk[j], PAIR_MASK_LABEL + session), vector.size)
+    peers = [nodes.index(node) for node in u2 if node != me]
+    pair_keys = crypto.agree_all(s_key, [s_pk[j] for j in peers], PAIR_MASK_LABEL + session)
+    for j, key in zip(peers, pair_keys, strict=True):
+        words = crypto.mask_words(key, vector.size)
         out = out + words if mine < j else out - words
     st["masked-with"] = u2
     state[state_key(session)] = st

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -48,12 +49,21 @@ def public_key(private: bytes) -> bytes:
 def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
     """K = HKDF-SHA256(X25519(private, peer_public), info=label), 32 bytes; symmetric:
     agree(a, B, l) == agree(b, A, l). Raises CryptoError for an invalid public key."""
-    try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public))
-    except ValueError as exc:
-        raise CryptoError(f"unusable public key: {exc}") from None
-    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label).derive(shared)
+    return agree_all(private, [peer_public], label)[0]
+
+
+def agree_all(private: bytes, peers: Sequence[bytes], label: bytes) -> list[bytes]:
+    """``agree(private, P, label)`` for every P in ``peers``, loading the private key once
+    (loading it costs as much as one agreement)."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    out = []
+    for peer in peers:
+        try:
+            shared = key.exchange(X25519PublicKey.from_public_bytes(peer))
+        except ValueError as exc:
+            raise CryptoError(f"unusable public key: {exc}") from None
+        out.append(HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label).derive(shared))
+    return out
 
 
 def derive(key: bytes, label: bytes) -> bytes:

@@ -236,10 +236,10 @@ class SecAggSession:
             if crypto.public_key(s) != self.keys[gone][1]:
                 raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
                                   "masking key it advertised")
-            for node in u3:
-                words = crypto.mask_words(
-                    crypto.agree(s, self.keys[node][1], PAIR_MASK_LABEL + self.session),
-                    self.length)
+            pair_keys = crypto.agree_all(s, [self.keys[node][1] for node in u3],
+                                         PAIR_MASK_LABEL + self.session)
+            for node, key in zip(u3, pair_keys, strict=True):
+                words = crypto.mask_words(key, self.length)
                 # node added +words if it comes before `gone`, else -words
                 total = total - words if index[node] < index[gone] else total + words
         return total

@@ -38,16 +38,27 @@ class FakeGrid:
 
     def __init__(self, answers: dict[int, tuple[str, str] | RecordDict]) -> None:
         self.answers = answers
-        self.timeouts: list[float | None] = []
+        self.ttls: list[float] = []
+        self.pending: dict[str, int] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.answers)
 
     def send_and_receive(self, messages, timeout=None):
-        self.timeouts.append(timeout)
-        replies = []
+        return self.pull_messages(self.push_messages(messages))
+
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
+            self.ttls.append(msg.metadata.ttl)
+            ids.append(f"q{msg.metadata.dst_node_id}")
+            self.pending[ids[-1]] = msg.metadata.dst_node_id
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for mid in ids:
+            node = self.pending.pop(mid)
             given = self.answers[node]
             content = given if isinstance(given, RecordDict) else answer(node, *given)
             replies.append(reply_from(node, content, "query"))
@@ -105,5 +116,5 @@ def test_every_exchange_is_bounded_by_round_timeout():
     grid = FakeGrid({11: ("a", "logreg")})
     bounded = BoundedGrid(grid, 12.5)
     participants, _ = run_discovery(bounded, {11: "a"})
-    assert participants and grid.timeouts == [12.5]
+    assert participants and len(grid.ttls) == 1 and 12.5 <= grid.ttls[0] < 13.5
     assert bounded.get_node_ids() == [11]
