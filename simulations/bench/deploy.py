@@ -11,10 +11,12 @@ the same invocation. A round's time is the coordinator's wall time for the round
 reported apart) and the median of the others is reported for each, with their ratio.
 
 Where a deployed round's time goes comes from the sites' own accounts: each ``fedfuse
-site`` logs every message it handles (``fedfuse.site`` at DEBUG, with ``--verbose``): the
-time its ClientApp ran (work) and the time from claiming the task to ending it. Per round
-the bench reports the exchanges (messages per site), the slowest site's work summed over
-the round's exchanges, and the rest (messaging and waits).
+site`` logs every message it handles (``fedfuse.site`` at DEBUG, with ``--verbose``):
+the time from claiming its task until its content had arrived (pull), the ClientApp's
+run (work) and pushing the reply (reply). Over the rounds after the first, the bench
+reports the messages each site answered per round and, for the site that spent the
+most, its pull, work and reply time per round; the rest of a round is the coordinator's
+own work and the messages' way between the processes.
 
 Writes ``simulations/bench/results/deploy.json`` and the table between the
 ``bench:deploy`` markers in docs/benchmarks.md.
@@ -32,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 from common import ROOT, machine, publish, simulate
@@ -66,7 +67,7 @@ wait_for_sites = 300.0
 num_cpus = 2
 """
 
-TASK_LINE = re.compile(r"task (\S+): work ([0-9.]+) s, task ([0-9.]+) s")
+TASK_LINE = re.compile(r"task (\S+): pull ([0-9.]+) s, work ([0-9.]+) s, reply ([0-9.]+) s")
 
 
 def names(n: int) -> list[str]:
@@ -130,7 +131,7 @@ def deployed(work: Path, n: int, rounds: int) -> tuple[list[float], dict[str, li
         raise SystemExit(f"deployment failed:\n{(work / 'coordinator.log').read_text()[-3000:]}")
     times = [json.loads(line)["wall_seconds"]
              for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    tasks = {s: [[m[1], float(m[2]), float(m[3])]
+    tasks = {s: [[m[1], float(m[2]), float(m[3]), float(m[4])]
                  for m in TASK_LINE.finditer((work / f"{s}.log").read_text(errors="replace"))]
              for s in names(n)}
     return times, tasks
@@ -143,18 +144,24 @@ def simulated(work: Path, n: int, rounds: int) -> list[float]:
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def steady(tasks: list[list]) -> list[list]:
+    """A site's tasks of the rounds after the first: from its second train message up to
+    the fusion's first message."""
+    trains = [i for i, t in enumerate(tasks) if t[0] == "train"]
+    end = next((i for i, t in enumerate(tasks) if t[0] == "query.fusion"), len(tasks))
+    return tasks[trains[1]:end] if len(trains) > 1 else []
+
+
 def breakdown(tasks: dict[str, list[list]], rounds: int) -> dict[str, float]:
-    """Per training round, from the sites' logs: exchanges (train messages and the
-    secure-aggregation stages a site answered, over the rounds) and the slowest site's
-    ClientApp time."""
-    per_site = {s: defaultdict(float) for s in tasks}
-    counts = {s: len([t for t in ts if t[0] != "query"]) for s, ts in tasks.items()}
-    for s, ts in tasks.items():
-        for kind, work, _ in ts:
-            per_site[s][kind] += work
-    slowest = max(sum(v.values()) for v in per_site.values())
-    return {"messages_per_site_per_round": round(max(counts.values()) / rounds, 2),
-            "work_s_per_round": round(slowest / rounds, 4)}
+    """Per round after the first, from the sites' logs: the messages a site answered,
+    and the pull, work and reply seconds of the site that spent the most."""
+    per_site = {s: steady(ts) for s, ts in tasks.items()}
+    busiest = max(per_site.values(), key=lambda ts: sum(t[1] + t[2] + t[3] for t in ts))
+    later = rounds - 1
+    return {"messages_per_site_per_round": round(len(busiest) / later, 2),
+            "pull_s_per_round": round(sum(t[1] for t in busiest) / later, 4),
+            "work_s_per_round": round(sum(t[2] for t in busiest) / later, 4),
+            "reply_s_per_round": round(sum(t[3] for t in busiest) / later, 4)}
 
 
 def main() -> None:
@@ -181,16 +188,17 @@ def main() -> None:
 
 def table(results: dict) -> str:
     rows = ["| sites | deployed round (median) | simulated round (median) | deployed / "
-            "simulated | first round deployed / simulated | messages per site per round | "
-            "slowest site's work per round |", "|---|---|---|---|---|---|---|"]
+            "simulated | first round, deployed / simulated | messages per site per round | "
+            "busiest site per round: pull, work, reply |", "|---|---|---|---|---|---|---|"]
     for p in results["points"]:
         rows.append(f"| {p['sites']} | {p['deployed_round_s']:.2f} s | "
-                    f"{p['simulated_round_s']:.2f} s | {p['ratio']:.2f}x | "
-                    f"{p['deployed_first_round_s']:.2f} s / {p['simulated_first_round_s']:.2f} s"
-                    f" | {p['messages_per_site_per_round']} | {p['work_s_per_round']:.3f} s |")
+                    f"{p['simulated_round_s']:.2f} s | {p['ratio']:.1f}x | "
+                    f"{p['deployed_first_round_s']:.1f} s / {p['simulated_first_round_s']:.1f} s"
+                    f" | {p['messages_per_site_per_round']} | {p['pull_s_per_round']:.2f} s, "
+                    f"{p['work_s_per_round']:.2f} s, {p['reply_s_per_round']:.2f} s |")
     return (f"{results['machine']}; {results['rounds']} rounds, logreg on digits, DP "
-            "(ε ≤ 8) and secure aggregation on; JSON in simulations/bench/results/deploy.json."
-            "\n\n" + "\n".join(rows))
+            "(ε ≤ 8) and secure aggregation on; every process on this one machine; JSON "
+            "in simulations/bench/results/deploy.json.\n\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
