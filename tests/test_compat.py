@@ -179,6 +179,8 @@ def test_the_supernode_internals_fedfuse_patches_are_still_there():
 
     assert start_client_internal.time is time_module
     source = inspect.getsource(start_client_internal)
+    assert "run_id = _pull_and_store_message(\n" in source  # called by keyword, its result
+    assert "if run_id is None:" in source  # None: nothing arrived
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
     for module, name in ((start_client_internal, "pull_objects"), (http_grid, "pull_objects"),
                          (run_clientapp, "pull_and_inflate_object_from_tree")):
@@ -217,11 +219,18 @@ def test_capped_sleeps_and_fast_object_pulls():
     import time as time_module
     import types
 
-    capped = compat.supernode._CappedSleep(0.01)
+    pacer = compat.supernode._Pacer(0.01, 0.04)
     start = time_module.monotonic()
-    capped.sleep(3)
+    pacer.sleep(0.5)  # a wait for a reply: capped at poll
+    pacer.sleep(3)  # idle waits: 0.01, 0.02, 0.04, 0.04, then back to 0.01 after a message
+    assert pacer.next == 0.02
+    pacer.sleep(3)
+    pacer.sleep(3)
+    assert pacer.next == 0.04
+    pacer.arrived()
+    assert pacer.next == 0.01
     assert time_module.monotonic() - start < 0.5
-    assert capped.monotonic is time_module.monotonic  # the rest of `time` passes through
+    assert pacer.monotonic is time_module.monotonic  # the rest of `time` passes through
 
     def pull(ids, initial_backoff=1, backoff_cap=10):
         return ids, initial_backoff, backoff_cap

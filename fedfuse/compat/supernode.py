@@ -10,28 +10,52 @@ from typing import Any
 from fedfuse.compat import fast_object_pulls
 
 
-class _CappedSleep:
-    """The ``time`` module as one Flower module sees it, ``sleep`` capped at ``cap``."""
+class _Pacer:
+    """The ``time`` module as the SuperNode's main loop sees it. Its idle wait (Flower's
+    3 s after a pull that found nothing) starts at ``poll`` and doubles on every empty
+    pull up to ``idle``, back to ``poll`` when a message arrives (:meth:`arrived`); its
+    other waits (0.5 s steps while a reply is awaited) are capped at ``poll``."""
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+    IDLE_WAIT = 3
+    """The seconds of Flower's idle wait, which tell it from the others."""
+
+    def __init__(self, poll: float, idle: float) -> None:
+        self.poll, self.idle = poll, idle
+        self.next = poll
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        if seconds >= self.IDLE_WAIT:
+            time.sleep(self.next)
+            self.next = min(2 * self.next, self.idle)
+        else:
+            time.sleep(min(seconds, self.poll))
+
+    def arrived(self) -> None:
+        self.next = self.poll
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def serve_supernode(poll: float) -> None:
+def serve_supernode(poll: float, idle: float) -> None:
     """``flower-supernode`` as Flower runs it (its arguments, checks and Runtime API),
-    with its main loop's hard-coded waits (3 s after a pull that found nothing, 0.5 s
-    steps while a reply is awaited) capped at ``poll`` seconds, and a message's objects
+    with its main loop's hard-coded waits paced by :class:`_Pacer` instead (``poll``
+    seconds, backing off to ``idle`` while no message comes), and a message's objects
     pulled from the SuperLink without Flower's 1 s first backoff."""
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    start_client_internal.time = _CappedSleep(poll)  # type: ignore[assignment]
+    pacer = _Pacer(poll, idle)
+    pull = start_client_internal._pull_and_store_message
+
+    def pull_and_store_message(**kwargs: Any) -> int | None:
+        run_id: int | None = pull(**kwargs)
+        if run_id is not None:
+            pacer.arrived()
+        return run_id
+
+    start_client_internal.time = pacer  # type: ignore[assignment]
+    start_client_internal._pull_and_store_message = pull_and_store_message  # type: ignore[assignment]
     fast_object_pulls(start_client_internal, "pull_objects")
     flower_supernode()
 
