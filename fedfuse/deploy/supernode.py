@@ -14,11 +14,11 @@ from __future__ import annotations
 POLL = 0.02
 """Seconds the SuperNode waits after the first empty pull following a message, and
 between checks for its ClientApp's reply."""
-IDLE = 0.4
+IDLE = 0.1
 """The longest wait between pulls while no message comes: at most this much latency is
-added to a message, and an idle site asks the SuperLink 2.5 times a second (a fixed
-20 ms would be 50 requests a second per site, which a SuperLink serving ten sites on
-two cores spends most of its time answering)."""
+added to a message, and an idle site asks the SuperLink 10 times a second instead of
+50 at a fixed 20 ms. (At 0.4 s a 3-site round took 3.1 s instead of 2.7 s, and 10 sites
+on one machine were no faster.)"""
 
 
 def main() -> None:
