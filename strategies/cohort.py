@@ -11,6 +11,7 @@ which messages go out and replies are summed, so a seeded run is reproducible.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
+
+log = logging.getLogger("fedfuse.strategies")
 
 
 class GridView(Grid):
@@ -105,6 +108,7 @@ class CohortStrategy:
         if self.pending is not None:  # by member rank: node ids change when a run resumes
             state["pending"] = np.asarray([self._rank[n] for n in self.pending],
                                           dtype=np.int64)
+            state["members"] = np.asarray([len(self.members)], dtype=np.int64)
         return state
 
     def restore_state(self, state: dict[str, np.ndarray], arrays: ArrayRecord) -> None:
@@ -112,8 +116,14 @@ class CohortStrategy:
         if "sampler" in state:
             version, *internal = (int(v) for v in state["sampler"])
             self.sampler.setstate((version, tuple(internal), None))
-        self.pending = ([self.members[int(i)] for i in state["pending"]]
-                        if "pending" in state else None)
+        self.pending = None
+        if "pending" in state:
+            if int(state.get("members", [-1])[0]) == len(self.members):
+                self.pending = [self.members[int(i)] for i in state["pending"]]
+            else:  # another membership: the ranks name other sites; draw a fresh sample
+                log.warning("the cohort has %d members, %s when checkpointed; the next "
+                            "round's sample is drawn again", len(self.members),
+                            int(state.get("members", [-1])[0]))
 
     def retire(self, node_id: int) -> None:
         """Stop sampling ``node_id`` for training (for example: its privacy budget is

@@ -47,11 +47,9 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
     """Every connected node's answer to the discovery query, as participants (in site
     order) and their replies (which carry the feature moments); a node whose answer
     does not fit, or is malformed, is dropped with the reason logged."""
-    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-               for n in connected(grid, cfg, sites)]
     participants, replies = [], []
     known = {c.arch for c in cfg.cohorts}
-    for reply in grid.send_and_receive(queries):
+    for reply in answers(grid, cfg, connected(grid, cfg, sites), sites):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d dropped at discovery: %s", node, reply.error.reason)
@@ -70,6 +68,28 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
         replies.append(reply)
     order = sorted(range(len(participants)), key=lambda i: participants[i].index)
     return [participants[i] for i in order], [replies[i] for i in order]
+
+
+def answers(grid: Grid, cfg: FedfuseConfig, nodes: list[int],
+            sites: dict[int, str] | None) -> list[Message]:
+    """The replies of ``nodes`` to the discovery query. In a deployment, registered sites
+    that have not answered are asked again until ``deployment.wait_for_sites`` has
+    passed: a site's SuperNode may still be reconnecting (a coordinator just resumed
+    finds the sites' node ids registered, and their SuperNodes in a backoff of seconds)."""
+    deadline = time.monotonic() + cfg.deployment.wait_for_sites
+    replies: list[Message] = []
+    missing = list(nodes)
+    while missing:
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                   for n in missing]
+        replies += grid.send_and_receive(queries)
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = [n for n in missing if n not in answered]
+        if not missing or sites is None or time.monotonic() > deadline:
+            break
+        log.info("asking %d site(s) again: %s", len(missing),
+                 ", ".join(sites.get(n, str(n)) for n in missing))
+    return replies
 
 
 @dataclass(frozen=True)

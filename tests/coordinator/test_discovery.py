@@ -40,6 +40,8 @@ class FakeGrid:
         self.answers = answers
         self.ttls: list[float] = []
         self.pending: dict[str, int] = {}
+        self.late: set[int] = set()
+        self.ignored: set[str] = set()
 
     def get_node_ids(self) -> list[int]:
         return list(self.answers)
@@ -53,11 +55,18 @@ class FakeGrid:
             self.ttls.append(msg.metadata.ttl)
             ids.append(f"q{msg.metadata.dst_node_id}")
             self.pending[ids[-1]] = msg.metadata.dst_node_id
+            if msg.metadata.dst_node_id in self.late:  # not connected yet: misses it
+                self.late.discard(msg.metadata.dst_node_id)
+                self.ignored.add(ids[-1])
+            else:
+                self.ignored.discard(ids[-1])
         return ids
 
     def pull_messages(self, ids):
         replies = []
         for mid in ids:
+            if mid in self.ignored:
+                continue
             node = self.pending.pop(mid)
             given = self.answers[node]
             content = given if isinstance(given, RecordDict) else answer(node, *given)
@@ -65,8 +74,8 @@ class FakeGrid:
         return replies
 
 
-def run_discovery(grid, sites: dict[int, str] | None):
-    cfg = config_from_dict(json.loads(json.dumps(RAW)))
+def run_discovery(grid, sites: dict[int, str] | None, wait: float = 0.0):
+    cfg = config_from_dict({**json.loads(json.dumps(RAW)), "deployment": {"wait_for_sites": wait}})
     return discover(grid, cfg, load_dataset(cfg.data).schema, sites)
 
 
@@ -118,3 +127,16 @@ def test_every_exchange_is_bounded_by_round_timeout():
     participants, _ = run_discovery(bounded, {11: "a"})
     assert participants and len(grid.ttls) == 1 and 12.5 <= grid.ttls[0] < 13.5
     assert bounded.get_node_ids() == [11]
+
+
+def test_a_site_that_missed_the_query_is_asked_again_while_sites_are_awaited():
+    """A resumed coordinator finds every site registered while some SuperNodes are still
+    reconnecting: a listed site that missed the first query is asked again."""
+    grid = FakeGrid({11: ("a", "logreg"), 22: ("b", "logreg")})
+    grid.late = {22}
+    participants, _ = run_discovery(BoundedGrid(grid, 0.2), {11: "a", 22: "b"}, wait=5.0)
+    assert [p.name for p in participants] == ["a", "b"] and len(grid.ttls) == 3
+    grid = FakeGrid({11: ("a", "logreg"), 22: ("b", "logreg")})
+    grid.late = {22}
+    participants, _ = run_discovery(BoundedGrid(grid, 0.2), None, wait=5.0)  # simulation
+    assert [p.name for p in participants] == ["a"] and len(grid.ttls) == 2  # asked once

@@ -121,3 +121,13 @@ def test_a_sample_fixed_ahead_survives_a_checkpoint_onto_new_node_ids():
     sent = before.configure_train(1, GLOBAL, ConfigRecord(), NodesGrid([11, 12, 13, 14]))
     assert [m.metadata.dst_node_id for m in sent] == fixed[1:]  # retired since: left out
     assert before.pending is None
+
+
+def test_a_sample_fixed_ahead_is_drawn_again_when_the_membership_changed(caplog):
+    """A coordinator resumed with a site missing: the checkpoint's ranks would name other
+    sites (or none), so the next round's sample is drawn afresh, and the run goes on."""
+    before = cohort_strategy("fedavg", "logreg", [11, 12, 13, 14], seed=3, fraction_train=1.0)
+    before.fix_train_sample(NodesGrid([11, 12, 13, 14]))
+    after = cohort_strategy("fedavg", "logreg", [21, 22, 23], seed=3, fraction_train=1.0)
+    after.restore_state(before.state_arrays(), GLOBAL)
+    assert after.pending is None and "drawn again" in caplog.text
