@@ -188,7 +188,7 @@ def test_the_supernode_internals_fedfuse_patches_are_still_there():
         fn = getattr(fn, "func", fn)  # patched already in this process
         assert fn.__module__ == "flwr.supercore.inflatable.inflatable_utils", (module, name)
         params = inspect.signature(fn).parameters
-        assert {"initial_backoff", "backoff_cap"} <= set(params), (module.__name__, name)
+        assert {"initial_backoff", "backoff_cap", "max_time"} <= set(params), (module, name)
         assert f"{name}(" in inspect.getsource(module)  # still called there
 
 
@@ -239,6 +239,13 @@ def test_capped_sleeps_and_fast_object_pulls():
     compat.fast_object_pulls(module, "pull")
     compat.fast_object_pulls(module, "pull")  # twice is the same as once
     assert module.pull(["a"]) == (["a"], *compat.OBJECT_PULL_BACKOFF)
+
+    def pull_for(ids, initial_backoff=1, backoff_cap=10, max_time=7200):
+        return max_time
+
+    module = types.SimpleNamespace(pull=pull_for)
+    compat.fast_object_pulls(module, "pull", max_time=60.0)
+    assert module.pull(["a"]) == 60.0
 
 
 def test_no_fedfuse_process_phones_home():

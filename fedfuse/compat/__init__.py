@@ -65,16 +65,17 @@ OBJECT_PULL_BACKOFF = (0.01, 0.25)
 there yet; Flower's defaults are 1 s and 10 s (``PULL_INITIAL_BACKOFF``, ``_CAP``)."""
 
 
-def fast_object_pulls(module: Any, name: str) -> None:
+def fast_object_pulls(module: Any, name: str, **limits: float) -> None:
     """``module.name`` (Flower's ``pull_objects`` or ``pull_and_inflate_object_from_tree``
     as a module imported it) retrying after ``OBJECT_PULL_BACKOFF`` instead: a message's
-    objects arrive within milliseconds of it, and Flower's first retry waits a second."""
+    objects arrive within milliseconds of it, and Flower's first retry waits a second.
+    ``limits``: further keyword arguments, such as ``max_time``."""
     import functools
 
     original = getattr(module, name)
     first, cap = OBJECT_PULL_BACKOFF
     setattr(module, name, functools.partial(getattr(original, "func", original),
-                                            initial_backoff=first, backoff_cap=cap))
+                                            initial_backoff=first, backoff_cap=cap, **limits))
 
 
 def fast_grid_pulls() -> None:

@@ -76,11 +76,17 @@ class RuntimeTasks:
     """A SuperNode's Runtime API (loopback, ``--isolation process``) seen by its executor:
     tasks acquired with the SuperExec secret, as ``flower-superexec`` does."""
 
+    CONTENT_WAIT = 60.0
+    """Seconds a task waits for its message's content to reach the SuperNode before it is
+    given up (Flower's default is two hours): a coordinator that died while sending it
+    would otherwise hold the site, and its next messages, that long."""
+
     def __init__(self, address: str, secret: bytes) -> None:
         from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
         from flwr.supernode.runtime import run_clientapp
 
-        fast_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
+        fast_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree",
+                          max_time=self.CONTENT_WAIT)
         self.address = address
         self.client = _runtime_client(address, "SuperExec", SuperExecAuthHttpInterceptor(
             master_secret=secret,

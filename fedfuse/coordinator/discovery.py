@@ -82,7 +82,8 @@ def answers(grid: Grid, cfg: FedfuseConfig, nodes: list[int],
     while missing:
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                    for n in missing]
-        replies += grid.send_and_receive(queries)
+        asked = set(missing)  # the SuperLink's own error replies (expired queries) aside
+        replies += [r for r in grid.send_and_receive(queries) if r.metadata.src_node_id in asked]
         answered = {r.metadata.src_node_id for r in replies}
         missing = [n for n in missing if n not in answered]
         if not missing or sites is None or time.monotonic() > deadline:
