@@ -96,7 +96,6 @@ class WarmSite:
         self.app = app
         self.runtime = runtime
         self.contexts = RunContexts(state / "runs")
-        self.tasks_done = 0
 
     def serve(self, alive: Callable[[], bool]) -> None:
         """Poll for tasks and execute them while ``alive()``; the Runtime API not
@@ -135,7 +134,6 @@ class WarmSite:
             done = time.perf_counter()
             task.push(reply, context)
             task.finish(context, failure)
-        self.tasks_done += 1
         log.debug("task %s: pull %.4f s, work %.4f s, reply %.4f s",
                   message.metadata.message_type, began - start, done - began,
                   time.perf_counter() - done)
