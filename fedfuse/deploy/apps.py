@@ -118,14 +118,20 @@ def split_site_data(data: Dataset, val_fraction: float, secret: bytes) -> tuple[
 def site_secret(state_dir: Path) -> bytes:
     """The site's random secret (seeds its DP noise and data split), made once and kept
     in ``state_dir`` with 0600 permissions."""
-    path = state_dir / SECRET_FILE
+    return secret_file(state_dir, SECRET_FILE).read_bytes()
+
+
+def secret_file(state_dir: Path, name: str) -> Path:
+    """``state_dir/name``, holding 32 random bytes (0600) made the first time it is asked
+    for; a file another process of the site made first is kept."""
+    path = state_dir / name
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         try:
             create_private(path, secrets.token_bytes(32))
         except FileExistsError:  # another process of this site made it first
             pass
-    return path.read_bytes()
+    return path
 
 
 client_app = build_client_app(deployed_site)

@@ -3,7 +3,7 @@
 The SuperNode runs with ``--isolation process`` and a SuperExec secret made at the
 site: this process is its executor and runs every message in process, with the site's
 data and models loaded once (``fedfuse.deploy.warm``), and the SuperNode's own waits
-are capped (``fedfuse.deploy.supernode``).
+are paced (``fedfuse.deploy.supernode``).
 
 Before the SuperNode starts, the site checks what it can check alone and explains what
 goes wrong: its key and data files, then a TLS handshake with the coordinator against
@@ -15,7 +15,6 @@ own exit is translated too (an unregistered key, a coordinator gone for good).
 from __future__ import annotations
 
 import json
-import secrets
 import socket
 import ssl
 import sys
@@ -24,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfuse.atomic import create_private
 from fedfuse.compat import RuntimeTasks
 from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
-from fedfuse.deploy.apps import site_secret
+from fedfuse.deploy.apps import secret_file, site_secret
 from fedfuse.deploy.certs import CertsDir, check_site_name
 from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.process import FlowerProcess
@@ -137,10 +135,7 @@ def explain_verify_error(exc: ssl.SSLCertVerificationError, address: Address, ca
 
 def executor_secret(state: Path) -> Path:
     """The file holding the SuperExec secret (32 random bytes, 0600), made once."""
-    path = state / EXECUTOR_SECRET
-    if not path.exists():
-        create_private(path, secrets.token_bytes(32))
-    return path
+    return secret_file(state, EXECUTOR_SECRET)
 
 
 def supernode_argv(opts: SiteOptions, ca: Path, key: Path, secret: Path) -> list[str]:
