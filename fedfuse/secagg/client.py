@@ -97,9 +97,11 @@ def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     for old in live[:max(0, len(live) - MAX_SESSIONS + 1)]:
         del state[old]  # abandoned by the coordinator (an aborted or stale session)
     c, s = crypto.new_private_key(), crypto.new_private_key()
+    mine = {"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)}
     state[state_key(session)] = ConfigRecord({"session": session, "serial": serial, "c": c,
-                                              "s": s})
-    return ConfigRecord({"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)})
+                                              "s": s, "own-c-pk": mine["c-pk"],
+                                              "own-s-pk": mine["s-pk"]})
+    return ConfigRecord(mine)
 
 
 def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
@@ -115,16 +117,14 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
              "the member list and key lists disagree")
     _require(me in nodes, "this client is not in the member list")
     mine = nodes.index(me)
-    _require(c_pk[mine] == crypto.public_key(c_key) and
-             s_pk[mine] == crypto.public_key(s_key),
+    _require(c_pk[mine] == as_bytes(st, "own-c-pk") and s_pk[mine] == as_bytes(st, "own-s-pk"),
              "the coordinator relayed other public keys for this client")
     _require(len(set(c_pk)) == len(c_pk) and len(set(s_pk)) == len(s_pk),
              "two members advertise the same public key")
     _require(2 <= t <= len(nodes) and 2 * t > len(nodes),
              f"threshold {t} is not a majority of the {len(nodes)} members")
     b = os.urandom(shamir.SECRET_BYTES)
-    b_shares = shamir.split_secret(b, t, len(nodes))
-    s_shares = shamir.split_secret(s_key, t, len(nodes))
+    b_shares, s_shares = shamir.split_secrets([b, s_key], t, len(nodes))
     to, sealed = [], []
     keys = crypto.agree_all(c_key, c_pk[:mine] + c_pk[mine + 1:], SHARE_KEY_LABEL + session)
     keys.insert(mine, b"")  # K_uv both ways: seals now, opens at unmask

@@ -16,17 +16,40 @@ from fedfuse.secagg import Quantizer, crypto, decode_sum, encode_update, shamir
 
 def test_any_threshold_subset_rebuilds_the_secret():
     secret = bytes(range(32))
-    shares = shamir.split_secret(secret, 3, 5)
+    shares = shamir.split_secrets([secret], 3, 5)[0]
     for subset in itertools.combinations(range(5), 3):
         assert shamir.combine_shares({i + 1: shares[i] for i in subset}) == secret
 
 
 def test_fewer_than_threshold_shares_do_not_rebuild_the_secret():
     secret = bytes(range(32))
-    shares = shamir.split_secret(secret, 4, 6)
+    shares = shamir.split_secrets([secret], 4, 6)[0]
     for subset in itertools.combinations(range(6), 3):
-        with pytest.raises(ValueError):  # a ~521-bit value, not a 32-byte secret
+        with pytest.raises(ValueError):  # chunks uniform in GF(p), not a 32-byte secret
             shamir.combine_shares({i + 1: shares[i] for i in subset})
+
+
+def test_secrets_split_together_have_independent_shares():
+    import os
+
+    a, b = os.urandom(32), bytes(32)  # also the all-zero secret, every chunk 0
+    sa, sb = shamir.split_secrets([a, b], 3, 4)
+    assert all(len(x) == shamir.SHARE_BYTES for x in sa + sb)
+    assert sa != sb and len(set(sa)) == 4
+    assert shamir.combine_shares({2: sa[1], 3: sa[2], 4: sa[3]}) == a
+    assert shamir.combine_shares({1: sb[0], 2: sb[1], 4: sb[3]}) == b
+    # the same secret split twice gets fresh polynomials: no share repeats
+    assert not set(shamir.split_secrets([a], 3, 4)[0]) & set(sa)
+
+
+def test_malformed_shares_are_refused():
+    shares = shamir.split_secrets([bytes(range(32))], 2, 3)[0]
+    with pytest.raises(ValueError, match="not in the field"):
+        shamir.combine_shares({1: b"\xff" * shamir.SHARE_BYTES, 2: shares[1]})
+    with pytest.raises(ValueError, match="bytes"):
+        shamir.combine_shares({1: shares[0][:-1], 2: shares[1]})
+    with pytest.raises(ValueError, match="indices"):
+        shamir.combine_shares({0: shares[0], 2: shares[1]})
 
 
 def test_lagrange_coefficients_interpolate_a_known_polynomial():
