@@ -97,11 +97,10 @@ def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     for old in live[:max(0, len(live) - MAX_SESSIONS + 1)]:
         del state[old]  # abandoned by the coordinator (an aborted or stale session)
     c, s = crypto.new_private_key(), crypto.new_private_key()
-    mine = {"c-pk": crypto.public_key(c), "s-pk": crypto.public_key(s)}
+    c_pk, s_pk = crypto.public_key(c), crypto.public_key(s)
     state[state_key(session)] = ConfigRecord({"session": session, "serial": serial, "c": c,
-                                              "s": s, "own-c-pk": mine["c-pk"],
-                                              "own-s-pk": mine["s-pk"]})
-    return ConfigRecord(mine)
+                                              "s": s, "own-c-pk": c_pk, "own-s-pk": s_pk})
+    return ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})
 
 
 def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
