@@ -79,11 +79,11 @@ class SecAggHarness:
     the ClientApp answers whatever message they ride on."""
 
     def __init__(self, n: int, fraction: float = 0.6, length: int = SECAGG_LENGTH,
-                 states: dict[int, RecordDict] | None = None) -> None:
+                 states: dict[int, RecordDict] | None = None, neighbours: int = 0) -> None:
         self.nodes = list(range(101, 101 + n))
         self.states = states if states is not None else {node: RecordDict()
                                                          for node in self.nodes}
-        self.session = SecAggSession("test", self.nodes, fraction, length)
+        self.session = SecAggSession("test", self.nodes, fraction, length, neighbours)
         self.inputs = {node: np.random.default_rng(node).integers(0, 2**20, length,
                                                                    dtype=np.uint64)
                        for node in self.nodes}
@@ -95,7 +95,7 @@ class SecAggHarness:
         if stage == "setup":
             return {int(n): RecordDict({SETUP_RECORD: s.setup_record()}) for n in s.selected}
         if stage == "share":
-            return {int(n): RecordDict({SHARE_RECORD: s.share_record()}) for n in s.u1}
+            return {int(n): RecordDict({SHARE_RECORD: rec}) for n, rec in s.share_records().items()}
         return {int(n): RecordDict({UNMASK_RECORD: rec})
                 for n, rec in s.unmask_records().items()}
 
@@ -111,12 +111,12 @@ class SecAggHarness:
         self.session.receive_shares(edit(replies) if edit else replies)
 
     def masked(self, skip=()) -> None:
-        request = self.session.mask_request()
         replies = []
         for node in map(int, self.session.u2):
             if node in skip:
                 continue
-            vec = client.mask(self.states[node], request, str(node), self.inputs[node])
+            vec = client.mask(self.states[node], self.session.mask_request(str(node)),
+                              str(node), self.inputs[node])
             self.received[node] = vec
             replies.append(reply_from(node, RecordDict({MASKED: ArrayRecord(
                 {"vector": Array(vec)})})))

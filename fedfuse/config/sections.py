@@ -232,6 +232,12 @@ class SecureAggregationConfig:
     """Share of a round's sampled cohort members needed to unmask the sum: t =
     max(2, ceil(threshold * n)). Up to n - t members may drop out after sharing keys.
     Must be > 0.5, so that no two disjoint groups of clients can each rebuild secrets."""
+    neighbours: int = 0
+    """SecAgg+: each member shares its secrets with, and masks pairwise with, this many
+    other members (half on either side of it on a ring in a random order), not with all
+    of them, and its threshold is taken of its neighbourhood. 0 (the default): every
+    member (the complete graph). An even number >= 2; cost and what it gives up in
+    docs/secure-aggregation.md#neighbourhoods."""
     clip_range: float = 2.0
     """Each coordinate of a client's update (new minus received weights) is clipped to
     [-clip_range, clip_range] before quantisation; clipped coordinates are counted."""
@@ -243,6 +249,9 @@ class SecureAggregationConfig:
         check(0.5 < self.threshold <= 1.0, "threshold",
                f"must be in (0.5, 1], got {self.threshold}: with half or fewer, two disjoint "
                "halves of a cohort could each rebuild the secrets of the other")
+        check(self.neighbours == 0 or (self.neighbours >= 2 and self.neighbours % 2 == 0),
+              "neighbours", f"must be 0 (every member) or an even number >= 2 (half on "
+              f"either side of a member on the ring), got {self.neighbours}")
         check(math.isfinite(self.clip_range) and self.clip_range > 0.0, "clip_range",
                f"must be a finite number > 0, got {self.clip_range}")
         check(8 <= self.quantization_bits <= 40, "quantization_bits",

@@ -151,12 +151,13 @@ class SecureCollector:
 
     secure = True
 
-    def __init__(self, threshold: float, clip_range: float, quantization_bits: int) -> None:
+    def __init__(self, threshold: float, clip_range: float, quantization_bits: int,
+                 neighbours: int = 0) -> None:
         self.threshold = threshold
         self.clip_range = clip_range
         self.bits = quantization_bits
         self.secure_sums = 0
-        self.openings = Openings(threshold)
+        self.openings = Openings(threshold, neighbours)
 
     def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
         """Open each group's session for that batch on the exchanges until then: its
@@ -255,5 +256,5 @@ class SecureCollector:
 def make_collector(cfg: FedfuseConfig) -> PlaintextCollector | SecureCollector:
     s = cfg.secure_aggregation
     if s.enabled:
-        return SecureCollector(s.threshold, s.clip_range, s.quantization_bits)
+        return SecureCollector(s.threshold, s.clip_range, s.quantization_bits, s.neighbours)
     return PlaintextCollector(cfg.robustness.max_update_norm)

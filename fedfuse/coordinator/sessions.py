@@ -44,8 +44,9 @@ class Openings:
     """The sessions being opened, by label (``"<tag>/<group>"``), in the order they
     were expected; each needs ``threshold`` of its sampled clients."""
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, neighbours: int = 0) -> None:
         self.threshold = threshold
+        self.neighbours = neighbours
         self.sessions: dict[str, SecAggSession] = {}
         self.failed: dict[str, str] = {}
         """Label -> why a session aborted while it was opening."""
@@ -54,7 +55,8 @@ class Openings:
         """Open a session of ``nodes`` summing ``length`` entries on the next exchanges
         (a group of one client has no session: its sum would be its update)."""
         if len(nodes) >= 2:
-            self.sessions[label] = SecAggSession(label, nodes, self.threshold, length)
+            self.sessions[label] = SecAggSession(label, nodes, self.threshold, length,
+                                                 self.neighbours)
 
     def riders(self) -> tuple[Riders, list[SecAggSession]]:
         """One stage of every opening session, per node; a session whose stage record
@@ -65,13 +67,13 @@ class Openings:
             stage = session.stage
             if stage == "ready":
                 continue
-            name, record = ((SETUP_RECORD, session.setup_record()) if stage == "setup"
-                            else (SHARE_RECORD, session.share_record()))
-            nodes = [int(n) for n in (session.selected if stage == "setup" else session.u1)]
-            if any(name in riders.get(n, {}) for n in nodes):
+            name, records = ((SETUP_RECORD, dict.fromkeys(session.selected,
+                                                          session.setup_record()))
+                             if stage == "setup" else (SHARE_RECORD, session.share_records()))
+            if any(name in riders.get(int(n), {}) for n in records):
                 continue
-            for n in nodes:
-                riders.setdefault(n, {})[name] = record
+            for n, record in records.items():
+                riders.setdefault(int(n), {})[name] = record
             moving.append(session)
         return riders, moving
 
@@ -173,14 +175,14 @@ def sizes(arrays: ArrayRecord) -> list[int]:
 
 def with_session(msgs: list[Message], session: SecAggSession | None,
                  **settings: Any) -> list[Message]:
-    """The messages to a session's U2 members, carrying its masking request (plus
+    """The messages to a session's U2 members, each carrying its masking request (plus
     ``settings`` for the client, such as the quantiser's)."""
     if session is None:
         return []
-    request = session.mask_request(**settings)
     keep = [m for m in msgs if str(m.metadata.dst_node_id) in session.u2]
-    for m in keep:
-        m.content[RECORD] = request
+    for m in keep:  # on a copy of the content: a strategy's messages share one
+        m.content = RecordDict({**dict(m.content), RECORD: session.mask_request(
+            str(m.metadata.dst_node_id), **settings)})
     return keep
 
 

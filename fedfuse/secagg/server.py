@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from flwr.app import ConfigRecord, Message
 
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg.graph import neighbourhoods
 from fedfuse.secagg.messages import (
     CIPHERTEXT_BYTES,
     COMMIT_BYTES,
@@ -56,14 +58,21 @@ def threshold_for(fraction: float, selected: int) -> int:
 
 
 class SecAggSession:
-    """A secure sum over ``nodes`` of vectors with ``length`` uint64 entries."""
+    """A secure sum over ``nodes`` of vectors with ``length`` uint64 entries; each member
+    shares with and masks with its neighbourhood of ``neighbours`` peers (0: all of
+    them; ``fedfuse.secagg.graph``)."""
 
     def __init__(self, group: str, nodes: Sequence[int], threshold_fraction: float,
-                 length: int) -> None:
+                 length: int, neighbours: int = 0) -> None:
         self.group = group
         self.session = os.urandom(SESSION_BYTES)
         self.selected = [str(n) for n in nodes]
+        self.fraction = threshold_fraction
         self.threshold = threshold_for(threshold_fraction, len(self.selected))
+        """Members needed at every stage, and responders needed to unmask."""
+        self.neighbours = neighbours
+        self.graph: dict[str, list[str]] = {}
+        """U1 member -> its neighbourhood N(u) (itself included), in U1 order."""
         self.length = length
         self.dropped: dict[str, str] = {}
         """Node id -> why it left the session."""
@@ -100,6 +109,7 @@ class SecAggSession:
                 seen.update((c_pk, s_pk))
                 self.keys[node] = (c_pk, s_pk)
         self._require(len(self.keys), "advertised keys")
+        self.graph = neighbourhoods(self.u1, self.neighbours, random.SystemRandom())
 
     # -- stage 2 ------------------------------------------------------------------------
 
@@ -107,17 +117,21 @@ class SecAggSession:
     def u1(self) -> list[str]:
         return [n for n in self.selected if n in self.keys]
 
-    def share_record(self) -> ConfigRecord:
-        """Stage 2's request to every U1 member: U1 with its keys, and t."""
-        u1 = self.u1
-        return ConfigRecord({
-            "session": self.session, "threshold": self.threshold, "nodes": u1,
-            "c-pk": [self.keys[n][0] for n in u1], "s-pk": [self.keys[n][1] for n in u1]})
+    def neighbourhood_threshold(self, node: str) -> int:
+        """t_u: shares of u's secrets needed to rebuild them, of |N(u)|."""
+        return threshold_for(self.fraction, len(self.graph[node]))
+
+    def share_records(self) -> dict[str, ConfigRecord]:
+        """Stage 2's request to each U1 member u: N(u) with its keys, and t_u."""
+        return {u: ConfigRecord({
+            "session": self.session, "threshold": self.neighbourhood_threshold(u),
+            "nodes": hood, "c-pk": [self.keys[n][0] for n in hood],
+            "s-pk": [self.keys[n][1] for n in hood]}) for u, hood in self.graph.items()}
 
     def receive_shares(self, replies: Iterable[Message]) -> None:
-        u1 = self.u1
-        for node, rec in self._records(replies, u1, "share", SHARES):
-            others = [n for n in u1 if n != node]
+        for node, rec in self._records(replies, self.u1, "share", SHARES):
+            hood = self.graph[node]
+            others = [n for n in hood if n != node]
             to, sealed = _strings(rec.get("to")), _list(rec.get("ciphertexts"))
             commit_b, commit_s = _list(rec.get("commit-b")), _list(rec.get("commit-s"))
             b_hash = rec.get("b-hash")
@@ -125,10 +139,10 @@ class SecAggSession:
                 self._drop(node, "share: the reply's fields are not lists of the right types")
             elif sorted(to) != sorted(others) or len(sealed) != len(to):
                 self._drop(node, "share: sealed shares are not addressed to exactly the "
-                                 "other members")
+                                 "member's neighbours")
             elif any(not isinstance(x, bytes) or len(x) != CIPHERTEXT_BYTES for x in sealed):
                 self._drop(node, f"share: a sealed share is not {CIPHERTEXT_BYTES} bytes")
-            elif any(len(c) != len(u1) or any(not isinstance(x, bytes) or len(x) != COMMIT_BYTES
+            elif any(len(c) != len(hood) or any(not isinstance(x, bytes) or len(x) != COMMIT_BYTES
                                               for x in c) for c in (commit_b, commit_s)) \
                     or not isinstance(b_hash, bytes) or len(b_hash) != COMMIT_BYTES:
                 self._drop(node, "share: commitments are missing or malformed")
@@ -153,9 +167,12 @@ class SecAggSession:
             self.dropped.setdefault(node, "not asked for masked input")
         self._require(len(self.u2), "asked for masked input")
 
-    def mask_request(self, **settings: Any) -> ConfigRecord:
-        """The record to attach to each U2 member's train message."""
-        return ConfigRecord({"session": self.session, "nodes": self.u2, **settings})
+    def mask_request(self, node: str, **settings: Any) -> ConfigRecord:
+        """The record to attach to U2 member ``node``'s train message: its neighbours
+        that shared (U2 within N(u))."""
+        return ConfigRecord({"session": self.session,
+                             "nodes": [n for n in self.graph[node] if n in self.sealed],
+                             **settings})
 
     def receive_masked(self, replies: Iterable[Message],
                        declined: Iterable[int] = ()) -> None:
@@ -196,53 +213,65 @@ class SecAggSession:
         return [n for n in self.u2 if n in self.vectors]
 
     def unmask_records(self) -> dict[str, ConfigRecord]:
-        """Stage 4's request to each survivor: U3, U2 \\ U3 and its sealed shares."""
-        u2, u3 = self.u2, self.u3
-        dropped = [n for n in u2 if n not in self.vectors]
-        return {node: ConfigRecord({
-            "session": self.session, "survivors": u3, "dropped": dropped,
-            "from": [s for s in u2 if s != node],
-            "ciphertexts": [self.sealed[s][node] for s in u2 if s != node]}) for node in u3}
+        """Stage 4's request to each survivor u: its neighbours in U3 and in U2 \\ U3,
+        and the shares they sealed to it."""
+        records = {}
+        for node in self.u3:
+            hood = [n for n in self.graph[node] if n in self.sealed]
+            peers = [s for s in hood if s != node]
+            records[node] = ConfigRecord({
+                "session": self.session, "survivors": [n for n in hood if n in self.vectors],
+                "dropped": [n for n in hood if n not in self.vectors], "from": peers,
+                "ciphertexts": [self.sealed[s][node] for s in peers]})
+        return records
 
     def receive_unmask(self, replies: Iterable[Message]) -> np.ndarray:
         """The unmasked sum over U3 of the clients' vectors (mod 2^64)."""
         u2, u3 = self.u2, self.u3
         dropped = [n for n in u2 if n not in self.vectors]
-        index = {n: i + 1 for i, n in enumerate(self.u1)}
         b_shares: dict[str, dict[int, bytes]] = {n: {} for n in u3}
         s_shares: dict[str, dict[int, bytes]] = {n: {} for n in dropped}
         responders = 0
         for node, rec in self._records(replies, u3, "unmask", REVEAL, drop=False):
-            got = verified_shares(self, node, rec, index, set(u3), set(dropped))
+            got = verified_shares(self, node, rec, set(u3), set(dropped))
             if got is None:
                 continue
             responders += 1
             for kind, src, share in got:
-                (b_shares if kind == b"b" else s_shares)[src][index[node]] = share
+                (b_shares if kind == b"b" else s_shares)[src][self.share_index(src, node)] = share
         if responders < self.threshold:
             raise SecAggAbort(f"{self.group}: {responders} clients returned valid shares, "
                               f"the threshold is {self.threshold}")
         total = np.zeros(self.length, dtype=np.uint64)
         for node in u3:
             total = total + self.vectors[node]
-            b = rebuild(f"{self.group}: node {node}'s b", b_shares[node], self.threshold)
+            b = rebuild(f"{self.group}: node {node}'s b", b_shares[node],
+                        self.neighbourhood_threshold(node))
             if crypto.digest(b) != self.commitments[node]["b-hash"]:
                 raise SecAggAbort(f"{self.group}: node {node}'s shares do not rebuild the "
                                   "mask seed it committed to")
             total = total - crypto.mask_words(
                 crypto.derive(b, SELF_MASK_LABEL + self.session), self.length)
+        order = {n: i for i, n in enumerate(self.u1)}
         for gone in dropped:
-            s = rebuild(f"{self.group}: node {gone}'s s", s_shares[gone], self.threshold)
+            s = rebuild(f"{self.group}: node {gone}'s s", s_shares[gone],
+                        self.neighbourhood_threshold(gone))
             if crypto.public_key(s) != self.keys[gone][1]:
                 raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
                                   "masking key it advertised")
-            pair_keys = crypto.agree_all(s, [self.keys[node][1] for node in u3],
+            masked_with = [n for n in self.graph[gone] if n in self.vectors]
+            pair_keys = crypto.agree_all(s, [self.keys[node][1] for node in masked_with],
                                          PAIR_MASK_LABEL + self.session)
-            for node, key in zip(u3, pair_keys, strict=True):
+            for node, key in zip(masked_with, pair_keys, strict=True):
                 words = crypto.mask_words(key, self.length)
                 # node added +words if it comes before `gone`, else -words
-                total = total - words if index[node] < index[gone] else total + words
+                total = total - words if order[node] < order[gone] else total + words
         return total
+
+    def share_index(self, sharer: str, holder: str) -> int:
+        """The Shamir x-coordinate of ``holder``'s share of ``sharer``'s secrets: its
+        place in N(sharer), from 1."""
+        return self.graph[sharer].index(holder) + 1
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -283,7 +312,7 @@ class SecAggSession:
 
 
 def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
-                    index: dict[str, int], survivors: set[str], dropped: set[str]
+                    survivors: set[str], dropped: set[str]
                     ) -> list[tuple[bytes, str, bytes]] | None:
     """A responder's shares, each checked against its sharer's commitment; None (and
     the responder's shares discarded) if any is malformed, foreign or forged (of
@@ -298,13 +327,14 @@ def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
                         node, key)
             return None
         for src, share in zip(sources, shares):
-            if src not in wanted:
+            if src not in wanted or node not in session.graph[src]:
                 log.warning("%s: node %s returned a %s-share of %s, which was not asked "
                             "for; its shares are ignored", session.group, node, key, src)
                 return None
-            expected = session.commitments[src][key][index[node] - 1]
+            index = session.share_index(src, node)
+            expected = session.commitments[src][key][index - 1]
             if not isinstance(share, bytes) or share_commitment(
-                    session.session, kind, src, index[node], share) != expected:
+                    session.session, kind, src, index, share) != expected:
                 log.warning("%s: node %s returned a %s-share of %s that does not match "
                             "the sharer's commitment; its shares are ignored",
                             session.group, node, key, src)

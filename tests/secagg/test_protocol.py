@@ -174,8 +174,8 @@ def test_share_replayed_from_another_session_is_unreadable():
 def test_client_refuses_a_substituted_key_and_contradictory_requests():
     h = Harness(3)
     h.keys()
-    rec = h.session.share_record()
     me = h.session.u1[0]
+    rec = h.session.share_records()[me]
     forged = ConfigRecord(dict(rec))
     forged["c-pk"] = [crypto.public_key(crypto.new_private_key()), *rec["c-pk"][1:]]
     with pytest.raises(client.SecAggError, match="other public keys"):
@@ -197,10 +197,10 @@ def test_wrong_length_masked_vector_counts_as_a_dropout():
     h = Harness(4)  # t = 3
     h.keys()
     h.shares()
-    request = h.session.mask_request()
     replies = []
     for i, node in enumerate(h.nodes):
-        vec = client.mask(h.states[node], request, str(node), h.inputs[node])
+        vec = client.mask(h.states[node], h.session.mask_request(str(node)), str(node),
+                          h.inputs[node])
         if i == 0:
             vec = vec[:-1]
         replies.append(reply_from(node, RecordDict({MASKED: ArrayRecord({"vector": Array(vec)})})))
@@ -212,7 +212,7 @@ def test_wrong_length_masked_vector_counts_as_a_dropout():
 def test_client_refuses_a_minority_threshold():
     h = Harness(4)
     h.keys()
-    rec = ConfigRecord(dict(h.session.share_record()))
+    rec = ConfigRecord(dict(h.session.share_records()[h.session.u1[0]]))
     rec["threshold"] = 2  # half of 4: two disjoint pairs could each rebuild secrets
     node = int(h.session.u1[0])
     with pytest.raises(client.SecAggError, match="not a majority"):
@@ -253,7 +253,7 @@ def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
     with pytest.raises(client.SecAggError, match="survivor and dropped"):
         client.unmask(now.states[int(node)], both, node)
     # riding on a carrier, the refusal is stated and the other session's stage answered
-    mixed = RecordDict({UNMASK_RECORD: both, SHARE_RECORD: following.session.share_record()})
+    mixed = RecordDict({UNMASK_RECORD: both, SHARE_RECORD: following.session.share_records()[node]})
     answer = client.answer(now.states[int(node)], mixed, node)
     assert REVEAL not in answer.config_records
     assert "survivor and dropped" in answer[REFUSED][REVEAL]
@@ -267,7 +267,7 @@ def test_a_request_mixing_two_sessions_is_refused():
     following.keys()
     # session B's share request relaying the keys this site made for session A
     me = now.session.u1[0]
-    rec = ConfigRecord(dict(following.session.share_record()))
+    rec = ConfigRecord(dict(following.session.share_records()[me]))
     for field in ("c-pk", "s-pk"):
         rec[field] = [now.session.keys[n][0 if field == "c-pk" else 1]
                       for n in now.session.u1]
@@ -293,7 +293,8 @@ def test_a_site_keeps_at_most_two_sessions_and_forgets_the_oldest():
     live = [k for k in sessions[0].states[node].config_records]
     assert live == [client.state_key(h.session.session) for h in sessions[-MAX_SESSIONS:]]
     with pytest.raises(client.SecAggError, match="did not set up"):
-        client.share(sessions[0].states[node], sessions[0].session.share_record(), str(node))
+        client.share(sessions[0].states[node], sessions[0].session.share_records()[str(node)],
+                     str(node))
     with pytest.raises(client.SecAggError, match="already set up"):
         client.setup(sessions[-1].states[node], sessions[-1].session.setup_record())
     sessions[-1].shares()

@@ -15,7 +15,7 @@ from fedfuse.config import config_from_dict
 from fedfuse.coordinator.app import build_server_app
 from fedfuse.coordinator.records import FederationResult
 from fedfuse.data.sites import plan_federation
-from fedfuse.secagg.messages import MASKED
+from fedfuse.secagg.messages import MASKED, SHARE_RECORD
 from fedfuse.simulation.runner import backend_config, site_from_context
 from fedfuse.site.app import build_client_app
 from tests.helpers import run_federation
@@ -59,12 +59,13 @@ class Keep:
 
 
 def run(secure: bool, clients: int = 5, threshold: float = 0.6,
-        mods=(offline_in_training,)) -> FederationResult:
+        mods=(offline_in_training,), neighbours: int = 0) -> FederationResult:
     cfg = config_from_dict({
         "name": "drop", "seed": 5, "rounds": 2,
         "cohorts": [{"arch": "logreg", "clients": clients}],
         "partition": {"method": "dirichlet", "alpha": 0.5, "min_samples": 20},
-        "secure_aggregation": {"enabled": secure, "threshold": threshold},  # t = 3 of 5
+        "secure_aggregation": {"enabled": secure, "threshold": threshold,  # t = 3 of 5
+                               "neighbours": neighbours},
     })
     keep = Keep()
     server = build_server_app(cfg, plan_federation(cfg).test, keep)
@@ -89,9 +90,8 @@ def test_round_completes_without_the_dropped_sites(both):
         assert entry.train_failures == len(OFFLINE) and entry.secagg_failed is False
 
 
-def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
-    secure, plain = both
-    assert plain.secure_sums == 0
+def assert_survivors_fedavg(secure: FederationResult, plain: FederationResult) -> None:
+    """The secure run's models and metrics are the plaintext run's, up to quantisation."""
     step = 2 * 2.0 / (2**24 - 1)  # the quantiser's step at the default clip range and bits
     a = secure.cohorts["logreg"].arrays
     b = plain.cohorts["logreg"].arrays
@@ -104,6 +104,30 @@ def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
         ca, cb = ra.cohorts["logreg"], rb.cohorts["logreg"]
         assert ca.train_loss == pytest.approx(cb.train_loss, abs=1e-6)
         assert ca.test_accuracy == pytest.approx(cb.test_accuracy, abs=0.003)
+
+
+def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
+    secure, plain = both
+    assert plain.secure_sums == 0
+    assert_survivors_fedavg(secure, plain)
+
+
+def neighbourhood_of_five(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: a share request naming more than a neighbourhood (the site
+    and 4 neighbours) fails the site, so a session on the complete graph would abort."""
+    if SHARE_RECORD in msg.content.config_records:
+        assert len(msg.content.config_records[SHARE_RECORD]["nodes"]) == 5
+    return offline_in_training(msg, context, call_next)
+
+
+def test_secagg_plus_neighbourhoods_through_the_engine_sum_the_survivors():
+    secure = run(secure=True, clients=9, neighbours=4, mods=[neighbourhood_of_five])
+    plain = run(secure=False, clients=9)
+    assert secure.secure_sums == 2
+    for record in secure.history:
+        entry = record.cohorts["logreg"]
+        assert entry.secagg_clients == 7 and entry.secagg_dropped == len(OFFLINE)
+    assert_survivors_fedavg(secure, plain)
 
 
 def test_fusion_statistics_come_out_of_a_secure_sum(both):
