@@ -1,10 +1,11 @@
 """Secure-aggregation benchmark: round time with and without it, per cohort size.
 
-    python simulations/bench/secagg.py [--sizes 10 50 100] [--rounds 4]
+    python simulations/bench/secagg.py [--sizes 10 50 100] [--rounds 4] [--neighbours 20]
 
 For each cohort size n, one cohort of n ``logreg`` clients on digits (IID split, DP off)
-runs ``--rounds`` rounds twice, secure aggregation off and on, one after the other in the
-same invocation. A round's time is the coordinator's wall time for training, aggregation
+runs ``--rounds`` rounds with secure aggregation off, on (every member shares with every
+other: the default, ``neighbours = 0``), and, where ``--neighbours`` k < n - 1, on with
+SecAgg+ neighbourhoods of k, one after the other in the same invocation. A round's time is the coordinator's wall time for training, aggregation
 and evaluation (``wall_seconds`` in metrics.jsonl); the first round (engine warm-up) is
 left out and the median of the rest is reported, with the ratio on/off.
 
@@ -51,11 +52,13 @@ BEFORE = {10: (0.52, 1.14), 50: (1.16, 3.39), 100: (2.41, 8.23)}
 secure round, two a plaintext one), from this bench's run published with d4793e3."""
 
 
-def round_times(workdir: Path, clients: int, rounds: int, secure: bool) -> list[float]:
+def round_times(workdir: Path, clients: int, rounds: int, secure: bool,
+                neighbours: int = 0) -> list[float]:
     scenario = workdir / f"n{clients}.toml"
     scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients))
-    out = simulate(scenario, workdir / f"n{clients}-{'on' if secure else 'off'}",
-                   [f"secure_aggregation.enabled={'true' if secure else 'false'}"])
+    out = simulate(scenario, workdir / f"n{clients}-{'on' if secure else 'off'}-k{neighbours}",
+                   [f"secure_aggregation.enabled={'true' if secure else 'false'}",
+                    f"secure_aggregation.neighbours={neighbours}"])
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["wall_seconds"] for line in lines]
 
@@ -73,24 +76,25 @@ def logreg_payload() -> int:
     return payload_length(sizes(ArrayRecord(model.state_dict())))
 
 
-def protocol_compute(clients: int, length: int, repeats: int = 3) -> dict[str, float]:
+def protocol_compute(clients: int, length: int, neighbours: int = 0,
+                     repeats: int = 3) -> dict[str, float]:
     """Median seconds per stage of one session, clients' time summed over all clients."""
     from fedfuse.compat import task_identity
 
     with task_identity():
-        runs = [stage_times(clients, length) for _ in range(repeats)]
+        runs = [stage_times(clients, length, neighbours) for _ in range(repeats)]
     med = [statistics.median(col) for col in zip(*runs)]
     return {"setup_s": med[0], "share_clients_s": med[1], "share_coordinator_s": med[2],
             "mask_clients_s": med[3], "unmask_clients_s": med[4], "unmask_coordinator_s": med[5]}
 
 
-def stage_times(clients: int, length: int) -> list[float]:
+def stage_times(clients: int, length: int, neighbours: int) -> list[float]:
     """Seconds each protocol stage of one fresh session took, in order."""
     import time
 
     from tests.helpers import SecAggHarness as Harness
 
-    h = Harness(clients, length=length)
+    h = Harness(clients, length=length, neighbours=neighbours)
     held: dict[str, list] = {}
     steps = [
         h.keys,
@@ -108,56 +112,71 @@ def stage_times(clients: int, length: int) -> list[float]:
     return times
 
 
-def table(rows: list[dict], where: str, rounds: int) -> str:
-    lines = ["| clients in the cohort | round without | round with secure aggregation | "
-             "with / without | before issue 22: without, with, ratio |",
-             "|---|---|---|---|---|"]
+def table(rows: list[dict], where: str, rounds: int, k: int) -> str:
+    lines = ["| clients in the cohort | round without | with secure aggregation (every "
+             "member) | ratio | with SecAgg+, " f"{k} neighbours | ratio | before issue 22: "
+             "without, with, ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         was = BEFORE.get(r["clients"])
         before = f"{was[0]:.2f} s, {was[1]:.2f} s, {was[1] / was[0]:.2f}x" if was else "-"
+        sparse = (f"{r['sparse_s']:.2f} s | {r['sparse_ratio']:.2f}x" if "sparse_s" in r
+                  else "- (complete graph) | -")
         lines.append(f"| {r['clients']} | {r['plain_s']:.2f} s | {r['secure_s']:.2f} s | "
-                     f"{r['ratio']:.2f}x | {before} |")
+                     f"{r['ratio']:.2f}x | {sparse} | {before} |")
     lines += ["", f"Measured on {where}; median round of rounds 2..{rounds} (train, "
               "aggregate, evaluate), `logreg` on digits, IID, DP off, Flower's simulation "
               "engine with 2 CPUs. A round with secure aggregation exchanges two batches "
               "of messages (train with evaluation folded in, carrying the next round's "
               "setup; unmask, carrying its share stage), one without it one (train). "
               "Before issue 22 (commit d4793e3, docs/secure-aggregation.md#cost): five "
-              "and two.", "",
+              "and two. SecAgg+ (`secure_aggregation.neighbours`) trades a bounded "
+              "probability of a weaker guarantee for O(k) work per member: "
+              "docs/secure-aggregation.md#neighbourhoods.", "",
               "Protocol computation per session, in process (no messaging), "
               f"{rows[0]['vector_length']}-entry vector:", "",
-              "| clients | clients' work, all stages, per client | coordinator, all stages |",
-              "|---|---|---|"]
+              "| clients | neighbours | clients' work, all stages, per client | "
+              "coordinator, all stages |", "|---|---|---|---|"]
     for r in rows:
-        c = r["compute"]
-        per_client = (c["setup_s"] + c["share_clients_s"] + c["mask_clients_s"]
-                      + c["unmask_clients_s"]) / r["clients"]
-        coordinator = c["share_coordinator_s"] + c["unmask_coordinator_s"]
-        lines.append(f"| {r['clients']} | {per_client * 1e3:.1f} ms | "
-                     f"{coordinator * 1e3:.1f} ms |")
+        for label, c in (("all", r["compute"]), (str(k), r.get("sparse_compute"))):
+            if c is None:
+                continue
+            per_client = (c["setup_s"] + c["share_clients_s"] + c["mask_clients_s"]
+                          + c["unmask_clients_s"]) / r["clients"]
+            coordinator = c["share_coordinator_s"] + c["unmask_coordinator_s"]
+            lines.append(f"| {r['clients']} | {label} | {per_client * 1e3:.1f} ms | "
+                         f"{coordinator * 1e3:.1f} ms |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--neighbours", type=int, default=20)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     rows = []
+    k = args.neighbours
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             plain = round_times(Path(tmp), n, args.rounds, secure=False)
             secure = round_times(Path(tmp), n, args.rounds, secure=True)
             p, s = statistics.median(plain[1:]), statistics.median(secure[1:])
             length = logreg_payload()
-            rows.append({"clients": n, "plain_rounds_s": plain, "secure_rounds_s": secure,
-                         "plain_s": p, "secure_s": s, "ratio": s / p, "vector_length": length,
-                         "compute": protocol_compute(n, length)})
+            row = {"clients": n, "plain_rounds_s": plain, "secure_rounds_s": secure,
+                   "plain_s": p, "secure_s": s, "ratio": s / p, "vector_length": length,
+                   "compute": protocol_compute(n, length)}
+            if k < n - 1:
+                sparse = round_times(Path(tmp), n, args.rounds, secure=True, neighbours=k)
+                row.update({"neighbours": k, "sparse_rounds_s": sparse,
+                            "sparse_s": statistics.median(sparse[1:]),
+                            "sparse_ratio": statistics.median(sparse[1:]) / p,
+                            "sparse_compute": protocol_compute(n, length, k)})
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     where = machine()
-    publish("secagg", {"machine": where, "rounds": args.rounds, "rows": rows}, args.docs,
-            table(rows, where, args.rounds))
+    publish("secagg", {"machine": where, "rounds": args.rounds, "neighbours": k, "rows": rows},
+            args.docs, table(rows, where, args.rounds, k))
 
 
 if __name__ == "__main__":
