@@ -39,13 +39,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def create_private(path: str | Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 and write ``data``, fsynced; never replaces a file
-    (raises FileExistsError if it exists). For keys and secrets."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Create ``path`` with mode 0600 holding ``data``, all or nothing: written to a
+    temporary file (0600), fsynced, linked into place, the directory fsynced. Never
+    replaces a file (raises FileExistsError if it exists); a failed write (a full disk)
+    raises and leaves no file, not a short one. For keys and secrets."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def atomic_write_figure(fig: Any, path: str | Path) -> None:

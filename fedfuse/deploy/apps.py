@@ -43,6 +43,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.site.app import build_client_app
 
 SECRET_FILE = "site-secret"
+SECRET_BYTES = 32
 
 
 def scenario_of(context: Context) -> FedfuseConfig:
@@ -123,14 +124,25 @@ def site_secret(state_dir: Path) -> bytes:
 
 def secret_file(state_dir: Path, name: str) -> Path:
     """``state_dir/name``, holding 32 random bytes (0600) made the first time it is asked
-    for; a file another process of the site made first is kept."""
+    for; a file another process of the site made first is kept. A write that fails (a
+    full disk) leaves no file; a file of any other length is refused, never used."""
     path = state_dir / name
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            create_private(path, secrets.token_bytes(32))
+            create_private(path, secrets.token_bytes(SECRET_BYTES))
         except FileExistsError:  # another process of this site made it first
             pass
+        except OSError as exc:
+            raise FedfuseError(f"could not write the secret {path}: {exc.strerror or exc}; "
+                               "nothing was kept (free space there and start again)") from None
+    size = path.stat().st_size
+    if size != SECRET_BYTES:
+        raise FedfuseError(
+            f"{path} holds {size} bytes, not the {SECRET_BYTES} random bytes of a secret: "
+            "a failed write left it, or it was changed. Move it away and start again to "
+            "make a new one (a new site secret also changes the site's validation split "
+            "and noise seeds)")
     return path
 
 
