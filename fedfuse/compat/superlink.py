@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
-def serve_superlink(guard: Callable[[Any], Any]) -> None:
+def serve_superlink(guard: Callable[[Any], Any], options: dict[str, Any]) -> None:
     """``flower-superlink`` as Flower runs it (its own argument parsing and checks, app
-    and lifespan), with its ASGI app wrapped in ``guard``."""
+    and lifespan), with its ASGI app wrapped in ``guard``, served by uvicorn with
+    ``options`` (which take precedence over Flower's)."""
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
@@ -20,10 +21,10 @@ def serve_superlink(guard: Callable[[Any], Any]) -> None:
 
     _objects_in_memory()
     config = _parse_superlink_lifespan_config()
-    uvicorn.run(guard(create_app(config, SuperLinkLifespan)), host=config.host,
-                port=config.port, reload=False, access_log=True,
-                log_config=get_uvicorn_log_config(console_handler.level),
-                ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1)
+    uvicorn.run(guard(create_app(config, SuperLinkLifespan)), **{
+        "host": config.host, "port": config.port, "access_log": True,
+        "log_config": get_uvicorn_log_config(console_handler.level),
+        "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile, **options})
 
 
 def _objects_in_memory() -> None:

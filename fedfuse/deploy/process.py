@@ -13,11 +13,21 @@ from types import TracebackType
 
 from fedfuse.errors import FedfuseError
 
+SCRUBBED = ("FLWR_INTERNAL_", "FORWARDED_ALLOW_IPS")
+"""Variables a Flower child never inherits: Flower's internal switches (one starts an
+unguarded gRPC Control API beside the SuperLink's port) and uvicorn's list of proxies
+whose forwarded-for headers it believes."""
+
+
+def inherited(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """``environ`` without the ``SCRUBBED`` variables."""
+    return {k: v for k, v in environ.items() if not k.startswith(SCRUBBED)}
+
 
 class FlowerProcess:
     """A Flower command run in its own process group, its output appended to ``log``,
-    with this process's environment and ``env``; stopped (SIGTERM, then SIGKILL) when
-    the ``with`` block ends."""
+    with this process's environment (less ``SCRUBBED``) and ``env``; stopped (SIGTERM,
+    then SIGKILL) when the ``with`` block ends."""
 
     def __init__(self, argv: list[str], log: Path, flwr_home: Path,
                  env: dict[str, str] | None = None) -> None:
@@ -30,7 +40,8 @@ class FlowerProcess:
             raise FedfuseError(f"{argv[0]} is not installed; install flwr in this environment")
         self.argv = [exe, *argv[1:]]
         self.log = log
-        self.env = {**os.environ, **(env or {}), "PATH": path, "FLWR_HOME": str(flwr_home)}
+        self.env = {**inherited(os.environ), **(env or {}), "PATH": path,
+                    "FLWR_HOME": str(flwr_home)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.offset = 0
         """Where this process's output starts in ``log`` (earlier runs' output precedes it)."""
