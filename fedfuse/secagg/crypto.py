@@ -46,6 +46,24 @@ def public_key(private: bytes) -> bytes:
         Encoding.Raw, PublicFormat.Raw)
 
 
+_PROBE = X25519PrivateKey.generate()
+"""A throwaway key that tries every advertised public key once."""
+
+
+def usable_public_key(public: bytes) -> bool:
+    """Whether ``public`` is a 32-byte X25519 key that agreements can use: not one of the
+    small-order points (such as 32 zero bytes), with which every agreement is the
+    all-zero secret, refused by the ``cryptography`` package. A clamped scalar is a
+    multiple of the cofactor 8, so X25519(k, P) is zero exactly when P has small order."""
+    if len(public) != KEY_BYTES:
+        return False
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
     """K = HKDF-SHA256(X25519(private, peer_public), info=label), 32 bytes; symmetric:
     agree(a, B, l) == agree(b, A, l). Raises CryptoError for an invalid public key."""

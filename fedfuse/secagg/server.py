@@ -67,10 +67,15 @@ class SecAggSession:
         self.group = group
         self.session = os.urandom(SESSION_BYTES)
         self.selected = [str(n) for n in nodes]
-        self.fraction = threshold_fraction
         self.threshold = threshold_for(threshold_fraction, len(self.selected))
         """Members needed at every stage, and responders needed to unmask."""
         self.neighbours = neighbours
+        planned = len(self.selected) if neighbours == 0 else min(neighbours + 1,
+                                                                  len(self.selected))
+        self.share_threshold = threshold_for(threshold_fraction, planned)
+        """t_u: shares of a member's secrets needed to rebuild them. Taken of the planned
+        neighbourhood (n, or k + 1), never of what is left after members fail setup: fewer
+        members must not let fewer colluders rebuild a secret."""
         self.graph: dict[str, list[str]] = {}
         """U1 member -> its neighbourhood N(u) (itself included), in U1 order."""
         self.length = length
@@ -103,6 +108,9 @@ class SecAggSession:
             if not (isinstance(c_pk, bytes) and isinstance(s_pk, bytes)
                     and len(c_pk) == len(s_pk) == PUBLIC_KEY_BYTES):
                 self._drop(node, "setup: public keys are not two 32-byte X25519 keys")
+            elif not (crypto.usable_public_key(c_pk) and crypto.usable_public_key(s_pk)):
+                self._drop(node, "setup: a public key of small order (no agreement with it "
+                                 "would be secret)")
             elif c_pk in seen or s_pk in seen or c_pk == s_pk:
                 self._drop(node, "setup: a public key already advertised in this session")
             else:
@@ -117,14 +125,10 @@ class SecAggSession:
     def u1(self) -> list[str]:
         return [n for n in self.selected if n in self.keys]
 
-    def neighbourhood_threshold(self, node: str) -> int:
-        """t_u: shares of u's secrets needed to rebuild them, of |N(u)|."""
-        return threshold_for(self.fraction, len(self.graph[node]))
-
     def share_records(self) -> dict[str, ConfigRecord]:
         """Stage 2's request to each U1 member u: N(u) with its keys, and t_u."""
         return {u: ConfigRecord({
-            "session": self.session, "threshold": self.neighbourhood_threshold(u),
+            "session": self.session, "threshold": self.share_threshold,
             "nodes": hood, "c-pk": [self.keys[n][0] for n in hood],
             "s-pk": [self.keys[n][1] for n in hood]}) for u, hood in self.graph.items()}
 
@@ -246,7 +250,7 @@ class SecAggSession:
         for node in u3:
             total = total + self.vectors[node]
             b = rebuild(f"{self.group}: node {node}'s b", b_shares[node],
-                        self.neighbourhood_threshold(node))
+                        self.share_threshold)
             if crypto.digest(b) != self.commitments[node]["b-hash"]:
                 raise SecAggAbort(f"{self.group}: node {node}'s shares do not rebuild the "
                                   "mask seed it committed to")
@@ -255,7 +259,7 @@ class SecAggSession:
         order = {n: i for i, n in enumerate(self.u1)}
         for gone in dropped:
             s = rebuild(f"{self.group}: node {gone}'s s", s_shares[gone],
-                        self.neighbourhood_threshold(gone))
+                        self.share_threshold)
             if crypto.public_key(s) != self.keys[gone][1]:
                 raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
                                   "masking key it advertised")

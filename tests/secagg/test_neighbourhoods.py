@@ -62,7 +62,7 @@ def test_sparse_session_sums_the_survivors_with_o_k_work_per_member(count):
     assert np.array_equal(h.unmask(), h.plain_sum([n for n in h.nodes if n not in dropped]))
     s = h.session
     for node, hood in s.graph.items():
-        assert len(hood) == 5 and s.neighbourhood_threshold(node) == 3
+        assert len(hood) == 5 and s.share_threshold == 3
         assert sorted(s.sealed[node]) == sorted(v for v in hood if v != node)
     assert set(s.dropped) == {str(n) for n in dropped}
 

@@ -125,6 +125,63 @@ def test_malformed_keys_and_shares_drop_only_their_sender(caplog):
     assert np.array_equal(h.unmask(), h.plain_sum(nodes[3:]))
 
 
+SMALL_ORDER = [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex(
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")]
+"""X25519 points of order 4, 1 and 8: every agreement with them is the zero secret."""
+
+
+def test_a_small_order_key_drops_only_its_sender():
+    h = Harness(9)  # t = 6
+    replies = h.answer(h.requests("setup"))
+    for reply, point in zip(replies, SMALL_ORDER[:2]):
+        reply.content[KEYS]["s-pk"] = point
+    replies[2].content[KEYS]["c-pk"] = SMALL_ORDER[2]
+    h.session.receive_keys(replies)
+    assert sorted(h.session.dropped) == [str(n) for n in h.nodes[:3]]
+    assert all("small order" in why for why in h.session.dropped.values())
+    h.shares()  # the others share among themselves, unhindered
+    h.masked()
+    assert np.array_equal(h.unmask(), h.plain_sum(h.nodes[3:]))  # 6 remain
+
+
+@pytest.mark.parametrize("neighbours", [0, 4])
+def test_members_failing_setup_do_not_lower_the_share_threshold(neighbours):
+    # 10 sampled, t = 6; 4 fail setup. The other 6 must still share with t = 6 (or, with
+    # neighbourhoods of 4, t_u of 5 planned members): were t taken of the 6 left (t = 4),
+    # 5 colluders (fewer than 6) could open the shares sealed to them and rebuild a
+    # member's b and s, and so read its update (helper review of issue 22)
+    h = Harness(10, neighbours=neighbours)
+    h.keys(skip=set(h.nodes[:4]))
+    planned = 10 if neighbours == 0 else neighbours + 1
+    records = h.session.share_records()
+    assert {rec["threshold"] for rec in records.values()} == {threshold_for(0.6, planned)}
+    h.shares()
+    target = h.nodes[4]  # the others in its neighbourhood, all but one: t - 1 colluders
+    colluders = [int(v) for v in h.session.graph[str(target)] if v != str(target)]
+    colluders = colluders[:h.session.share_threshold - 1]
+    session = h.session.session
+
+    def shares_held(kind: int) -> dict[int, bytes]:
+        out = {}
+        for holder in colluders:
+            if str(holder) not in h.session.sealed[str(target)]:
+                continue
+            st = h.states[holder][client.state_key(session)]
+            key = crypto.agree(st["c"], h.session.keys[str(target)][0],
+                               b"fedfuse/secagg/share-key/" + session)
+            plain = crypto.unseal(key, h.session.sealed[str(target)][str(holder)],
+                                  b"|".join([session, str(target).encode(),
+                                             str(holder).encode()]))
+            half = shamir.SHARE_BYTES
+            out[h.session.share_index(str(target), str(holder))] = \
+                plain[kind * half:(kind + 1) * half]
+        return out
+    with pytest.raises(ValueError):  # too few shares: no secret comes out
+        shamir.combine_shares(shares_held(1))
+    h.masked()
+    assert np.array_equal(h.unmask(), h.plain_sum(h.nodes[4:]))
+
+
 def test_wrongly_typed_fields_drop_the_sender_instead_of_crashing():
     h = Harness(5)  # t = 3
     h.keys()
