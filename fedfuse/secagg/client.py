@@ -125,7 +125,7 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     b = os.urandom(shamir.SECRET_BYTES)
     b_shares, s_shares = shamir.split_secrets([b, s_key], t, len(nodes))
     to, sealed = [], []
-    keys = crypto.agree_all(c_key, c_pk[:mine] + c_pk[mine + 1:], SHARE_KEY_LABEL + session)
+    keys = _agree_all(c_key, c_pk[:mine] + c_pk[mine + 1:], SHARE_KEY_LABEL + session)
     keys.insert(mine, b"")  # K_uv both ways: seals now, opens at unmask
     for j, node in enumerate(nodes):
         if j != mine:
@@ -161,7 +161,7 @@ def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) 
     s_key, s_pk = as_bytes(st, "s"), as_list(st, "s-pk", bytes)
     mine = nodes.index(me)
     peers = [nodes.index(node) for node in u2 if node != me]
-    pair_keys = crypto.agree_all(s_key, [s_pk[j] for j in peers], PAIR_MASK_LABEL + session)
+    pair_keys = _agree_all(s_key, [s_pk[j] for j in peers], PAIR_MASK_LABEL + session)
     for j, key in zip(peers, pair_keys, strict=True):
         words = crypto.mask_words(key, vector.size)
         out = out + words if mine < j else out - words
@@ -234,6 +234,15 @@ def answer(state: RecordDict, content: RecordDict, me: str) -> RecordDict:
     if refused:
         out[REFUSED] = ConfigRecord(dict(refused.items()))
     return out
+
+
+def _agree_all(private: bytes, peers: list[bytes], label: bytes) -> list[bytes]:
+    """``crypto.agree_all``, an unusable peer key refused like any other bad request (so
+    a message's other stages are still answered)."""
+    try:
+        return crypto.agree_all(private, peers, label)
+    except crypto.CryptoError as exc:
+        raise SecAggError(f"secure aggregation: a member's {exc}") from None
 
 
 def _fields(read: Callable[..., T], request: ConfigRecord, *args: Any) -> T:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import Array, ConfigRecord, Message
 
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
@@ -200,10 +200,10 @@ class SecAggSession:
                     or "vector" not in reply.content.array_records[MASKED]:
                 self._drop(node, "mask: the reply has no masked vector")
             else:
-                vec = reply.content.array_records[MASKED]["vector"].numpy()
-                if vec.dtype != np.uint64 or vec.shape != (self.length,):
-                    self._drop(node, f"mask: vector is {vec.dtype}{list(vec.shape)}, expected "
-                                     f"uint64[{self.length}]")
+                vec = masked_vector(reply.content.array_records[MASKED]["vector"],
+                                    self.length)
+                if isinstance(vec, str):
+                    self._drop(node, f"mask: {vec}")
                 else:
                     self.vectors[node] = vec
         for node in set(u2) - answered:
@@ -345,6 +345,22 @@ def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
                 return None
             out.append((kind, src, share))
     return out
+
+
+def masked_vector(array: Array, length: int) -> np.ndarray | str:
+    """A client's masked vector from its record, or why it is not one: checked before it
+    is decoded, and decoded without trusting the bytes (a client's ``Array`` is its own
+    serialisation; a malformed one must drop that client, not end the run)."""
+    expected = f"expected uint64[{length}]"
+    if array.dtype != "uint64" or list(array.shape) != [length]:
+        return f"vector is {array.dtype}{list(array.shape)}, {expected}"
+    try:
+        vec = array.numpy()
+    except Exception as exc:  # any decoding failure is the sender's
+        return f"vector does not decode ({type(exc).__name__}), {expected}"
+    if vec.dtype != np.uint64 or vec.shape != (length,):
+        return f"vector is {vec.dtype}{list(vec.shape)}, {expected}"
+    return vec
 
 
 def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:

@@ -266,6 +266,26 @@ def test_wrong_length_masked_vector_counts_as_a_dropout():
     assert np.array_equal(h.unmask(), h.plain_sum(h.nodes[1:]))
 
 
+def test_a_masked_vector_that_does_not_decode_drops_only_its_sender():
+    h = Harness(6)  # t = 4
+    h.keys()
+    h.shares()
+    replies = []
+    forged = {h.nodes[0]: Array(dtype="uint64", shape=(64,), stype="numpy.ndarray",
+                                data=b"garbage"),  # np.load: "pickled data"
+              h.nodes[1]: Array(dtype="uint64", shape=(64,), stype="torch.raw",
+                                data=bytes(512))}
+    for node in h.nodes:
+        vec = client.mask(h.states[node], h.session.mask_request(str(node)), str(node),
+                          h.inputs[node])
+        replies.append(reply_from(node, RecordDict({MASKED: ArrayRecord(
+            {"vector": forged.get(node, Array(vec))})})))
+    h.session.receive_masked(replies)
+    assert "does not decode" in h.session.dropped[str(h.nodes[0])]
+    assert "does not decode" in h.session.dropped[str(h.nodes[1])]
+    assert np.array_equal(h.unmask(), h.plain_sum(h.nodes[2:]))
+
+
 def test_client_refuses_a_minority_threshold():
     h = Harness(4)
     h.keys()
@@ -315,6 +335,24 @@ def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
     assert REVEAL not in answer.config_records
     assert "survivor and dropped" in answer[REFUSED][REVEAL]
     assert "second share request" in answer[REFUSED][SHARES]  # one sharing per session
+
+
+def test_a_bad_peer_key_in_one_stage_leaves_the_other_stage_answered():
+    now = Harness(4)
+    now.keys()
+    now.shares()
+    now.masked()
+    following = Harness(4, states=now.states)
+    following.keys()
+    node, unmask = next(iter(now.session.unmask_records().items()))
+    share = ConfigRecord(dict(following.session.share_records()[node]))
+    mine = list(share["nodes"]).index(node)
+    other = (mine + 1) % len(share["nodes"])
+    share["c-pk"] = [bytes(32) if i == other else k for i, k in enumerate(share["c-pk"])]
+    answer = client.answer(now.states[int(node)],
+                           RecordDict({UNMASK_RECORD: unmask, SHARE_RECORD: share}), node)
+    assert REVEAL in answer.config_records  # this session's reveals still go out
+    assert "unusable public key" in answer[REFUSED][SHARES]
 
 
 def test_a_request_mixing_two_sessions_is_refused():
