@@ -123,8 +123,9 @@ class Openings:
 
 def covers(session: SecAggSession, nodes: Iterable[int]) -> bool:
     """Whether every node in ``nodes`` is still a member of ``session``: of U2 once it
-    is ready, else of its selection."""
-    held = set(session.u2 if session.stage == "ready" else session.selected)
+    is ready, of U1 once its keys are in, else of its selection."""
+    held = set({"ready": session.u2, "share": session.u1}.get(session.stage,
+                                                               session.selected))
     return {str(n) for n in nodes} <= held
 
 

@@ -82,11 +82,13 @@ class RunContexts:
         return self.live[run]
 
     def store(self, context: Context) -> None:
-        """Write the run's context atomically (mkstemp: readable by this user only); not
-        fsynced: after a power cut the site may lose a round's secure-aggregation keys,
-        which makes it a dropout of that round, never a leak."""
+        """Write the run's context atomically (mkstemp: readable by this user only) and
+        durably (fsynced with its directory) before the reply goes out: a context rolled
+        back by a power cut would let a coordinator ask again for what the site already
+        answered (an unmask with another survivor list reveals both b and s of a peer; a
+        second masked vector under the same masks reveals a difference of updates)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(self.path(context.run_id), context_bytes(context), durable=False)
+        atomic_write_bytes(self.path(context.run_id), context_bytes(context))
 
 
 class WarmSite:

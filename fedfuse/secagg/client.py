@@ -33,12 +33,15 @@ from flwr.app import ConfigRecord, RecordDict
 from fedfuse.errors import FedfuseError
 from fedfuse.secagg import crypto, shamir
 from fedfuse.secagg.messages import (
+    FINISHED,
+    FINISHED_KEPT,
     MASKED,
     MAX_SESSIONS,
     PAIR_MASK_LABEL,
     RECORD,
     REFUSED,
     SELF_MASK_LABEL,
+    SESSION_BYTES,
     SETUP_RECORD,
     SHARE_KEY_LABEL,
     SHARE_RECORD,
@@ -87,15 +90,32 @@ def _session(request: ConfigRecord) -> bytes:
     return _fields(as_bytes, request, "session")
 
 
+def _finished(state: RecordDict) -> list[bytes]:
+    """The ids of the sessions this node finished or abandoned (the newest ones)."""
+    records = state.config_records
+    return as_list(records[FINISHED], "ids", bytes) if FINISHED in records else []
+
+
+def _finish(state: RecordDict, key: str) -> None:
+    """Forget a session's state record and remember its id as finished."""
+    done = _finished(state)
+    done.append(as_bytes(state.config_records[key], "session"))
+    state[FINISHED] = ConfigRecord({"ids": done[-FINISHED_KEPT:]})
+    del state[key]
+
+
 def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     """Stage 1: fresh key pairs for this session; answer their public halves."""
     session = _session(request)
+    _require(len(session) == SESSION_BYTES, f"a session id is {SESSION_BYTES} bytes")
     _require(state_key(session) not in state.config_records,
              "setup for a session this client already set up")
+    _require(session not in _finished(state), "setup for a session this client already "
+             "finished")
     live = _sessions(state)
     serial = 1 + max((as_int(state.config_records[k], "serial") for k in live), default=0)
     for old in live[:max(0, len(live) - MAX_SESSIONS + 1)]:
-        del state[old]  # abandoned by the coordinator (an aborted or stale session)
+        _finish(state, old)  # abandoned by the coordinator (an aborted or stale session)
     c, s = crypto.new_private_key(), crypto.new_private_key()
     c_pk, s_pk = crypto.public_key(c), crypto.public_key(s)
     state[state_key(session)] = ConfigRecord({"session": session, "serial": serial, "c": c,
@@ -212,7 +232,7 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
         else:
             s_from.append(src)
             s_shares.append(plain[half:])
-    del state[state_key(session)]
+    _finish(state, state_key(session))
     return ConfigRecord({"b-from": b_from, "b-shares": b_shares, "s-from": s_from,
                          "s-shares": s_shares, "unreadable": unreadable})
 

@@ -29,6 +29,11 @@ MAX_SESSIONS = 2
 """Sessions a site keeps at once: the one it masked for and the next one; setting up
 another forgets the oldest."""
 
+FINISHED = "secagg-finished"
+"""A site's state record of the session ids it finished or abandoned (the newest
+``FINISHED_KEPT``): a finished session is never set up again."""
+FINISHED_KEPT = 64
+
 SESSION_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 COMMIT_BYTES = 32

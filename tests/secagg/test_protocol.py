@@ -385,8 +385,15 @@ def test_a_site_keeps_at_most_two_sessions_and_forgets_the_oldest():
         sessions.append(Harness(3, states=sessions[0].states))
         sessions[-1].keys()
     node = sessions[0].nodes[0]
-    live = [k for k in sessions[0].states[node].config_records]
+    live = [k for k in sessions[0].states[node].config_records if k.startswith("secagg/")]
     assert live == [client.state_key(h.session.session) for h in sessions[-MAX_SESSIONS:]]
+    # the forgotten ones are remembered as finished: never set up again
+    finished = sessions[0].states[node].config_records["secagg-finished"]["ids"]
+    assert finished == [h.session.session for h in sessions[:-MAX_SESSIONS]]
+    with pytest.raises(client.SecAggError, match="already finished"):
+        client.setup(sessions[0].states[node], sessions[0].session.setup_record())
+    with pytest.raises(client.SecAggError, match="16 bytes"):
+        client.setup(sessions[0].states[node], ConfigRecord({"session": b"short"}))
     with pytest.raises(client.SecAggError, match="did not set up"):
         client.share(sessions[0].states[node], sessions[0].session.share_records()[str(node)],
                      str(node))
@@ -412,3 +419,13 @@ def test_a_member_left_out_before_masking_is_neither_unmasked_nor_counted():
     h.shares()
     with pytest.raises(SecAggAbort, match="asked for masked input"):
         h.session.narrow([h.session.u2[0]])
+
+
+def test_a_prepared_session_that_lost_a_member_at_setup_does_not_cover_it():
+    from fedfuse.coordinator.sessions import covers
+
+    h = Harness(5)
+    h.keys(skip={h.nodes[4]})  # the fifth failed setup: the session is at its share stage
+    assert covers(h.session, h.nodes[:4])
+    # a round that samples it needs a fresh session, else it would silently miss the round
+    assert not covers(h.session, h.nodes)
