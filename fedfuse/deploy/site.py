@@ -149,11 +149,20 @@ def supernode_argv(opts: SiteOptions, ca: Path, key: Path, secret: Path) -> list
             "--superexec-auth-secret-file", str(secret)]
 
 
+NOT_ACTIVATED = "Failed to activate SuperNode"
+ACTIVATION_PATIENCE = 75.0
+"""Seconds a site keeps asking to be admitted: a SuperLink counts a node online until
+two of its 30 s heartbeats are missed, and refuses to admit its key again until then
+(a site killed with its SuperNode before it signed off, restarted at once)."""
+ACTIVATION_RETRY = 5.0
+
+
 def explain_exit(code: int, log_tail: str, opts: SiteOptions) -> str:
-    if "Failed to activate SuperNode" in log_tail:
+    if NOT_ACTIVATED in log_tail:
         return (f"the coordinator refused site {opts.name!r}: its key is not registered there "
                 "(the coordinator admits only the sites its scenario lists, with their "
-                "public keys from its certs directory)")
+                "public keys from its certs directory), or it still counts an earlier start "
+                "of this site online")
     if "could not establish a connection" in log_tail:
         return (f"lost the coordinator {opts.coordinator} and could not reconnect within "
                 f"{opts.max_wait:.0f} s")
@@ -173,12 +182,19 @@ def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
     from fedfuse.deploy.warm import WarmSite
 
     secret = executor_secret(opts.state)
-    with FlowerProcess(supernode_argv(opts, ca, key, secret), opts.state / "supernode.log",
-                       opts.state / "flwr") as node:
-        runtime = RuntimeTasks(f"127.0.0.1:{opts.runtime_port}", secret.read_bytes())
-        try:
-            WarmSite(client_app, runtime, opts.state).serve(lambda: node.poll() is None)
-        finally:
-            runtime.close()
-        code = node.wait()
-        raise FedfuseError(explain_exit(code, node.tail(40), opts))
+    deadline = time.monotonic() + min(ACTIVATION_PATIENCE, opts.max_wait)
+    while True:
+        with FlowerProcess(supernode_argv(opts, ca, key, secret),
+                           opts.state / "supernode.log", opts.state / "flwr") as node:
+            runtime = RuntimeTasks(f"127.0.0.1:{opts.runtime_port}", secret.read_bytes())
+            try:
+                WarmSite(client_app, runtime, opts.state).serve(lambda: node.poll() is None)
+            finally:
+                runtime.close()
+            code, tail = node.wait(), node.tail(40)
+        if NOT_ACTIVATED not in tail or time.monotonic() > deadline:
+            raise FedfuseError(explain_exit(code, tail, opts))
+        say(f"site {opts.name}: the coordinator did not admit this site yet (it may still "
+            "count it online from a start that ended without signing off, until its "
+            "heartbeats run out); trying again")
+        time.sleep(ACTIVATION_RETRY)
