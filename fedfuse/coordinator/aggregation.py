@@ -47,6 +47,21 @@ FUSION = "fusion"
 """The tag and group of the fusion statistics' batch."""
 
 
+def bounded_statistics(flat: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(A, b, n) from the decoded sum of the sites' [A, b, n] vectors, range-checked: n
+    is a whole number >= 1 of examples, and, since each example adds p_j . p_k in [0, 1]
+    to A_jk and p_j(y) in [0, 1] to b_j, 0 <= A, b <= n (up to the fixed point's
+    rounding). Raises ValueError naming what is out of range."""
+    A, b, n = flat[:m * m].reshape(m, m), flat[m * m:m * m + m], float(flat[-1])
+    if not (n >= 1 and abs(n - round(n)) < 1e-3):
+        raise ValueError(f"the example count {n:.6g} is not a whole number >= 1")
+    slack = 1e-6 * (1 + n)
+    for name, values in (("A", A), ("b", b)):
+        if not np.all((values >= -slack) & (values <= n + slack)):
+            raise ValueError(f"{name} has entries outside [0, {round(n)}]")
+    return A, b, int(round(n))
+
+
 def statistics_length(num_members: int) -> int:
     """Entries of a site's fusion statistics vector [A, b, n]: m² + m + 1."""
     return num_members * num_members + num_members + 1
@@ -244,9 +259,13 @@ class SecureCollector:
         sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
         if FUSION not in sums:
             return None
-        flat = decode_fixed(sums[FUSION])
-        return (flat[:m * m].reshape(m, m), flat[m * m:m * m + m], int(round(flat[-1])),
-                len(batch.sessions[FUSION].u3))
+        try:
+            A, b, n = bounded_statistics(decode_fixed(sums[FUSION]), m)
+        except ValueError as exc:
+            log.warning("the secure sum of the fusion statistics is rejected (%s): a site "
+                        "sent a dishonest or malformed vector", exc)
+            return None
+        return A, b, n, len(batch.sessions[FUSION].u3)
 
     def clip_for(self, clip_range: float | None) -> float:
         """A group's per-coordinate clip: its own, else the configured one."""

@@ -111,15 +111,37 @@ class UpdateSum:
 def decode_sum(total: np.ndarray, shapes: list[tuple[int, ...]],
                quantizer: Quantizer) -> UpdateSum:
     """The FedAvg mean from the sum of client vectors: mean q = sum_i n_i q_i / sum_i n_i,
-    dequantised; the extras divided by sum_i n_i."""
+    dequantised; the extras divided by sum_i n_i.
+
+    Range-checked, since one client can add anything to the sum: every weight entry
+    must lie in [0, N L] (each honest n_i q_i lies in [0, n_i L], N = sum_i n_i), so each
+    coordinate of the mean delta lies in [-clip_range, clip_range]; the mean accuracy in
+    [0, 1], the mean loss >= 0 and the clipped count in [0, N * coordinates]. A sum
+    outside them raises ValueError naming the entry: a client sent a dishonest vector."""
     sizes = [int(np.prod(s)) for s in shapes]
     if total.shape != (payload_length(sizes),):
         raise ValueError(f"sum has {total.size} entries, expected {payload_length(sizes)}")
     n = int(total[-EXTRAS])
     if n <= 0:
         raise ValueError("the sum holds no training examples")
-    mean = quantizer.dequantize(total[:-EXTRAS].astype(np.float64) / n)
+    weights = total[:-EXTRAS]
+    if n * quantizer.levels >= 1 << 63:
+        raise ValueError(f"the sum counts {n} training examples, more than the ring holds")
+    bound = np.uint64(n * quantizer.levels)
+    if np.any(weights > bound):
+        first = int(np.argmax(weights > bound))
+        raise ValueError(f"entry {first} of the sum is {int(weights[first])}, beyond the "
+                         f"{int(bound)} that {n} examples' quantised updates can reach")
+    mean = quantizer.dequantize(weights.astype(np.float64) / n)
     parts = np.split(mean, np.cumsum(sizes)[:-1]) if sizes else []
-    signed = decode_fixed(total[-EXTRAS + 1:-1])
-    return UpdateSum([p.reshape(s) for p, s in zip(parts, shapes)], n,
-                     float(signed[0] / n), float(signed[1] / n), int(total[-1]))
+    loss, accuracy = (float(v / n) for v in decode_fixed(total[-EXTRAS + 1:-1]))
+    slack = 1e-6  # fixed-point rounding of the clients' n_i * loss, n_i * accuracy
+    if not (loss >= -slack and -slack <= accuracy <= 1 + slack):
+        raise ValueError(f"the mean training loss {loss:.4g} or accuracy {accuracy:.4g} is "
+                         "out of range")
+    clipped = int(total[-1])
+    if clipped > n * sum(sizes):
+        raise ValueError(f"{clipped} clipped coordinates is more than {n} examples' clients "
+                         "could clip")
+    return UpdateSum([p.reshape(s) for p, s in zip(parts, shapes)], n, loss, accuracy,
+                     clipped)

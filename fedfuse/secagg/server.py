@@ -22,10 +22,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 
-from fedfuse.errors import FedfuseError
-from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg import crypto
+from fedfuse.secagg.checks import (
+    SecAggAbort,
+    list_field,
+    masked_vector,
+    node_ids,
+    rebuild,
+    verified_shares,
+)
 from fedfuse.secagg.graph import neighbourhoods
 from fedfuse.secagg.messages import (
     CIPHERTEXT_BYTES,
@@ -39,16 +46,9 @@ from fedfuse.secagg.messages import (
     SELF_MASK_LABEL,
     SESSION_BYTES,
     SHARES,
-    share_commitment,
 )
 
 log = logging.getLogger("fedfuse.secagg")
-
-
-class SecAggAbort(FedfuseError):
-    """The session cannot produce a sum (too few clients left, or a sharer's shares do
-    not rebuild its committed secret); the group's round fails without revealing anyone's
-    update."""
 
 
 def threshold_for(fraction: float, selected: int) -> int:
@@ -136,8 +136,8 @@ class SecAggSession:
         for node, rec in self._records(replies, self.u1, "share", SHARES):
             hood = self.graph[node]
             others = [n for n in hood if n != node]
-            to, sealed = _strings(rec.get("to")), _list(rec.get("ciphertexts"))
-            commit_b, commit_s = _list(rec.get("commit-b")), _list(rec.get("commit-s"))
+            to, sealed = node_ids(rec.get("to")), list_field(rec.get("ciphertexts"))
+            commit_b, commit_s = list_field(rec.get("commit-b")), list_field(rec.get("commit-s"))
             b_hash = rec.get("b-hash")
             if to is None or sealed is None or commit_b is None or commit_s is None:
                 self._drop(node, "share: the reply's fields are not lists of the right types")
@@ -315,64 +315,6 @@ class SecAggSession:
                               f"threshold is {self.threshold}")
 
 
-def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
-                    survivors: set[str], dropped: set[str]
-                    ) -> list[tuple[bytes, str, bytes]] | None:
-    """A responder's shares, each checked against its sharer's commitment; None (and
-    the responder's shares discarded) if any is malformed, foreign or forged (of
-    ``session``)."""
-    out = []
-    for kind, wanted, key in ((b"b", survivors, "b"), (b"s", dropped, "s")):
-        sources = _strings(rec.get(f"{key}-from"))
-        shares = _list(rec.get(f"{key}-shares"))
-        if sources is None or shares is None or len(sources) != len(shares) \
-                or len(set(sources)) != len(sources):
-            log.warning("%s: node %s's %s-shares are malformed; ignored", session.group,
-                        node, key)
-            return None
-        for src, share in zip(sources, shares):
-            if src not in wanted or node not in session.graph[src]:
-                log.warning("%s: node %s returned a %s-share of %s, which was not asked "
-                            "for; its shares are ignored", session.group, node, key, src)
-                return None
-            index = session.share_index(src, node)
-            expected = session.commitments[src][key][index - 1]
-            if not isinstance(share, bytes) or share_commitment(
-                    session.session, kind, src, index, share) != expected:
-                log.warning("%s: node %s returned a %s-share of %s that does not match "
-                            "the sharer's commitment; its shares are ignored",
-                            session.group, node, key, src)
-                return None
-            out.append((kind, src, share))
-    return out
-
-
-def masked_vector(array: Array, length: int) -> np.ndarray | str:
-    """A client's masked vector from its record, or why it is not one: checked before it
-    is decoded, and decoded without trusting the bytes (a client's ``Array`` is its own
-    serialisation; a malformed one must drop that client, not end the run)."""
-    expected = f"expected uint64[{length}]"
-    if array.dtype != "uint64" or list(array.shape) != [length]:
-        return f"vector is {array.dtype}{list(array.shape)}, {expected}"
-    try:
-        vec = array.numpy()
-    except Exception as exc:  # any decoding failure is the sender's
-        return f"vector does not decode ({type(exc).__name__}), {expected}"
-    if vec.dtype != np.uint64 or vec.shape != (length,):
-        return f"vector is {vec.dtype}{list(vec.shape)}, {expected}"
-    return vec
-
-
-def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:
-    """The secret ``what`` from its first ``threshold`` Shamir shares (by index)."""
-    if len(shares) < threshold:
-        raise SecAggAbort(f"{what}: {len(shares)} shares, the threshold is {threshold}")
-    try:
-        return shamir.combine_shares(dict(sorted(shares.items())[:threshold]))
-    except ValueError as exc:
-        raise SecAggAbort(f"{what}: {exc}") from None
-
-
 def _reason(reply: Message) -> str:
     """The first line of a failed reply's error, shortened."""
     return (reply.error.reason or "no reason given").splitlines()[0][:200]
@@ -383,14 +325,3 @@ def _missing(reply: Message, record: str) -> str:
     refused = reply.content.config_records.get(REFUSED, ConfigRecord()).get(record)
     return (f"refused ({str(refused)[:200]})" if refused is not None
             else f"the reply has no {record!r} record")
-
-
-def _list(value: Any) -> list[Any] | None:
-    """A record field that must be a list (``None`` if it is missing or is not)."""
-    return list(value) if isinstance(value, list) else None
-
-
-def _strings(value: Any) -> list[str] | None:
-    """A record field that must be a list of node ids (strings)."""
-    items = _list(value)
-    return items if items is not None and all(isinstance(x, str) for x in items) else None

@@ -121,6 +121,29 @@ def test_decoded_sum_is_the_weighted_mean_of_updates():
     assert got.clipped == 0
 
 
+def test_a_sum_beyond_what_honest_clients_can_send_is_refused():
+    q = Quantizer(clip_range=1.0, bits=16)
+    rng = np.random.default_rng(3)
+    good = sum(encode_update([rng.uniform(-1, 1, 5)], n, 0.5, 0.25, q, rng) for n in (3, 4))
+    decode_sum(good, [(5,)], q)  # a sum of honest vectors decodes
+    bad = good.copy()
+    bad[2] += np.uint64(2**62)  # one client adds 2^62 to one coordinate (masks are additive)
+    with pytest.raises(ValueError, match="entry 2 of the sum"):
+        decode_sum(bad, [(5,)], q)
+    edge = good.copy()
+    edge[0] = np.uint64(7 * q.levels)  # the most 7 examples can send: +clip_range, accepted
+    assert decode_sum(edge, [(5,)], q).mean_delta[0][0] == pytest.approx(1.0)
+    edge[0] += np.uint64(1)
+    with pytest.raises(ValueError, match="entry 0"):
+        decode_sum(edge, [(5,)], q)
+    for index, value, what in ((-2, 2 * 7 * 2**24, "accuracy"), (-4, 2**62, "ring"),
+                               (-1, 7 * 5 + 1, "clipped")):
+        wrong = good.copy()
+        wrong[index] = np.uint64(value)
+        with pytest.raises(ValueError, match=what):
+            decode_sum(wrong, [(5,)], q)
+
+
 def test_coordinates_beyond_the_clip_range_are_clipped_and_counted():
     q = Quantizer(clip_range=0.5, bits=16)
     vec = encode_update([np.array([0.1, 3.0, -7.0])], 4, 0.0, 0.0, q, np.random.default_rng(0))
@@ -176,3 +199,21 @@ def test_ring_overflow_is_refused_with_the_bits_named():
     with pytest.raises(ConfigError, match="at most 32 bits") as err:
         check_ring(40, 2_000_000_000)
     assert err.value.key == "secure_aggregation.quantization_bits"
+
+
+def test_fusion_statistics_out_of_range_are_refused():
+    from fedfuse.coordinator.aggregation import bounded_statistics
+    from fedfuse.fusion.soft_vote import brier_statistics
+
+    rng = np.random.default_rng(4)
+    probas = [rng.dirichlet(np.ones(3), 20) for _ in range(2)]
+    A, b = brier_statistics(probas, rng.integers(0, 3, 20))
+    flat = np.concatenate([A.ravel(), b, [20]])
+    got = bounded_statistics(flat, 2)
+    assert np.allclose(got[0], A) and got[2] == 20
+    for index, value, what in ((0, 21.0, "A has entries"), (4, -1.0, "b has entries"),
+                               (-1, 0.5, "not a whole number"), (-1, np.nan, "whole")):
+        wrong = flat.copy()
+        wrong[index] = value
+        with pytest.raises(ValueError, match=what):
+            bounded_statistics(wrong, 2)

@@ -160,6 +160,26 @@ def test_a_misreported_example_count_is_caught_and_the_sum_rejected():
     assert first.test_accuracy == second.test_accuracy  # the model was kept
 
 
+def huge_coordinate(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: site 0 adds 2^62 to one weight coordinate of its masked
+    vector (before issue 23 this passed the count check and put 7.3e9 into the mean)."""
+    reply = call_next(msg, context)
+    if MASKED in reply.content and int(context.node_config["partition-id"]) == 0:
+        vector = reply.content[MASKED]["vector"].numpy().copy()
+        vector[3] += np.uint64(2**62)
+        reply.content[MASKED] = ArrayRecord({"vector": Array(vector)})
+    return reply
+
+
+def test_a_coordinate_beyond_the_clip_range_is_caught_and_the_sum_rejected():
+    result = run(secure=True, clients=3, mods=[huge_coordinate])
+    assert result.secure_sums == 0 and len(result.history) == 2  # the run went on
+    first, second = (r.cohorts["logreg"] for r in result.history)
+    assert first.secagg_failed and second.secagg_failed
+    assert first.secagg_clients == 3  # the protocol completed; the sum was refused
+    assert first.test_accuracy == second.test_accuracy  # the model was kept
+
+
 def offline_in_round_two(msg: Message, context: Context, call_next) -> Message:
     """A Flower client mod: these sites crash when asked to train in round 2, after
     round 1's train reply carried their keys for round 2 and round 1's unmask reply
