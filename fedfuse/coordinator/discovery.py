@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -48,7 +49,6 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
     order) and their replies (which carry the feature moments); a node whose answer
     does not fit, or is malformed, is dropped with the reason logged."""
     participants, replies = [], []
-    known = {c.arch for c in cfg.cohorts}
     for reply in answers(grid, cfg, connected(grid, cfg, sites), sites):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -59,7 +59,7 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
         except WireError as exc:
             log.warning("node %d dropped at discovery: a malformed answer (%s)", node, exc)
             continue
-        reason = reject_reason(node, answer, known, schema, sites)
+        reason = reject_reason(node, answer, cfg, schema, sites)
         if reason:
             log.warning("node %d (%s) dropped at discovery: %s", node, answer.name, reason)
             continue
@@ -104,30 +104,73 @@ class Answer:
     index: int
     num_train: int
     num_val: int
+    sums: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
+    sumsqs: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
 
 
 def read_answer(reply: Message) -> Answer:
     """The fields of a discovery reply, each of its type (raises ``WireError``)."""
     site, metrics = wire.config(reply, "site"), wire.metrics(reply)
-    wire.arrays(reply, "moments")
+    moments = wire.arrays(reply, "moments")
     return Answer(wire.as_str(site, "name"), wire.as_str(site, "arch"),
                   tuple(wire.as_list(site, "input-shape", int)),
                   wire.as_int(site, "num-classes"), wire.as_int(metrics, "index"),
-                  wire.as_int(metrics, "num-examples"), wire.as_int(metrics, "num-val"))
+                  wire.as_int(metrics, "num-examples"), wire.as_int(metrics, "num-val"),
+                  wire.as_array(moments, "sum"), wire.as_array(moments, "sumsq"))
 
 
-def reject_reason(node: int, answer: Answer, known: set[str], schema: DataSchema,
+def max_site_examples(cfg: FedfuseConfig) -> int:
+    """The most training examples one site may claim: an equal share of the 64-bit ring
+    of secure aggregation, floor(2^63 / (2^bits * sites)), so that no claim can make a
+    cohort's sums overflow (about 5 * 10^10 records for 10 sites at 24 bits)."""
+    sites = max(1, len(cfg.site_names) or cfg.num_clients)
+    return (1 << 63) // ((1 << cfg.secure_aggregation.quantization_bits) * sites)
+
+
+def reject_reason(node: int, answer: Answer, cfg: FedfuseConfig, schema: DataSchema,
                   sites: dict[int, str] | None) -> str | None:
     """Why a node's discovery answer does not fit, or None: a name other than its key's,
-    an architecture no cohort trains, or data of another shape or class count."""
+    an architecture other than its cohort's, data of another shape or class count, an
+    example count out of range, or feature moments that no data could have."""
     if sites is not None and sites.get(node) != answer.name:
         return (f"it calls itself {answer.name!r} but its key is registered as "
                 f"{sites.get(node)!r}")
-    if answer.arch not in known:
-        return f"architecture {answer.arch!r} is not one of the scenario's cohorts"
+    expected = expected_arch(cfg, answer, sites is not None)
+    if answer.arch != expected:
+        return (f"architecture {answer.arch!r} is not its cohort's "
+                f"({expected or 'no cohort lists it'})")
     if answer.input_shape != tuple(schema.input_shape):
         return (f"input shape {answer.input_shape} differs from the "
                 f"coordinator's {tuple(schema.input_shape)}")
     if answer.num_classes != schema.num_classes:
         return f"{answer.num_classes} classes, the coordinator has {schema.num_classes}"
+    cap = max_site_examples(cfg)
+    if not (1 <= answer.num_train <= cap and 0 <= answer.num_val <= cap):
+        return (f"{answer.num_train} training and {answer.num_val} validation examples; "
+                f"a site may claim 1..{cap}")
+    return moments_reason(answer, tuple(schema.input_shape))
+
+
+def expected_arch(cfg: FedfuseConfig, answer: Answer, deployed: bool) -> str | None:
+    """The architecture of the cohort a site belongs to: the cohort listing its name
+    (deployment) or the one its partition id falls in (simulation)."""
+    if deployed:
+        return next((c.arch for c in cfg.cohorts if answer.name in (c.sites or [])), None)
+    try:
+        return cfg.cohort_of(answer.index).arch
+    except ValueError:
+        return None
+
+
+def moments_reason(answer: Answer, shape: tuple[int, ...]) -> str | None:
+    """Why a site's feature moments cannot be real, or None: they must have the inputs'
+    shape, be finite, and satisfy sum x^2 >= (sum x)^2 / n (Cauchy-Schwarz: a variance
+    is not negative), up to rounding."""
+    s, q, n = answer.sums, answer.sumsqs, answer.num_train
+    if s.shape != shape or q.shape != shape:
+        return f"feature moments of shape {s.shape} and {q.shape}, the inputs are {shape}"
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(q))):
+        return "feature moments that are not finite"
+    if np.any(q < s * s / n - 1e-6 * (1.0 + np.abs(q))):
+        return "feature moments with a negative variance"
     return None

@@ -5,6 +5,7 @@ under (``fedfuse.coordinator.discovery``)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ def answer(node: int, name: str, arch: str, **site) -> RecordDict:
     return RecordDict({
         "site": ConfigRecord({"arch": arch, "name": name, "input-shape": [1, 8, 8],
                               "num-classes": 10, **site}),
-        "metrics": MetricRecord({"num-examples": 50, "num-val": 10, "index": node}),
-        "moments": ArrayRecord({"sum": Array(np.zeros(64)), "sumsq": Array(np.ones(64))})})
+        "metrics": MetricRecord({"num-examples": 50, "num-val": 10,
+                                 "index": {"a": 0, "b": 1}.get(name, 0)}),
+        "moments": ArrayRecord({"sum": Array(np.zeros((1, 8, 8))),
+                                "sumsq": Array(np.ones((1, 8, 8)))})})
 
 
 class FakeGrid:
@@ -105,20 +108,48 @@ def test_a_malformed_answer_drops_only_its_node(caplog):
 
 
 def test_reject_reason_names_what_does_not_fit():
-    schema = load_dataset(config_from_dict(json.loads(json.dumps(RAW))).data).schema
+    cfg = config_from_dict(json.loads(json.dumps(RAW)))
+    schema = load_dataset(cfg.data).schema
     good = read_answer(reply_from(11, answer(11, "a", "logreg"), "query"))
-    assert good == Answer("a", "logreg", (1, 8, 8), 10, 11, 50, 10)
-    known = {"logreg"}
-    assert reject_reason(11, good, known, schema, None) is None
-    assert reject_reason(11, good, known, schema, {11: "a"}) is None
-    assert "registered as 'b'" in reject_reason(11, good, known, schema, {11: "b"})
-    cnn = Answer("a", "cnn", (1, 8, 8), 10, 11, 50, 10)
-    assert "'cnn' is not one of the scenario's cohorts" in reject_reason(11, cnn, known, schema,
-                                                                        None)
-    flat = Answer("a", "logreg", (64,), 10, 11, 50, 10)
-    assert "input shape (64,) differs" in reject_reason(11, flat, known, schema, None)
-    binary = Answer("a", "logreg", (1, 8, 8), 2, 11, 50, 10)
-    assert "2 classes, the coordinator has 10" in reject_reason(11, binary, known, schema, None)
+    assert good == Answer("a", "logreg", (1, 8, 8), 10, 0, 50, 10)
+    assert reject_reason(11, good, cfg, schema, None) is None
+    assert reject_reason(11, good, cfg, schema, {11: "a"}) is None
+    assert "registered as 'b'" in reject_reason(11, good, cfg, schema, {11: "b"})
+    cnn = replace(good, arch="cnn")
+    assert "'cnn' is not its cohort's (logreg)" in reject_reason(11, cnn, cfg, schema, None)
+    flat = replace(good, input_shape=(64,))
+    assert "input shape (64,) differs" in reject_reason(11, flat, cfg, schema, None)
+    binary = replace(good, num_classes=2)
+    assert "2 classes, the coordinator has 10" in reject_reason(11, binary, cfg, schema, None)
+
+
+def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
+    """A site's answer cannot poison the run (issue 23, item 8): a huge example count
+    (it would break the ring check of every cohort), NaN or contradictory moments (they
+    would poison every cohort's standardisation), an architecture of another cohort."""
+    raw = {**json.loads(json.dumps(RAW)),
+           "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c", "d"]},
+                       {"arch": "mlp", "sites": ["e", "f"]}]}
+    cfg = config_from_dict(raw)
+    huge = answer(0, "b", "logreg")
+    huge["metrics"]["num-examples"] = 2**50
+    nan = answer(0, "c", "logreg")
+    nan["moments"] = ArrayRecord({"sum": Array(np.full((1, 8, 8), np.nan)),
+                                  "sumsq": Array(np.ones((1, 8, 8)))})
+    negative = answer(0, "d", "logreg")  # sum x = 50 per feature but sum x^2 = 1, n = 50
+    negative["moments"] = ArrayRecord({"sum": Array(np.full((1, 8, 8), 50.0)),
+                                       "sumsq": Array(np.ones((1, 8, 8)))})
+    grid = FakeGrid({11: ("a", "logreg"), 22: huge, 33: nan, 44: negative,
+                     55: ("e", "logreg")})  # e belongs to the mlp cohort
+    participants, _ = discover(grid, cfg, load_dataset(cfg.data).schema,
+                               {11: "a", 22: "b", 33: "c", 44: "d", 55: "e"})
+    assert [p.name for p in participants] == ["a"]
+    assert "node 22 (b) dropped at discovery: 1125899906842624 training" in caplog.text
+    assert "node 33 (c) dropped at discovery: feature moments that are not finite" in caplog.text
+    assert "node 44 (d) dropped at discovery: feature moments with a negative variance" \
+        in caplog.text
+    assert "node 55 (e) dropped at discovery: architecture 'logreg' is not its cohort's " \
+        "(mlp)" in caplog.text
 
 
 def test_every_exchange_is_bounded_by_round_timeout():
