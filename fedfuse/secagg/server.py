@@ -246,31 +246,7 @@ class SecAggSession:
         if responders < self.threshold:
             raise SecAggAbort(f"{self.group}: {responders} clients returned valid shares, "
                               f"the threshold is {self.threshold}")
-        total = np.zeros(self.length, dtype=np.uint64)
-        for node in u3:
-            total = total + self.vectors[node]
-            b = rebuild(f"{self.group}: node {node}'s b", b_shares[node],
-                        self.share_threshold)
-            if crypto.digest(b) != self.commitments[node]["b-hash"]:
-                raise SecAggAbort(f"{self.group}: node {node}'s shares do not rebuild the "
-                                  "mask seed it committed to")
-            total = total - crypto.mask_words(
-                crypto.derive(b, SELF_MASK_LABEL + self.session), self.length)
-        order = {n: i for i, n in enumerate(self.u1)}
-        for gone in dropped:
-            s = rebuild(f"{self.group}: node {gone}'s s", s_shares[gone],
-                        self.share_threshold)
-            if crypto.public_key(s) != self.keys[gone][1]:
-                raise SecAggAbort(f"{self.group}: node {gone}'s shares do not rebuild the "
-                                  "masking key it advertised")
-            masked_with = [n for n in self.graph[gone] if n in self.vectors]
-            pair_keys = crypto.agree_all(s, [self.keys[node][1] for node in masked_with],
-                                         PAIR_MASK_LABEL + self.session)
-            for node, key in zip(masked_with, pair_keys, strict=True):
-                words = crypto.mask_words(key, self.length)
-                # node added +words if it comes before `gone`, else -words
-                total = total - words if order[node] < order[gone] else total + words
-        return total
+        return remove_masks(self, b_shares, s_shares)
 
     def share_index(self, sharer: str, holder: str) -> int:
         """The Shamir x-coordinate of ``holder``'s share of ``sharer``'s secrets: its
@@ -313,6 +289,40 @@ class SecAggSession:
         if remaining < self.threshold:
             raise SecAggAbort(f"{self.group}: only {remaining} clients {what}, the "
                               f"threshold is {self.threshold}")
+
+
+def remove_masks(session: SecAggSession, b_shares: dict[str, dict[int, bytes]],
+                 s_shares: dict[str, dict[int, bytes]]) -> np.ndarray:
+    """sum_{u in U3} y_u - PRG(b_u), plus or minus the pairwise masks of every dropped v
+    with its neighbours in U3 (mod 2^64): the survivors' sum, once b of each survivor
+    and s of each dropped member are rebuilt from their shares (and verified against
+    the committed H(b) and the advertised s_pk)."""
+    dropped = [n for n in session.u2 if n not in session.vectors]
+    total = np.zeros(session.length, dtype=np.uint64)
+    for node in session.u3:
+        total = total + session.vectors[node]
+        b = rebuild(f"{session.group}: node {node}'s b", b_shares[node],
+                    session.share_threshold)
+        if crypto.digest(b) != session.commitments[node]["b-hash"]:
+            raise SecAggAbort(f"{session.group}: node {node}'s shares do not rebuild the "
+                              "mask seed it committed to")
+        total = total - crypto.mask_words(
+            crypto.derive(b, SELF_MASK_LABEL + session.session), session.length)
+    order = {n: i for i, n in enumerate(session.u1)}
+    for gone in dropped:
+        s = rebuild(f"{session.group}: node {gone}'s s", s_shares[gone],
+                    session.share_threshold)
+        if crypto.public_key(s) != session.keys[gone][1]:
+            raise SecAggAbort(f"{session.group}: node {gone}'s shares do not rebuild the "
+                              "masking key it advertised")
+        masked_with = [n for n in session.graph[gone] if n in session.vectors]
+        pair_keys = crypto.agree_all(s, [session.keys[node][1] for node in masked_with],
+                                     PAIR_MASK_LABEL + session.session)
+        for node, key in zip(masked_with, pair_keys, strict=True):
+            words = crypto.mask_words(key, session.length)
+            # node added +words if it comes before `gone`, else -words
+            total = total - words if order[node] < order[gone] else total + words
+    return total
 
 
 def _reason(reply: Message) -> str:
