@@ -13,6 +13,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -40,6 +41,12 @@ class Site:
     node's ``Context.state``, which lives as long as the federation)."""
     device: str = "cpu"
     """Where the site trains and evaluates (``fedfuse.device``)."""
+    noise: Literal["request", "seed"] = "request"
+    """What seeds the site's DP sampling and noise besides its secret: the whole request
+    (received weights and the round's configuration; a deployed site, the default), so
+    that no other request repeats its noise; or the round's seed (simulation, where one
+    party plays every site and a run is reproducible per scenario seed). Set by the
+    node, never by a message."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ def simulated_site(cfg: FedfuseConfig, partition_id: int,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
                 secret=simulated_secret(cfg.seed, partition_id),
                 state_dir=None if state_root is None else state_root / name,
-                device=worker_device(cfg.device))
+                device=worker_device(cfg.device), noise="seed")
 
 
 def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:

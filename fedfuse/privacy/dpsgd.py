@@ -9,6 +9,7 @@ The noise is seeded from the site's secret (:func:`noise_seed`).
 from __future__ import annotations
 
 import hashlib
+import hmac
 from typing import Any
 
 import torch
@@ -40,6 +41,21 @@ def noise_seed(secret: bytes, round_seed: int) -> int:
     ``round_seed``) cannot regenerate the noise and subtract it.
     """
     digest = hashlib.sha256(secret + round_seed.to_bytes(8, "big", signed=True)).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def request_noise_seed(secret: bytes, request: str) -> int:
+    """A 63-bit seed for a round's sampling and noise, ``HMAC-SHA256(secret, request)``,
+    where ``request`` is the key of the whole train request (its received weights and
+    configuration, ``fedfuse.site.replay.request_key``).
+
+    The same request gets the same noise (a replayed or resumed round is bit-exact, and
+    the replay store answers it without a second charge); any other request gets noise
+    unrelated to it, whatever seed the coordinator names. So a coordinator that sends
+    two requests with one seed and different weights cannot subtract the noise out
+    (with ``noise_seed``, seeded by the round's seed alone, it could).
+    """
+    digest = hmac.new(secret, request.encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 

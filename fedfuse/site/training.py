@@ -25,7 +25,7 @@ from fedfuse.models.device import resolve_device
 from fedfuse.models.training import LoopResult, make_loader, make_optimizer, train_epochs
 from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
 from fedfuse.privacy.client_level import clip_update
-from fedfuse.privacy.dpsgd import make_private, noise_seed
+from fedfuse.privacy.dpsgd import make_private, noise_seed, request_noise_seed
 from fedfuse.privacy.ledger import ledger_store_for
 from fedfuse.site.members import trainee
 from fedfuse.site.replay import ReplayStore, request_key
@@ -77,10 +77,9 @@ def train_private(msg: Message, context: Context, site: Site, request: PrivacyRe
     store = ledger_store_for(site.state_dir, context)
     ledger = open_ledger(store, request, len(site.train))
     plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
-    replays, key = None, ""
+    replays, key = None, request_key(wire.arrays(msg, "arrays"), cfg)
     if site.state_dir is not None:  # without a state directory nothing outlives a crash
         replays = ReplayStore(site.state_dir / "replay")
-        key = request_key(wire.arrays(msg, "arrays"), cfg)
     if replays is not None and (stored := replays.load(key)) is not None:
         state, metrics = stored  # this very request was trained and charged before
         model.load_state_dict(state)
@@ -90,7 +89,9 @@ def train_private(msg: Message, context: Context, site: Site, request: PrivacyRe
         ledger.refused_rounds.append(wire.as_int(cfg, "server-round"))
         store.save(ledger)
         return Trained(None, None, seed, privacy=report(ledger, plan, "budget-exhausted"))
-    generator = torch.Generator().manual_seed(noise_seed(site.secret, seed))
+    generator = torch.Generator().manual_seed(
+        request_noise_seed(site.secret, key) if site.noise == "request"
+        else noise_seed(site.secret, seed))
     dp_model, dp_optimizer, dp_loader, engine = make_private(
         model.to(resolve_device(site.device)), optimizer, loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,

@@ -96,3 +96,40 @@ def test_plain_round_carries_no_privacy_record(digits_site):
     reply = build_client_app(lambda ctx: site)(train_message(site, schema, None),
                                                site_context())
     assert "privacy" not in reply.content and "arrays" in reply.content
+
+
+def test_a_coordinator_cannot_cancel_a_deployed_sites_noise_by_repeating_its_seed(
+        digits_site):
+    """Two train requests with the same seed and slightly different weights: subtracting
+    the two updates cancels the DP noise if the noise follows the seed (the simulated
+    site, noise = "seed"), and leaves it if it follows the whole request (a deployed
+    site, the default): issue 23, item 1."""
+    site, schema = digits_site
+    assert site.noise == "seed"  # simulation: one party plays every site
+
+    def update_difference(s: Site) -> float:
+        app = build_client_app(lambda ctx: s)
+        first = train_message(s, schema, REQUEST)
+        second = train_message(s, schema, REQUEST)
+        nudged = {k: v + 1e-4 for k, v in second.content["arrays"].to_torch_state_dict().items()}
+        second.content["arrays"] = ArrayRecord(nudged)
+        updates = []
+        for msg in (first, second):
+            sent = msg.content["arrays"].to_torch_state_dict()
+            got = app(msg, site_context()).content["arrays"].to_torch_state_dict()
+            updates.append({k: got[k] - sent[k] for k in got})
+        return max(float((updates[0][k] - updates[1][k]).abs().max()) for k in updates[0])
+
+    cancelled = update_difference(site)
+    deployed = update_difference(dataclasses.replace(site, noise="request"))
+    assert cancelled < 1e-3  # the noise subtracted out: the updates nearly coincide
+    assert deployed > 30 * cancelled and deployed > 1e-2  # fresh noise for the new request
+
+
+def test_a_deployed_site_repeats_its_noise_for_the_very_same_request(digits_site):
+    site, schema = digits_site
+    site = dataclasses.replace(site, noise="request")
+    app = build_client_app(lambda ctx: site)
+    a, b = (app(train_message(site, schema, REQUEST), site_context())
+            .content["arrays"].to_torch_state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-exact replay and resume
