@@ -22,6 +22,9 @@ VALIDATION = "validation"
 received ({num-examples, val-loss, val-accuracy}; num-examples: validation examples)."""
 VALIDATE = "validate"
 """The train config's flag asking the site to score the received model before training."""
+POLICY_REFUSAL = "refused by the site's policy"
+"""How the error of a message a site's policy refused begins its reason
+(``fedfuse.site.policy.PolicyRefusal``; logged by the coordinator with the rule)."""
 
 
 class WireError(FedfuseError):

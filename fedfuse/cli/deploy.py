@@ -130,6 +130,9 @@ def site(
         help="seconds to keep reconnecting after losing the coordinator")] = 600.0,
     device: Annotated[str, typer.Option(
         help="cpu, cuda, cuda:N or auto: where this site trains")] = "cpu",
+    policy: Annotated[Optional[Path], typer.Option(
+        help="this site's privacy policy (TOML; docs/privacy.md#the-sites-policy) "
+             "[the default: record-level DP, lifetime ε ≤ 8, secure aggregation]")] = None,
     verbose: Annotated[bool, typer.Option(
         help="log every message this site handles, with its time")] = False,
 ) -> None:
@@ -147,5 +150,6 @@ def site(
     stop_on_sigterm()
     opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
                        state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,
-                       connect_timeout=connect_timeout, max_wait=max_wait, device=device)
+                       connect_timeout=connect_timeout, max_wait=max_wait, device=device,
+                       policy=policy)
     run_site(opts, lambda text: console.print(text, markup=False, highlight=False))

@@ -24,6 +24,7 @@ from fedfuse.data.datasets import Dataset
 from fedfuse.models.training import evaluate
 from fedfuse.privacy.budget import PrivacyRequest
 from fedfuse.secagg.encoding import payload_length
+from fedfuse.wire import POLICY_REFUSAL
 
 log = logging.getLogger("fedfuse.coordinator")
 
@@ -87,6 +88,7 @@ class Rounds:
         accepted: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             replies = batch.replies[arch]
+            log_refusals(cohort, replies, server_round)
             accepted[arch] = self.reports.collect(cohort, replies, server_round)
             entry = record.cohort(arch)
             refused = len(replies) - len(accepted[arch])
@@ -169,3 +171,15 @@ class Rounds:
             res = evaluate(cohort.model(self.test.schema, self.device), self.test.X,
                            self.test.y)
             entry.test_loss, entry.test_accuracy = res.loss, res.accuracy
+
+
+def log_refusals(cohort: Cohort, replies: list[Message], server_round: int) -> None:
+    """One warning per site whose policy refused its train message, with the rule."""
+    names = {p.node_id: p.name for p in cohort.participants}
+    for reply in replies:
+        reason = (reply.error.reason or "") if reply.has_error() else ""
+        if POLICY_REFUSAL in reason:
+            node = reply.metadata.src_node_id
+            log.warning("round %d: cohort %s: site %s %s", server_round, cohort.arch,
+                        names.get(node, node), reason[reason.index(POLICY_REFUSAL):][:300]
+                        .rstrip("'>"))

@@ -13,7 +13,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from fedfuse.data.datasets import Dataset, load_dataset, split_transfer
 from fedfuse.data.partition import Federation, build_federation
 from fedfuse.errors import FedfuseError
 from fedfuse.models.device import worker_device
+
+if TYPE_CHECKING:
+    from fedfuse.site.policy import SitePolicy
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Site:
     node's ``Context.state``, which lives as long as the federation)."""
     device: str = "cpu"
     """Where the site trains and evaluates (``fedfuse.device``)."""
+    policy: SitePolicy | None = None
+    """What the site allows whatever the coordinator asks (``fedfuse.site.policy``): a
+    deployed site's own file, or the default policy; None in simulation, where one party
+    plays every site."""
     noise: Literal["request", "seed"] = "request"
     """What seeds the site's DP sampling and noise besides its secret: the whole request
     (received weights and the round's configuration; a deployed site, the default), so

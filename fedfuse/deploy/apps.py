@@ -41,6 +41,7 @@ from fedfuse.data.partition import train_val_split
 from fedfuse.data.sites import Site
 from fedfuse.errors import FedfuseError
 from fedfuse.site.app import build_client_app
+from fedfuse.site.policy import load_policy
 
 SECRET_FILE = "site-secret"
 SECRET_BYTES = 32
@@ -83,7 +84,7 @@ def deployed_site(context: Context) -> Site:
     split of its own data file; cached per process and run settings."""
     node, run = context.node_config, context.run_config
     key = (str(node["name"]), str(node["data"]), str(node["state-dir"]),
-           str(node.get("device", "cpu")),
+           str(node.get("device", "cpu")), str(node.get("policy", "")),
            str(run["scenario"]), str(run["class-labels"]))
     if key not in _SITES:
         cfg = scenario_of(context)
@@ -104,7 +105,9 @@ def deployed_site(context: Context) -> Site:
         train, val = split_site_data(data, cfg.data.val_fraction, secret)
         _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=arch,
                            train=train, val=val, secret=secret, state_dir=state_dir,
-                           device=str(node.get("device", "cpu")))
+                           device=str(node.get("device", "cpu")),
+                           policy=load_policy(Path(str(node["policy"]))
+                                              if node.get("policy") else None))
     return _SITES[key]
 
 

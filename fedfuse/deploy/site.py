@@ -32,6 +32,7 @@ from fedfuse.deploy.coordinator import Address
 from fedfuse.deploy.process import FlowerProcess
 from fedfuse.errors import FedfuseError
 from fedfuse.models.device import resolve_device
+from fedfuse.site.policy import load_policy
 
 SOCKET_TIMEOUT = 5.0
 EXECUTOR_SECRET = "superexec-secret"
@@ -54,6 +55,8 @@ class SiteOptions:
     """Seconds the SuperNode keeps reconnecting after losing the coordinator."""
     device: str = "cpu"
     """Where this site trains (``fedfuse.device``); a GPU is the site's own."""
+    policy: Path | None = None
+    """The site's privacy policy file (``fedfuse.site.policy``; None: the default)."""
 
 
 def check_site_files(opts: SiteOptions) -> tuple[Path, Path]:
@@ -141,7 +144,8 @@ def executor_secret(state: Path) -> Path:
 def supernode_argv(opts: SiteOptions, ca: Path, key: Path, secret: Path) -> list[str]:
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
         "name": opts.name, "data": str(opts.data.resolve()),
-        "state-dir": str(opts.state.resolve()), "device": opts.device}.items())
+        "state-dir": str(opts.state.resolve()), "device": opts.device,
+        "policy": str(opts.policy.resolve()) if opts.policy else ""}.items())
     return [sys.executable, "-m", "fedfuse.deploy.supernode", "--root-certificates", str(ca),
             "--superlink", opts.coordinator, "--auth-supernode-private-key", str(key),
             "--node-config", node_config, "--port", str(opts.runtime_port),
@@ -173,11 +177,13 @@ def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
     """Check, connect and serve until stopped; raises with an explanation if the SuperNode
     ends on its own."""
     ca, key = check_site_files(opts)
+    policy = load_policy(opts.policy)
     opts.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     site_secret(opts.state)
     probe_coordinator(Address.parse(opts.coordinator), ca, opts.connect_timeout, say)
     say(f"site {opts.name}: coordinator {opts.coordinator} verified; joining "
         f"(state in {opts.state}, SuperNode log in {opts.state / 'supernode.log'})")
+    say(f"site {opts.name}: policy {opts.policy or '(default)'}: {policy.summary()}")
     from fedfuse.deploy.apps import client_app
     from fedfuse.deploy.warm import WarmSite
 

@@ -77,6 +77,7 @@ from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.site import training
 from fedfuse.site.members import member_models
+from fedfuse.site.policy import check_masking, check_train
 from fedfuse.site.replies import answered, masked_reply, train_reply
 from fedfuse.wire import VALIDATE, VALIDATION
 
@@ -127,6 +128,9 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
+        if site.policy is not None:  # before anything is computed from the data
+            check_train(site.policy, wire.config(msg, "config"),
+                        msg.content.config_records.get(secagg.RECORD))
         checked = validation(msg, site) if wire.config(msg, "config").get(
             VALIDATE, False) is True else None  # the received model, before training
         done = training.train(msg, context, site)
@@ -152,6 +156,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
     def fusion_statistics(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
         site = site_of(context)
+        if site.policy is not None:
+            check_masking(site.policy, msg.content.config_records.get(secagg.RECORD))
         device = resolve_device(site.device)
         probas = [predict_proba(model.to(device), site.val.X) for model in member_models(
             msg, site, wire.as_list(wire.config(msg, "fusion"), "members", str))]

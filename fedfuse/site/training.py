@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from fedfuse.privacy.client_level import clip_update
 from fedfuse.privacy.dpsgd import make_private, noise_seed, request_noise_seed
 from fedfuse.privacy.ledger import ledger_store_for
 from fedfuse.site.members import trainee
+from fedfuse.site.policy import capped_budget
 from fedfuse.site.replay import ReplayStore, request_key
 
 
@@ -56,6 +57,8 @@ def train(msg: Message, context: Context, site: Site) -> Trained:
     optimizer = make_optimizer(model, wire.as_float(cfg, "lr"), wire.as_float(cfg, "momentum"),
                                wire.as_float(cfg, "weight-decay"))
     request = PrivacyRequest.from_config(cfg)
+    if request is not None and site.policy is not None:  # the site's law caps the request
+        request = replace(request, budget=capped_budget(site.policy, request.budget))
     if request is not None:
         return train_private(msg, context, site, request, model, loader, optimizer, seed)
     result = train_epochs(model.to(resolve_device(site.device)), loader, optimizer,

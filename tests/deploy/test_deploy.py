@@ -395,3 +395,38 @@ def test_coordinator_refuses_an_out_with_an_interrupted_run(federation: Path, tm
     res = run_cli("coordinator", write_scenario(federation), "--certs", federation / "certs",
                   "--address", f"127.0.0.1:{free_port()}", "--out", tmp_path / "run")
     assert res.returncode == 2 and "holds an interrupted run" in res.stderr
+
+
+@pytest.mark.slow
+def test_sites_with_the_default_policy_refuse_a_run_without_dp(federation: Path,
+                                                               tmp_path: Path):
+    """A coordinator whose scenario turns DP off (privacy.mode = "off"): every site, on
+    the default policy, refuses every train message, so no site trains and no weights
+    leave; the coordinator logs each refusal with its rule, and the run still ends."""
+    tmp = federation
+    port = free_port()
+    scenario = write_scenario(tmp_path, 2, 20.0)
+    scenario.write_text(scenario.read_text().replace('mode = "sample"', 'mode = "off"')
+                        .replace("target_epsilon = 8.0\n", "")
+                        .replace(str(tmp_path / "data"), str(tmp / "data")))
+    coord = Proc(tmp_path / "coordinator.log", "coordinator", scenario,
+                 "--certs", tmp / "certs", "--address", f"127.0.0.1:{port}",
+                 "--out", tmp_path / "run", "--state", tmp_path / "coordinator-state")
+    sites = {n: Proc(tmp_path / f"site-{n}.log", "site", "--coordinator", f"127.0.0.1:{port}",
+                     "--certs", tmp / "certs", "--name", n, "--data", tmp / "data" / f"{n}.npz",
+                     "--state", tmp_path / f"state-{n}", "--runtime-port", free_port())
+             for n in "abcd"}
+    try:
+        assert coord.wait(600) == 0, coord.output()
+    finally:
+        for p in [*sites.values(), coord]:
+            p.stop()
+    log = coord.output()
+    for n in "abcd":
+        assert f"site {n} refused by the site's policy (require_dp)" in log, log[-3000:]
+        assert "policy (default): record-level DP required, lifetime ε ≤ 8" in \
+            sites[n].output()
+        assert not (tmp_path / f"state-{n}" / "privacy-ledger.json").exists()
+    for record in recorded_rounds(tmp_path / "run"):
+        entry = record["cohorts"]["logreg"]
+        assert entry["train_clients"] == 0 and entry["secagg_failed"], entry

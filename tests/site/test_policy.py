@@ -1,0 +1,113 @@
+"""A site's privacy policy, enforced by the real ClientApp on every train and
+fusion-statistics message before anything is computed from its data (issue 23)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedfuse.config import load_config
+from fedfuse.data.sites import Site, plan_federation, simulated_site
+from fedfuse.errors import FedfuseError
+from fedfuse.privacy.budget import PrivacyRequest
+from fedfuse.secagg.messages import RECORD
+from fedfuse.site.app import build_client_app
+from fedfuse.site.policy import PolicyRefusal, SitePolicy, load_policy
+from tests.helpers import ROOT, incoming
+from tests.site.test_private_training import REQUEST, site_context, train_message
+
+
+@pytest.fixture(scope="module")
+def digits_site() -> tuple[Site, object]:
+    cfg = load_config(ROOT / "simulations" / "digits.toml")
+    return simulated_site(cfg, 10), plan_federation(cfg).dataset.schema
+
+
+def masked(msg, members: int):
+    """``msg`` asking for a masked vector in a session of ``members`` members."""
+    msg.content[RECORD] = ConfigRecord({"session": bytes(16),
+                                        "nodes": [str(i) for i in range(members)]})
+    return msg
+
+
+@pytest.mark.parametrize(("request_", "members", "rule"), [
+    (None, 4, "require_dp"),  # plaintext training, no DP at all
+    (dataclasses.replace(REQUEST, target_epsilon=10.0, budget=10.0), 4, "max_epsilon"),
+    (REQUEST, None, "require_secure_aggregation"),  # weights in plaintext
+    (REQUEST, 2, "min_cohort_size"),  # a sum of two reveals each to the other
+])
+def test_the_default_policy_refuses_and_no_weights_leave(digits_site, tmp_path, request_,
+                                                         members, rule):
+    site, schema = digits_site
+    site = dataclasses.replace(site, policy=SitePolicy(), state_dir=tmp_path)
+    msg = train_message(site, schema, request_)
+    if members is not None:
+        msg = masked(msg, members)
+    with pytest.raises(PolicyRefusal, match=rf"refused by the site's policy \({rule}\)"):
+        build_client_app(lambda ctx: site)(msg, site_context())
+    assert not (tmp_path / "privacy-ledger.json").exists()  # nothing trained, nothing spent
+
+
+def test_client_level_dp_satisfies_require_dp_only_when_the_policy_says_so(digits_site):
+    site, schema = digits_site
+    msg = train_message(site, schema, None)
+    msg.content["config"]["dp-mode"] = "user"
+    msg.content["config"]["dp-clipping-norm"] = 1.0
+    strict = dataclasses.replace(site, policy=SitePolicy(require_secure_aggregation=False))
+    with pytest.raises(PolicyRefusal, match="require_dp"):
+        build_client_app(lambda ctx: strict)(msg, site_context())
+    lenient = dataclasses.replace(site, policy=SitePolicy(require_dp="client",
+                                                          require_secure_aggregation=False))
+    reply = build_client_app(lambda ctx: lenient)(msg, site_context())
+    assert "arrays" in reply.content
+
+
+def test_the_lifetime_budget_caps_a_request_without_one(digits_site, tmp_path):
+    """A request with a fixed noise multiplier and no ε budget (unlimited, as far as the
+    coordinator is concerned) is held to the site's lifetime ε."""
+    site, schema = digits_site
+    site = dataclasses.replace(site, state_dir=tmp_path, policy=SitePolicy(
+        max_epsilon=3.0, require_secure_aggregation=False))
+    open_ended = PrivacyRequest(mode="sample", accountant="rdp", max_grad_norm=1.0,
+                                planned_rounds=50, noise_multiplier=0.8)
+    app = build_client_app(lambda ctx: site)
+    statuses = []
+    for server_round in range(1, 30):
+        reply = app(train_message(site, schema, open_ended, server_round), site_context())
+        statuses.append(reply.content["privacy"]["status"])
+        if statuses[-1] != "trained":
+            break
+    ledger = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    assert ledger["budget"] == 3.0 and statuses[-1] == "budget-exhausted"
+    assert reply.content["privacy"]["epsilon"] <= 3.0
+
+
+def test_fusion_statistics_in_plaintext_are_refused_under_the_default_policy(digits_site):
+    site, schema = digits_site
+    site = dataclasses.replace(site, policy=SitePolicy())
+    msg = incoming(RecordDict({"fusion": ConfigRecord({"members": ["logreg"]})}),
+                   message_type="query.fusion")
+    with pytest.raises(PolicyRefusal, match="require_secure_aggregation"):
+        build_client_app(lambda ctx: site)(msg, site_context())
+
+
+def test_a_policy_file_is_read_and_checked(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('require_dp = "client"\nmax_epsilon = 2.5\nmin_cohort_size = 5\n')
+    policy = load_policy(path)
+    assert (policy.require_dp, policy.max_epsilon, policy.min_cohort_size) == ("client", 2.5, 5)
+    assert policy.require_secure_aggregation is True  # unset keys keep the safe default
+    assert "lifetime ε ≤ 8" in load_policy(None).summary()
+    for text, what in (('max_epsilons = 3\n', "unknown policy key"),
+                       ('max_epsilon = "8"\n', "wrong type"),
+                       ('require_secure_aggregation = 1\n', "wrong type"),
+                       ('require_dp = "maybe"\n', "must be one of"),
+                       ('min_cohort_size = 2\n', "at least 3"),
+                       ('max_epsilon = 0\n', "> 0"),
+                       ('max_epsilon = \n', "cannot read")):
+        path.write_text(text)
+        with pytest.raises(FedfuseError, match=what):
+            load_policy(path)
