@@ -26,24 +26,46 @@ app.add_typer(certs_app, name="certs")
 @reports_errors
 def certs_init(
     directory: Annotated[Path, typer.Argument(help="certificates directory (created)")],
-    sites: Annotated[str, typer.Option(help="comma-separated site names, e.g. a,b,c")],
     host: Annotated[Optional[list[str]], typer.Option(
         help="a name or address the sites use to reach the coordinator (repeatable); "
              "localhost and 127.0.0.1 are always included")] = None,
+    demo_sites: Annotated[Optional[str], typer.Option(
+        help="one-machine walk-through only: also make these sites' key pairs here, at "
+             "the coordinator (comma-separated). Real sites make their own: `fedfuse site "
+             "init`, then `fedfuse certs add-site`")] = None,
 ) -> None:
-    """Create a CA, the coordinator's TLS certificate and a key pair per site.
+    """Create a CA and the coordinator's TLS certificate.
 
-    Re-running adds what is missing (new sites) and never replaces a key."""
+    Re-running adds what is missing and never replaces a key."""
     from fedfuse.deploy.certs import DEFAULT_HOSTS, init_certs
 
-    names = [n.strip() for n in sites.split(",") if n.strip()]
-    if not names:
-        raise FedfuseError("--sites names no site")
+    names = [n.strip() for n in (demo_sites or "").split(",") if n.strip()]
+    if demo_sites is not None and not names:
+        raise FedfuseError("--demo-sites names no site")
     created = init_certs(directory, names, [*DEFAULT_HOSTS, *(host or [])])
     for path in created:
         console.print(f"created {path}")
     if not created:
         console.print(f"{directory}: nothing to create (every key exists)")
+    if names:
+        console.print("note: the --demo-sites key pairs were made here, at the coordinator, "
+                      "which could then impersonate those sites; real sites run `fedfuse "
+                      "site init` and send only their auth.pub", markup=False)
+
+
+@certs_app.command("add-site")
+@reports_errors
+def certs_add_site(
+    directory: Annotated[Path, typer.Argument(help="the coordinator's certificates directory")],
+    name: Annotated[str, typer.Option(help="the site's name, as in the scenario")],
+    pub: Annotated[Path, typer.Option(help="the site's auth.pub (from `fedfuse site init`)")],
+) -> None:
+    """Register a site's public key: the coordinator admits the sites registered here
+    that its scenario lists (it never sees their private keys)."""
+    from fedfuse.deploy.certs import add_site
+
+    path = add_site(directory, name, pub)
+    console.print(f"site {name}: public key registered in {path}", markup=False)
 
 
 @app.command()
@@ -112,16 +134,25 @@ def coordinator(
     console.print(f"run directory: {run_dir}")
 
 
-@app.command()
+site_app = typer.Typer(help="A partner site: make its keys (init), or join a federation.")
+app.add_typer(site_app, name="site")
+
+
+@site_app.callback(invoke_without_command=True)
 @reports_errors
 def site(
-    coordinator: Annotated[str, typer.Option(help="the coordinator's HOST:PORT")],
-    certs: Annotated[Path, typer.Option(help="this site's copy of the certificates directory "
-                                             "(ca.pem and sites/NAME/)")],
-    name: Annotated[str, typer.Option(help="this site's name, as in the scenario")],
-    data: Annotated[Path, typer.Option(help="this site's data (.npz or .csv)")],
+    ctx: typer.Context,
+    coordinator: Annotated[Optional[str], typer.Option(help="the coordinator's HOST:PORT")]
+    = None,
+    certs: Annotated[Optional[Path], typer.Option(
+        help="this site's copy of the certificates directory (ca.pem)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="this site's name, as in the scenario")]
+    = None,
+    data: Annotated[Optional[Path], typer.Option(help="this site's data (.npz or .csv)")]
+    = None,
     state: Annotated[Optional[Path], typer.Option(
-        help="state directory: privacy ledger, site secret [site-NAME-state]")] = None,
+        help="state directory: its keys, privacy ledger, site secret [site-NAME-state]")]
+    = None,
     runtime_port: Annotated[int, typer.Option(
         help="local port of the SuperNode's Runtime API (one per site on a machine)")] = 9094,
     connect_timeout: Annotated[float, typer.Option(
@@ -138,12 +169,20 @@ def site(
 ) -> None:
     """Join a federation as a partner site (a Flower SuperNode on this site's data).
 
-    The data never leave the site; its privacy ledger persists across restarts in
-    --state."""
+    The data never leave the site; its keys, secret and privacy ledger persist in
+    --state. `fedfuse site init` makes its keys first."""
+    if ctx.invoked_subcommand is not None:
+        return
     import logging
 
     from fedfuse.deploy.site import SiteOptions, run_site
 
+    missing = [f"--{k}" for k, v in (("coordinator", coordinator), ("certs", certs),
+                                     ("name", name), ("data", data)) if v is None]
+    if missing:
+        raise FedfuseError(f"fedfuse site needs {', '.join(missing)} (or run `fedfuse site "
+                           "init` to make the site's keys)")
+    assert coordinator and certs and name and data
     setup_logging(False)
     if verbose:
         logging.getLogger("fedfuse.site").setLevel(logging.DEBUG)
@@ -153,3 +192,22 @@ def site(
                        connect_timeout=connect_timeout, max_wait=max_wait, device=device,
                        policy=policy)
     run_site(opts, lambda text: console.print(text, markup=False, highlight=False))
+
+
+@site_app.command("init")
+@reports_errors
+def site_init(
+    name: Annotated[str, typer.Option(help="this site's name, as in the scenario")],
+    state: Annotated[Optional[Path], typer.Option(
+        help="state directory [site-NAME-state]")] = None,
+) -> None:
+    """Make this site's node-authentication key pair and secret, here at the site: the
+    private key never leaves it; hand auth.pub to the coordinator."""
+    from fedfuse.deploy.site import init_site
+
+    directory = state or Path(f"site-{name}-state")
+    pub, made = init_site(name, directory)
+    console.print(f"site {name}: {'made' if made else 'kept'} its key pair in {directory} "
+                  f"(auth.key stays here); give the coordinator {pub} to register with "
+                  f"`fedfuse certs add-site CERTS --name {name} --pub auth.pub`",
+                  markup=False, highlight=False)

@@ -66,8 +66,9 @@ class CohortConfig:
     clients: int = 0
     """How many simulated clients train this architecture; with ``sites``, their number."""
     sites: list[str] | None = None
-    """Deployment: the names of the partner sites in this cohort (``fedfuse certs init
-    --sites``); a site trains the architecture of the cohort that lists it."""
+    """Deployment: the names of the partner sites in this cohort (each registered with
+    ``fedfuse certs add-site``); a site trains the architecture of the cohort that lists
+    it."""
     lr: float | None = None
     """Local learning rate; ``None`` takes the architecture's tuned default."""
 

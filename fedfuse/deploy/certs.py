@@ -1,15 +1,19 @@
-"""``fedfuse certs init``: the key material of a deployment, in one directory.
+"""``fedfuse certs init`` and ``certs add-site``: the coordinator's key material.
 
-Layout (the same at every party; each keeps only its part, see docs/deployment.md)::
+Layout (see docs/deployment.md)::
 
     ca.pem                     the CA certificate: every party trusts it
     ca.key                     the CA's private key (0600): keep it offline
     coordinator/server.pem     the coordinator's TLS certificate (SANs: --host names)
     coordinator/server.key     its private key (0600)
-    sites/<name>/auth.key      a site's node-authentication key, EC P-384, OpenSSH (0600)
-    sites/<name>/auth.pub      its public key: the coordinator admits only these
+    sites/<name>/auth.pub      a site's public node-authentication key (``add-site``):
+                               the coordinator admits only these
+    sites/<name>/auth.key      only with ``init --demo-sites``: a site key pair made at
+                               the coordinator, for the one-machine walk-through
 
-Re-running ``init`` adds what is missing (new sites) and never replaces a key.
+A real site makes its key pair itself (``fedfuse site init``, ``fedfuse.deploy.site``):
+its private key never leaves it. Re-running ``init`` adds what is missing and never
+replaces a key.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedfuse.atomic import create_private
+from fedfuse.atomic import atomic_write_bytes, create_private
 from fedfuse.config import SITE_NAME
 from fedfuse.deploy.pki import KeyPair, create_ca, issue_server_cert, write_pem
 from fedfuse.errors import FedfuseError
@@ -75,7 +79,8 @@ class CertsDir:
 
 def init_certs(root: Path, sites: list[str], hosts: list[str]) -> list[str]:
     """Create what is missing under ``root``: the CA, the coordinator's certificate for
-    ``hosts`` and a node-authentication key pair per site. Returns the files created.
+    ``hosts`` and, for the one-machine walk-through only (``--demo-sites``), a
+    node-authentication key pair per site in ``sites``. Returns the files created.
 
     Existing keys are kept; an existing coordinator certificate whose names differ from
     ``hosts`` is refused rather than replaced (delete ``coordinator/`` to reissue it)."""
@@ -148,8 +153,8 @@ def check_server_certificate(d: CertsDir, now: dt.datetime | None = None) -> Non
     valid, not signed by the directory's CA, or not matching its private key."""
     for path in (d.ca_cert, d.server_cert, d.server_key):
         if not path.is_file():
-            raise FedfuseError(f"{path} is missing; run `fedfuse certs init {d.root} "
-                               "--sites ...` first")
+            raise FedfuseError(f"{path} is missing; run `fedfuse certs init {d.root}` "
+                               "first")
     ca = x509.load_pem_x509_certificate(d.ca_cert.read_bytes())
     cert = x509.load_pem_x509_certificate(d.server_cert.read_bytes())
     now = now or dt.datetime.now(dt.UTC)
@@ -171,13 +176,44 @@ def load_site_public_key(d: CertsDir, name: str) -> bytes:
     """The OpenSSH public key of site ``name``, checked to be an EC key on a NIST curve."""
     path = d.site_public_key(name)
     if not path.is_file():
-        raise FedfuseError(f"site {name!r} has no public key at {path}; run `fedfuse certs "
-                           f"init {d.root} --sites {name}` (or copy the site's auth.pub there)")
+        raise FedfuseError(f"site {name!r} has no public key at {path}; the site runs "
+                           f"`fedfuse site init --name {name}` and you register its "
+                           f"auth.pub with `fedfuse certs add-site {d.root} --name {name} "
+                           "--pub FILE`")
+    return check_public_key(path.read_bytes(), str(path))
+
+
+def check_public_key(data: bytes, where: str) -> bytes:
+    """``data`` if it is an OpenSSH EC public key on a NIST curve (what Flower's node
+    authentication takes)."""
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, TypeError) as exc:
-        raise FedfuseError(f"{path}: not an OpenSSH public key ({exc})") from None
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise FedfuseError(f"{where}: not an OpenSSH public key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise FedfuseError(f"{path}: node authentication needs an EC key (P-256/384/521)")
-    return path.read_bytes()
+        raise FedfuseError(f"{where}: node authentication needs an EC key (P-256/384/521)")
+    return data
+
+
+def add_site(root: Path, name: str, public_key: Path) -> Path:
+    """Register site ``name``'s public key (made at the site by ``fedfuse site init``) in
+    the certificates directory ``root``; the same key again is a no-op, another key for
+    a registered name is refused (remove ``sites/NAME/`` first to rotate it)."""
+    check_site_name(name)
+    d = CertsDir(root)
+    if not d.ca_cert.is_file():
+        raise FedfuseError(f"{root} has no ca.pem: run `fedfuse certs init {root}` first")
+    try:
+        data = check_public_key(public_key.read_bytes(), str(public_key))
+    except OSError as exc:
+        raise FedfuseError(f"cannot read {public_key}: {exc.strerror}") from None
+    target = d.site_public_key(name)
+    if target.exists():
+        if target.read_bytes().split() == data.split():
+            return target
+        raise FedfuseError(f"site {name!r} is registered with another key at {target}; "
+                           f"remove {target.parent} first to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, data)
+    return target
 

@@ -59,19 +59,51 @@ class SiteOptions:
     """The site's privacy policy file (``fedfuse.site.policy``; None: the default)."""
 
 
+AUTH_KEY, AUTH_PUB = "auth.key", "auth.pub"
+"""The site's node-authentication key pair in its state directory, made by ``fedfuse
+site init``: the private key never leaves the site, the public one goes to the
+coordinator (``fedfuse certs add-site``)."""
+
+
+def site_key(opts: SiteOptions) -> Path:
+    """The site's private key: its own (``STATE/auth.key``), else one the coordinator
+    made for the one-machine walk-through (``CERTS/sites/NAME/auth.key``)."""
+    own = opts.state / AUTH_KEY
+    return own if own.is_file() else CertsDir(opts.certs).site_key(opts.name)
+
+
+def init_site(name: str, state: Path) -> tuple[Path, bool]:
+    """Make the site's node-authentication key pair (EC P-384, OpenSSH; private key
+    0600) and its secret in ``state``, here at the site; returns the public key's path
+    and whether it was made now (a pair already there is kept)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedfuse.deploy.certs import write_auth_key
+
+    check_site_name(name)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key, pub = state / AUTH_KEY, state / AUTH_PUB
+    site_secret(state)
+    if key.exists():
+        return pub, False
+    write_auth_key(ec.generate_private_key(ec.SECP384R1()), key, pub)
+    return pub, True
+
+
 def check_site_files(opts: SiteOptions) -> tuple[Path, Path]:
     """The CA certificate and the site's key, checked; the data file loads; the device
     exists here."""
     check_site_name(opts.name)
     resolve_device(opts.device, "--device")
     certs = CertsDir(opts.certs)
-    ca, key = certs.ca_cert, certs.site_key(opts.name)
+    ca, key = certs.ca_cert, site_key(opts)
     if not ca.is_file():
         raise FedfuseError(f"{ca} is missing: copy ca.pem from the coordinator's certs "
                            "directory")
     if not key.is_file():
-        raise FedfuseError(f"{key} is missing: copy sites/{opts.name}/auth.key from the "
-                           f"coordinator's `fedfuse certs init` output")
+        raise FedfuseError(f"site {opts.name} has no key: run `fedfuse site init --name "
+                           f"{opts.name} --state {opts.state}` and give the coordinator "
+                           f"{opts.state / AUTH_PUB} to register")
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 

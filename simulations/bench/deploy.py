@@ -111,7 +111,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def deployed(work: Path, n: int, rounds: int) -> tuple[list[float], dict[str, list[list]]]:
     """Round times of a deployment of n sites, and each site's logged tasks."""
-    cli("certs", "init", work / "certs", "--sites", ",".join(names(n)))
+    cli("certs", "init", work / "certs", "--demo-sites", ",".join(names(n)))
     toml = scenario(work / "deploy.toml", n, rounds, deployed=True)
     cli("partition", toml, "--out", work / "data", "--set", "data.source=digits")
     port = free_port()

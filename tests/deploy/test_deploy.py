@@ -66,7 +66,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site's data file written by ``fedfuse partition``."""
     tmp = tmp_path_factory.mktemp("deploy")
     scenario = write_scenario(tmp)
-    assert run_cli("certs", "init", tmp / "certs", "--sites", "a,b,c,d,x").returncode == 0
+    assert run_cli("certs", "init", tmp / "certs", "--demo-sites", "a,b,c,d,x").returncode == 0
     res = run_cli("partition", scenario, "--out", tmp / "data", "--set", "data.source=digits")
     assert res.returncode == 0, res.stderr
     return tmp
@@ -305,19 +305,49 @@ def test_coordinator_refuses_a_site_without_a_key(federation: Path, tmp_path: Pa
 
 
 def test_certs_init_never_replaces_keys(tmp_path: Path):
-    first = run_cli("certs", "init", tmp_path / "c", "--sites", "a,b")
+    first = run_cli("certs", "init", tmp_path / "c", "--demo-sites", "a,b")
     assert first.returncode == 0
     key = (tmp_path / "c" / "sites" / "a" / "auth.key").read_bytes()
     assert oct((tmp_path / "c" / "sites" / "a" / "auth.key").stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "c" / "ca.key").stat().st_mode & 0o777) == "0o600"
-    again = run_cli("certs", "init", tmp_path / "c", "--sites", "a,b,c")
+    again = run_cli("certs", "init", tmp_path / "c", "--demo-sites", "a,b,c")
     assert again.returncode == 0
     assert (tmp_path / "c" / "sites" / "a" / "auth.key").read_bytes() == key
     assert "sites/c/auth.key" in again.stderr and "sites/a/" not in again.stderr
-    other_hosts = run_cli("certs", "init", tmp_path / "c", "--sites", "a", "--host", "new.example")
+    other_hosts = run_cli("certs", "init", tmp_path / "c", "--demo-sites", "a", "--host", "new.example")
     assert other_hosts.returncode == 2 and "delete" in other_hosts.stderr
-    bad = run_cli("certs", "init", tmp_path / "c", "--sites", "../evil")
+    bad = run_cli("certs", "init", tmp_path / "c", "--demo-sites", "../evil")
     assert bad.returncode == 2 and "not valid" in bad.stderr
+
+
+def test_a_site_makes_its_own_keys_and_the_coordinator_registers_only_the_public_one(
+        tmp_path: Path):
+    certs, state = tmp_path / "certs", tmp_path / "state-a"
+    assert run_cli("certs", "init", certs).returncode == 0
+    assert not (certs / "sites").exists()  # no site key is made at the coordinator
+    made = run_cli("site", "init", "--name", "a", "--state", state)
+    assert made.returncode == 0 and "made its key pair" in made.stderr, made.stderr
+    assert oct((state / "auth.key").stat().st_mode & 0o777) == "0o600"
+    assert (state / "site-secret").stat().st_size == 32
+    key = (state / "auth.key").read_bytes()
+    kept = run_cli("site", "init", "--name", "a", "--state", state)
+    assert "kept its key pair" in kept.stderr and (state / "auth.key").read_bytes() == key
+    added = run_cli("certs", "add-site", certs, "--name", "a", "--pub", state / "auth.pub")
+    assert added.returncode == 0, added.stderr
+    assert (certs / "sites" / "a" / "auth.pub").read_bytes() == (state / "auth.pub").read_bytes()
+    assert not (certs / "sites" / "a" / "auth.key").exists()
+    again = run_cli("certs", "add-site", certs, "--name", "a", "--pub", state / "auth.pub")
+    assert again.returncode == 0  # the same key again: nothing changes
+    other = tmp_path / "state-b"
+    run_cli("site", "init", "--name", "b", "--state", other)
+    clash = run_cli("certs", "add-site", certs, "--name", "a", "--pub", other / "auth.pub")
+    assert clash.returncode == 2 and "registered with another key" in clash.stderr
+    (tmp_path / "junk.pub").write_text("ssh-ed25519 AAAA not a key\n")
+    junk = run_cli("certs", "add-site", certs, "--name", "c", "--pub", tmp_path / "junk.pub")
+    assert junk.returncode == 2 and "not an OpenSSH public key" in junk.stderr
+    missing = run_cli("site", "--certs", certs, "--name", "c", "--coordinator", "127.0.0.1:1",
+                      "--data", tmp_path / "none.npz", "--state", tmp_path / "state-c")
+    assert missing.returncode == 2 and "fedfuse site init --name c" in missing.stderr
 
 
 class tls_server:

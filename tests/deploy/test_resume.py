@@ -77,7 +77,15 @@ wait_for_sites = 90.0
 def test_a_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path):
     scenario = tmp_path / "four.toml"
     scenario.write_text(SCENARIO.format(test_data=tmp_path / "data" / "test.npz"))
-    assert run_cli("certs", "init", tmp_path / "certs", "--sites", ",".join(SITES)).returncode == 0
+    # every site makes its own keys (issue 23): the coordinator only ever holds auth.pub
+    certs = tmp_path / "certs"
+    assert run_cli("certs", "init", certs).returncode == 0
+    for name in SITES:
+        state = tmp_path / f"state-{name}"
+        assert run_cli("site", "init", "--name", name, "--state", state).returncode == 0
+        assert run_cli("certs", "add-site", certs, "--name", name,
+                       "--pub", state / "auth.pub").returncode == 0
+    assert not list(certs.rglob("auth.key"))  # keys the coordinator never saw
     res = run_cli("partition", scenario, "--out", tmp_path / "data", "--set", "data.source=digits")
     assert res.returncode == 0, res.stderr
     port, out = free_port(), tmp_path / "run"
