@@ -8,7 +8,10 @@ or a simulated one whose run keeps checkpoints) or lives in the Flower node's
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +74,12 @@ class LedgerStore(Protocol):
 
     def save(self, ledger: PrivacyLedger) -> None: ...
 
+    def held(self) -> AbstractContextManager[None]:
+        """Exclusive use of the ledger from load to save: a private round holds it, so
+        that two runs at one site cannot both read the same balance and one charge be
+        lost."""
+        ...
+
 
 class FileLedgerStore:
     """The ledger as a JSON file in a site's state directory, replaced atomically."""
@@ -93,6 +102,18 @@ class FileLedgerStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, ledger.to_dict())
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """An exclusive ``flock`` on ``<ledger>.lock`` (released when the process dies,
+        so a crash never leaves the ledger locked)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
 
 class RecordLedgerStore:
     """The ledger in a Flower ``Context.state`` (kept per node across rounds)."""
@@ -111,6 +132,10 @@ class RecordLedgerStore:
         from flwr.app import ConfigRecord
 
         self.state[self.KEY] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
+
+    def held(self) -> AbstractContextManager[None]:
+        """Nothing to hold: a node's Context is used by one message at a time."""
+        return nullcontext()
 
 
 def ledger_store_for(state_dir: Path | None, context: Any) -> LedgerStore:

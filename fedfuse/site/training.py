@@ -26,7 +26,7 @@ from fedfuse.models.training import LoopResult, make_loader, make_optimizer, tra
 from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
 from fedfuse.privacy.client_level import clip_update
 from fedfuse.privacy.dpsgd import make_private, noise_seed, request_noise_seed
-from fedfuse.privacy.ledger import ledger_store_for
+from fedfuse.privacy.ledger import LedgerStore, ledger_store_for
 from fedfuse.site.members import trainee
 from fedfuse.site.policy import capped_budget
 from fedfuse.site.replay import ReplayStore, request_key
@@ -75,9 +75,17 @@ def train_private(msg: Message, context: Context, site: Site, request: PrivacyRe
                   optimizer: torch.optim.Optimizer, seed: int) -> Trained:
     """Record-level DP-SGD under the site's own ledger, or the stored answer to this
     very request, or a refusal when the round would exceed the budget."""
+    store = ledger_store_for(site.state_dir, context)
+    with store.held():  # from reading the balance to charging it
+        return charged_round(msg, site, request, model, loader, optimizer, seed, store)
+
+
+def charged_round(msg: Message, site: Site, request: PrivacyRequest, model: torch.nn.Module,
+                  loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                  seed: int, store: LedgerStore) -> Trained:
+    """``train_private``'s round, with the ledger held."""
     cfg = wire.config(msg, "config")
     batch_size, epochs = wire.as_int(cfg, "batch-size"), wire.as_int(cfg, "local-epochs")
-    store = ledger_store_for(site.state_dir, context)
     ledger = open_ledger(store, request, len(site.train))
     plan = plan_round(ledger, request, len(site.train), batch_size, epochs)
     replays, key = None, request_key(wire.arrays(msg, "arrays"), cfg)
