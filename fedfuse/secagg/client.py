@@ -150,7 +150,7 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     for j, node in enumerate(nodes):
         if j != mine:
             sealed.append(crypto.seal(keys[j], b_shares[j] + s_shares[j],
-                                      associated_data(session, me, node)))
+                                      associated_data(session, me, node, t)))
             to.append(node)
     st.update({"threshold": t, "nodes": nodes, "share-keys": keys, "s-pk": s_pk, "b": b,
                "own-b": b_shares[mine], "own-s": s_shares[mine]})
@@ -218,7 +218,7 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
             continue
         key = share_keys[nodes.index(src)]
         try:
-            plain = crypto.unseal(key, blob, associated_data(session, src, me))
+            plain = crypto.unseal(key, blob, associated_data(session, src, me, threshold))
         except crypto.CryptoError:
             unreadable.append(src)
             continue

@@ -65,8 +65,10 @@ def usable_public_key(public: bytes) -> bool:
 
 
 def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
-    """K = HKDF-SHA256(X25519(private, peer_public), info=label), 32 bytes; symmetric:
-    agree(a, B, l) == agree(b, A, l). Raises CryptoError for an invalid public key."""
+    """K = HKDF-SHA256(X25519(private, peer_public), info = label ‖ min(P, Q) ‖ max(P, Q)),
+    32 bytes, P and Q the two public keys: symmetric, agree(a, B, l) == agree(b, A, l),
+    and bound to the very pair of keys (the same shared point reached from other
+    advertised keys gives another K). Raises CryptoError for an invalid public key."""
     return agree_all(private, [peer_public], label)[0]
 
 
@@ -74,13 +76,16 @@ def agree_all(private: bytes, peers: Sequence[bytes], label: bytes) -> list[byte
     """``agree(private, P, label)`` for every P in ``peers``, loading the private key once
     (loading it costs as much as one agreement)."""
     key = X25519PrivateKey.from_private_bytes(private)
+    own = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     out = []
     for peer in peers:
         try:
             shared = key.exchange(X25519PublicKey.from_public_bytes(peer))
         except ValueError as exc:
             raise CryptoError(f"unusable public key: {exc}") from None
-        out.append(HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label).derive(shared))
+        pair = min(own, peer) + max(own, peer)
+        out.append(HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label + pair)
+                   .derive(shared))
     return out
 
 

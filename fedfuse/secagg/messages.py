@@ -45,9 +45,11 @@ PAIR_MASK_LABEL = b"fedfuse/secagg/pair-mask/"
 SELF_MASK_LABEL = b"fedfuse/secagg/self-mask/"
 
 
-def associated_data(session: bytes, src: str, dst: str) -> bytes:
-    """Binds a sealed share to its session, sender and recipient (no replay elsewhere)."""
-    return b"|".join([session, src.encode(), dst.encode()])
+def associated_data(session: bytes, src: str, dst: str, threshold: int) -> bytes:
+    """Binds a sealed share to its session, sender, recipient and the threshold t it was
+    made for (no replay elsewhere, nor into a session run with another t); the sealing
+    key itself is bound to the two members' public keys (``crypto.agree``)."""
+    return b"|".join([session, src.encode(), dst.encode(), str(threshold).encode()])
 
 
 def share_commitment(session: bytes, kind: bytes, src: str, index: int, share: bytes) -> bytes:

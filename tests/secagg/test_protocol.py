@@ -19,6 +19,7 @@ from fedfuse.secagg.messages import (
     SHARE_RECORD,
     SHARES,
     UNMASK_RECORD,
+    associated_data,
 )
 from fedfuse.secagg.server import threshold_for
 from tests.helpers import SecAggHarness as Harness
@@ -87,7 +88,8 @@ def test_one_vector_cannot_be_unmasked_with_fewer_than_threshold_shares():
         key = crypto.agree(st["c"], h.session.keys[target][0],
                            b"fedfuse/secagg/share-key/" + session)
         plain = crypto.unseal(key, h.session.sealed[target][str(holder)],
-                              b"|".join([session, target.encode(), str(holder).encode()]))
+                              associated_data(session, target, str(holder),
+                                              h.session.share_threshold))
         return h.session.u1.index(str(holder)) + 1, plain[:shamir.SHARE_BYTES]
 
     with pytest.raises(ValueError):
@@ -170,8 +172,8 @@ def test_members_failing_setup_do_not_lower_the_share_threshold(neighbours):
             key = crypto.agree(st["c"], h.session.keys[str(target)][0],
                                b"fedfuse/secagg/share-key/" + session)
             plain = crypto.unseal(key, h.session.sealed[str(target)][str(holder)],
-                                  b"|".join([session, str(target).encode(),
-                                             str(holder).encode()]))
+                                  associated_data(session, str(target), str(holder),
+                                                  h.session.share_threshold))
             half = shamir.SHARE_BYTES
             out[h.session.share_index(str(target), str(holder))] = \
                 plain[kind * half:(kind + 1) * half]
@@ -226,6 +228,30 @@ def test_share_replayed_from_another_session_is_unreadable():
     node = int(node)
     answer = client.unmask(h2.states[node], rec, str(node))
     assert answer["unreadable"] == [rec["from"][0]]
+
+
+def test_a_share_sealed_for_another_threshold_or_key_pair_does_not_open():
+    a, b = crypto.new_private_key(), crypto.new_private_key()
+    A, B = crypto.public_key(a), crypto.public_key(b)
+    k = crypto.agree(a, B, b"l")
+    assert k == crypto.agree(b, A, b"l")  # symmetric
+    blob = crypto.seal(k, b"share", associated_data(b"s" * 16, "1", "2", 3))
+    assert crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 3)) == b"share"
+    with pytest.raises(crypto.CryptoError):  # the recipient runs the session with t = 2
+        crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 2))
+    # k = HKDF(X25519(a, B), info = l ‖ min(A, B) ‖ max(A, B)): bound to the two
+    # advertised keys, not only to the shared point (equivalent encodings of a point
+    # reach the same X25519 output)
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    shared = X25519PrivateKey.from_private_bytes(a).exchange(X25519PublicKey.from_public_bytes(B))
+    assert k == HKDF(hashes.SHA256(), 32, salt=None,
+                     info=b"l" + min(A, B) + max(A, B)).derive(shared)
 
 
 def test_client_refuses_a_substituted_key_and_contradictory_requests():
