@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedfuse.secagg import SecAggSession, client
+from fedfuse.secagg import SecAggSession, client, crypto
 from fedfuse.secagg.messages import MASKED, SETUP_RECORD, SHARE_RECORD, UNMASK_RECORD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,11 +79,15 @@ class SecAggHarness:
     the ClientApp answers whatever message they ride on."""
 
     def __init__(self, n: int, fraction: float = 0.6, length: int = SECAGG_LENGTH,
-                 states: dict[int, RecordDict] | None = None, neighbours: int = 0) -> None:
+                 states: dict[int, RecordDict] | None = None, neighbours: int = 0,
+                 verify: bool = False, pinned: frozenset[bytes] = frozenset()) -> None:
         self.nodes = list(range(101, 101 + n))
         self.states = states if states is not None else {node: RecordDict()
                                                          for node in self.nodes}
         self.session = SecAggSession("test", self.nodes, fraction, length, neighbours)
+        self.identities = {node: client.Identity(crypto.identity_key(bytes([node % 256]) * 32),
+                                                 verify, pinned) for node in self.nodes}
+        """Each node's signing key (derived from a stand-in secret) and its demands."""
         self.inputs = {node: np.random.default_rng(node).integers(0, 2**20, length,
                                                                    dtype=np.uint64)
                        for node in self.nodes}
@@ -100,7 +104,8 @@ class SecAggHarness:
                 for n, rec in s.unmask_records().items()}
 
     def answer(self, requests: dict[int, RecordDict], skip=()) -> list[Message]:
-        return [reply_from(node, client.answer(self.states[node], content, str(node)))
+        return [reply_from(node, client.answer(self.states[node], content, str(node),
+                                               self.identities[node]))
                 for node, content in requests.items() if node not in skip]
 
     def keys(self, skip=()) -> None:

@@ -203,7 +203,7 @@ def site_init(
 ) -> None:
     """Make this site's node-authentication key pair and secret, here at the site: the
     private key never leaves it; hand auth.pub to the coordinator."""
-    from fedfuse.deploy.site import init_site
+    from fedfuse.deploy.site import identity, init_site
 
     directory = state or Path(f"site-{name}-state")
     pub, made = init_site(name, directory)
@@ -211,3 +211,5 @@ def site_init(
                   f"(auth.key stays here); give the coordinator {pub} to register with "
                   f"`fedfuse certs add-site CERTS --name {name} --pub auth.pub`",
                   markup=False, highlight=False)
+    console.print(f"site {name}: secure-aggregation identity {identity(directory)} (other "
+                  "sites may pin it in their policy's peers)", markup=False, highlight=False)

@@ -72,6 +72,14 @@ def site_key(opts: SiteOptions) -> Path:
     return own if own.is_file() else CertsDir(opts.certs).site_key(opts.name)
 
 
+def identity(state: Path) -> str:
+    """The site's secure-aggregation identity (hex Ed25519 public key, derived from its
+    secret): what other sites pin in their policy's ``peers``."""
+    from fedfuse.secagg import crypto
+
+    return crypto.identity_public(crypto.identity_key(site_secret(state))).hex()
+
+
 def init_site(name: str, state: Path) -> tuple[Path, bool]:
     """Make the site's node-authentication key pair (EC P-384, OpenSSH; private key
     0600) and its secret in ``state``, here at the site; returns the public key's path
@@ -215,7 +223,8 @@ def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
     probe_coordinator(Address.parse(opts.coordinator), ca, opts.connect_timeout, say)
     say(f"site {opts.name}: coordinator {opts.coordinator} verified; joining "
         f"(state in {opts.state}, SuperNode log in {opts.state / 'supernode.log'})")
-    say(f"site {opts.name}: policy {opts.policy or '(default)'}: {policy.summary()}")
+    say(f"site {opts.name}: policy {opts.policy or '(default)'}: {policy.summary()}; "
+        f"identity {identity(opts.state)}")
     from fedfuse.deploy.apps import client_app
     from fedfuse.deploy.warm import WarmSite
 

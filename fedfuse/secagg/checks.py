@@ -11,8 +11,8 @@ import numpy as np
 from flwr.app import Array, ConfigRecord
 
 from fedfuse.errors import FedfuseError
-from fedfuse.secagg import shamir
-from fedfuse.secagg.messages import share_commitment
+from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg.messages import advertisement, share_commitment
 
 if TYPE_CHECKING:
     from fedfuse.secagg.server import SecAggSession
@@ -72,6 +72,18 @@ def masked_vector(array: Array, length: int) -> np.ndarray | str:
     if vec.dtype != np.uint64 or vec.shape != (length,):
         return f"vector is {vec.dtype}{list(vec.shape)}, {expected}"
     return vec
+
+
+def signed_identity(session: bytes, node: str, rec: ConfigRecord, c_pk: bytes,
+                    s_pk: bytes) -> tuple[bytes, bytes] | None:
+    """A member's (identity public key, signature of its advertisement) from its setup
+    answer, (b"", b"") without them; None if they are there and do not verify."""
+    pid, sig = rec.get("identity", b""), rec.get("signature", b"")
+    if not (isinstance(pid, bytes) and isinstance(sig, bytes)):
+        return None
+    if pid and not crypto.verifies(pid, sig, advertisement(session, node, c_pk, s_pk)):
+        return None
+    return pid, sig
 
 
 def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:

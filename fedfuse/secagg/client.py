@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,12 +48,14 @@ from fedfuse.secagg.messages import (
     SHARE_RECORD,
     STAGES,
     UNMASK_RECORD,
+    advertisement,
     associated_data,
     share_commitment,
 )
 from fedfuse.wire import WireError, as_bytes, as_int, as_list
 
-__all__ = ["MASKED", "RECORD", "SecAggError", "answer", "mask", "setup", "share", "unmask"]
+__all__ = ["MASKED", "RECORD", "Identity", "SecAggError", "answer", "mask", "setup", "share",
+           "unmask"]
 
 T = TypeVar("T")
 
@@ -104,8 +107,23 @@ def _finish(state: RecordDict, key: str) -> None:
     del state[key]
 
 
-def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
-    """Stage 1: fresh key pairs for this session; answer their public halves."""
+@dataclass(frozen=True)
+class Identity:
+    """A site's identity in secure aggregation: the key it signs its advertisements
+    with, and what it demands of its peers' (its policy, ``fedfuse.site.policy``)."""
+
+    key: bytes
+    """The Ed25519 private key (``crypto.identity_key``)."""
+    verify: bool = False
+    """Verify every member's signed advertisement before sharing with it."""
+    pinned: frozenset[bytes] = frozenset()
+    """If not empty, the only identity public keys a member may have."""
+
+
+def setup(state: RecordDict, request: ConfigRecord, me: str = "",
+          identity: Identity | None = None) -> ConfigRecord:
+    """Stage 1: fresh key pairs for this session; answer their public halves (signed
+    with ``identity``, as node ``me``, when there is one)."""
     session = _session(request)
     _require(len(session) == SESSION_BYTES, f"a session id is {SESSION_BYTES} bytes")
     _require(state_key(session) not in state.config_records,
@@ -120,11 +138,34 @@ def setup(state: RecordDict, request: ConfigRecord) -> ConfigRecord:
     c_pk, s_pk = crypto.public_key(c), crypto.public_key(s)
     state[state_key(session)] = ConfigRecord({"session": session, "serial": serial, "c": c,
                                               "s": s, "own-c-pk": c_pk, "own-s-pk": s_pk})
-    return ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})
+    keys = ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})
+    if identity is not None:
+        keys["identity"] = crypto.identity_public(identity.key)
+        keys["signature"] = crypto.sign(identity.key, advertisement(session, me, c_pk, s_pk))
+    return keys
 
 
-def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
-    """Stage 2: share b and s among the members in ``request["nodes"]``, sealed to each."""
+def check_advertisements(request: ConfigRecord, session: bytes, nodes: list[str],
+                         c_pk: list[bytes], s_pk: list[bytes], identity: Identity) -> None:
+    """Refuse unless every member's keys carry its identity's signature (and, with pins,
+    the identity is a pinned one): a coordinator that substitutes a member's keys
+    cannot sign them as that member."""
+    ids = _fields(as_list, request, "identity", bytes)
+    sigs = _fields(as_list, request, "signature", bytes)
+    _require(len(ids) == len(sigs) == len(nodes), "the members' identities and signatures "
+             "do not match the member list")
+    for node, pid, sig, c, s in zip(nodes, ids, sigs, c_pk, s_pk, strict=True):
+        _require(crypto.verifies(pid, sig, advertisement(session, node, c, s)),
+                 f"member {node}'s key advertisement is not signed by its identity (keys "
+                 "substituted?)")
+        _require(not identity.pinned or pid in identity.pinned,
+                 f"member {node}'s identity {pid.hex()[:16]}... is not one this site pins")
+
+
+def share(state: RecordDict, request: ConfigRecord, me: str,
+          identity: Identity | None = None) -> ConfigRecord:
+    """Stage 2: share b and s among the members in ``request["nodes"]``, sealed to each
+    (after checking their signed advertisements, if ``identity`` says so)."""
     session = _session(request)
     st = _state(state, session)
     _require("b" not in st, "a second share request in one session")
@@ -142,6 +183,8 @@ def share(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
              "two members advertise the same public key")
     _require(2 <= t <= len(nodes) and 2 * t > len(nodes),
              f"threshold {t} is not a majority of the {len(nodes)} members")
+    if identity is not None and identity.verify:
+        check_advertisements(request, session, nodes, c_pk, s_pk, identity)
     b = os.urandom(shamir.SECRET_BYTES)
     b_shares, s_shares = shamir.split_secrets([b, s_key], t, len(nodes))
     to, sealed = [], []
@@ -237,14 +280,16 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
                          "s-shares": s_shares, "unreadable": unreadable})
 
 
-def answer(state: RecordDict, content: RecordDict, me: str) -> RecordDict:
+def answer(state: RecordDict, content: RecordDict, me: str,
+           identity: Identity | None = None) -> RecordDict:
     """The answers to every stage request riding in ``content`` (``STAGES`` order), one
     record each; a refused stage answers nothing and its reason goes to ``REFUSED``, so
     the message's other stages (and its training) still count."""
     out = RecordDict()
     refused: dict[str, str] = {}
     stages = {UNMASK_RECORD: lambda st, rq: unmask(st, rq, me),
-              SHARE_RECORD: lambda st, rq: share(st, rq, me), SETUP_RECORD: setup}
+              SHARE_RECORD: lambda st, rq: share(st, rq, me, identity),
+              SETUP_RECORD: lambda st, rq: setup(st, rq, me, identity)}
     for request, reply in STAGES:
         if request in content.config_records:
             try:

@@ -3,7 +3,8 @@
 - key agreement: X25519, the shared secret stretched by HKDF-SHA256 with a context label;
 - authenticated encryption of shares: ChaCha20-Poly1305 with a random 96-bit nonce and
   associated data that binds a ciphertext to its session, sender and recipient;
-- masks: the ChaCha20 keystream of a 256-bit key, read as little-endian uint64 words.
+- masks: the ChaCha20 keystream of a 256-bit key, read as little-endian uint64 words;
+- identities: Ed25519, a site's long-term key signing its per-session advertisements.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -87,6 +89,36 @@ def agree_all(private: bytes, peers: Sequence[bytes], label: bytes) -> list[byte
         out.append(HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label + pair)
                    .derive(shared))
     return out
+
+
+IDENTITY_LABEL = b"fedfuse/secagg/identity"
+
+
+def identity_key(secret: bytes) -> bytes:
+    """A site's long-term Ed25519 identity key (32 raw bytes), derived from its secret:
+    made at the site, never sent; peers may pin its public half (``identity_public``).
+    It signs the site's per-session key advertisements; it is not the node
+    authentication key, whose signatures the coordinator's SuperLink sees."""
+    return derive(secret, IDENTITY_LABEL)
+
+
+def identity_public(private: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw)
+
+
+def sign(private: bytes, message: bytes) -> bytes:
+    """An Ed25519 signature of ``message`` (64 bytes)."""
+    return Ed25519PrivateKey.from_private_bytes(private).sign(message)
+
+
+def verifies(public: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``message``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def derive(key: bytes, label: bytes) -> bytes:

@@ -57,3 +57,9 @@ def share_commitment(session: bytes, kind: bytes, src: str, index: int, share: b
     digest hides them, and a recipient who returns another value is caught."""
     return digest(b"fedfuse/secagg/share", session, kind, src.encode(),
                   index.to_bytes(4, "big"), share)
+
+
+def advertisement(session: bytes, node: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a member signs with its identity key at setup: its two public keys for this
+    session, as node ``node``."""
+    return digest(b"fedfuse/secagg/advertisement", session, node.encode(), c_pk, s_pk)

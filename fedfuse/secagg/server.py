@@ -31,6 +31,7 @@ from fedfuse.secagg.checks import (
     masked_vector,
     node_ids,
     rebuild,
+    signed_identity,
     verified_shares,
 )
 from fedfuse.secagg.graph import neighbourhoods
@@ -83,6 +84,8 @@ class SecAggSession:
         """Node id -> why it left the session."""
         self.keys: dict[str, tuple[bytes, bytes]] = {}
         """U1: node -> (c_pk, s_pk)."""
+        self.identities: dict[str, tuple[bytes, bytes]] = {}
+        """U1: node -> (identity public key, its signature of the keys), or b"" each."""
         self.sealed: dict[str, dict[str, bytes]] = {}
         """U2: sharer -> recipient -> sealed shares."""
         self.commitments: dict[str, dict[str, Any]] = {}
@@ -113,9 +116,12 @@ class SecAggSession:
                                  "would be secret)")
             elif c_pk in seen or s_pk in seen or c_pk == s_pk:
                 self._drop(node, "setup: a public key already advertised in this session")
+            elif (signed := signed_identity(self.session, node, rec, c_pk, s_pk)) is None:
+                self._drop(node, "setup: the key advertisement's signature does not verify")
             else:
                 seen.update((c_pk, s_pk))
                 self.keys[node] = (c_pk, s_pk)
+                self.identities[node] = signed
         self._require(len(self.keys), "advertised keys")
         self.graph = neighbourhoods(self.u1, self.neighbours, random.SystemRandom())
 
@@ -126,11 +132,15 @@ class SecAggSession:
         return [n for n in self.selected if n in self.keys]
 
     def share_records(self) -> dict[str, ConfigRecord]:
-        """Stage 2's request to each U1 member u: N(u) with its keys, and t_u."""
+        """Stage 2's request to each U1 member u: N(u) with its keys and signed
+        advertisements, and t_u."""
         return {u: ConfigRecord({
             "session": self.session, "threshold": self.share_threshold,
             "nodes": hood, "c-pk": [self.keys[n][0] for n in hood],
-            "s-pk": [self.keys[n][1] for n in hood]}) for u, hood in self.graph.items()}
+            "s-pk": [self.keys[n][1] for n in hood],
+            "identity": [self.identities[n][0] for n in hood],
+            "signature": [self.identities[n][1] for n in hood]})
+            for u, hood in self.graph.items()}
 
     def receive_shares(self, replies: Iterable[Message]) -> None:
         for node, rec in self._records(replies, self.u1, "share", SHARES):

@@ -144,13 +144,14 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
             reply.content["privacy"] = ConfigRecord(done.privacy)
         if checked is not None:
             reply.content[VALIDATION] = checked
-        return answered(msg, context, reply)
+        return answered(msg, context, reply, site)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
+        site = site_of(context)
         return answered(msg, context, Message(
-            RecordDict({"metrics": validation(msg, site_of(context))}), reply_to=msg))
+            RecordDict({"metrics": validation(msg, site)}), reply_to=msg), site)
 
     @app.query("fusion")
     def fusion_statistics(msg: Message, context: Context) -> Message:
@@ -164,14 +165,14 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         A, b = brier_statistics(probas, site.val.y)
         if secagg.RECORD in msg.content:
             return answered(msg, context, masked_reply(msg, context, encode_fixed(
-                np.concatenate([A.ravel(), b, [len(site.val)]]))))
+                np.concatenate([A.ravel(), b, [len(site.val)]]))), site)
         content = RecordDict({"stats": ArrayRecord({"A": Array(A), "b": Array(b)}),
                               "metrics": MetricRecord({"num-examples": len(site.val)})})
         return Message(content=content, reply_to=msg)
 
     @app.query("secagg")
     def secagg_stages(msg: Message, context: Context) -> Message:
-        return answered(msg, context, Message(RecordDict(), reply_to=msg))
+        return answered(msg, context, Message(RecordDict(), reply_to=msg), site_of(context))
 
     return app
 

@@ -50,6 +50,17 @@ class SitePolicy:
     """Updates and statistics leave the site only masked."""
     min_cohort_size: int = 3
     """The fewest members a masked sum may be over (two would reveal each other)."""
+    verify_keys: bool = True
+    """Share only with members whose per-session keys carry their identity's signature
+    (a coordinator substituting a member's keys cannot sign them)."""
+    peers: tuple[str, ...] = ()
+    """Pinned identities (hex Ed25519 public keys, ``fedfuse site init`` prints each
+    site's): if any, every member of a session must have one of them; unpinned, a
+    coordinator could still present identities of its own making (Sybils)."""
+
+    @property
+    def pinned(self) -> frozenset[bytes]:
+        return frozenset(bytes.fromhex(p) for p in self.peers)
 
     def __post_init__(self) -> None:
         if self.require_dp not in DP_LEVELS:
@@ -60,6 +71,10 @@ class SitePolicy:
                                f"{self.max_epsilon}")
         if self.max_delta is not None and not 0 < self.max_delta < 1:
             raise FedfuseError(f"policy max_delta must be in (0, 1), got {self.max_delta}")
+        if any(len(p) != 64 or not all(c in "0123456789abcdefABCDEF" for c in p)
+               for p in self.peers):
+            raise FedfuseError("policy peers must be hex Ed25519 public keys (64 hex "
+                               "digits each, as `fedfuse site init` prints them)")
         if self.min_cohort_size < 3:
             raise FedfuseError(f"policy min_cohort_size must be at least 3 (a sum over two "
                                f"reveals each to the other), got {self.min_cohort_size}")
@@ -90,11 +105,16 @@ def load_policy(path: Path | None) -> SitePolicy:
                            f"{', '.join(known)})")
     types: dict[str, tuple[type, ...]] = {
         "require_dp": (str,), "max_epsilon": (int, float), "max_delta": (int, float),
-        "require_secure_aggregation": (bool,), "min_cohort_size": (int,)}
+        "require_secure_aggregation": (bool,), "min_cohort_size": (int,),
+        "verify_keys": (bool,), "peers": (list,)}
     for key, value in raw.items():
         if isinstance(value, bool) != (types[key] == (bool,)) or \
                 not isinstance(value, types[key]):
             raise FedfuseError(f"{path}: policy {key} = {value!r} has the wrong type")
+    if "peers" in raw:
+        if not all(isinstance(p, str) for p in raw["peers"]):
+            raise FedfuseError(f"{path}: policy peers must be strings")
+        raw["peers"] = tuple(raw["peers"])
     return SitePolicy(**raw)
 
 

@@ -19,7 +19,7 @@ from fedfuse import wire
 from fedfuse.data.sites import Site
 from fedfuse.models.training import LoopResult
 from fedfuse.privacy.dpsgd import noise_seed
-from fedfuse.secagg import Quantizer, encode_update
+from fedfuse.secagg import Quantizer, crypto, encode_update
 from fedfuse.secagg import client as secagg
 
 
@@ -55,11 +55,20 @@ def masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
                    reply_to=msg)
 
 
-def answered(msg: Message, context: Context, reply: Message) -> Message:
+def answered(msg: Message, context: Context, reply: Message, site: Site) -> Message:
     """``reply`` with the answers to the secure-aggregation stages riding on ``msg``
     (``fedfuse.secagg.client.answer``), given after the message's own work (its
     masking, for one session, comes before another session's setup)."""
-    for name, record in secagg.answer(context.state, msg.content,
-                                      str(context.node_id)).config_records.items():
+    for name, record in secagg.answer(context.state, msg.content, str(context.node_id),
+                                      identity_of(site)).config_records.items():
         reply.content[name] = record
     return reply
+
+
+def identity_of(site: Site) -> secagg.Identity:
+    """The site's identity in secure aggregation: its Ed25519 key (derived from its
+    secret), and whether its policy verifies its peers' signed keys (and pins them)."""
+    policy = site.policy
+    return secagg.Identity(crypto.identity_key(site.secret),
+                           verify=policy is not None and policy.verify_keys,
+                           pinned=policy.pinned if policy is not None else frozenset())

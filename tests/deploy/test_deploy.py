@@ -327,6 +327,7 @@ def test_a_site_makes_its_own_keys_and_the_coordinator_registers_only_the_public
     assert not (certs / "sites").exists()  # no site key is made at the coordinator
     made = run_cli("site", "init", "--name", "a", "--state", state)
     assert made.returncode == 0 and "made its key pair" in made.stderr, made.stderr
+    assert "secure-aggregation identity" in made.stderr  # the hex key peers may pin
     assert oct((state / "auth.key").stat().st_mode & 0o777) == "0o600"
     assert (state / "site-secret").stat().st_size == 32
     key = (state / "auth.key").read_bytes()

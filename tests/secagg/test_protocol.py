@@ -19,6 +19,7 @@ from fedfuse.secagg.messages import (
     SHARE_RECORD,
     SHARES,
     UNMASK_RECORD,
+    advertisement,
     associated_data,
 )
 from fedfuse.secagg.server import threshold_for
@@ -455,3 +456,52 @@ def test_a_prepared_session_that_lost_a_member_at_setup_does_not_cover_it():
     assert covers(h.session, h.nodes[:4])
     # a round that samples it needs a fresh session, else it would silently miss the round
     assert not covers(h.session, h.nodes)
+
+
+# -- signed key advertisements (issue 23: a coordinator that substitutes keys) ----------
+
+def test_a_coordinator_substituting_a_members_keys_is_caught_before_anything_is_shared():
+    h = Harness(5, verify=True)  # every site signs its keys and checks the others'
+    h.keys()
+    target = h.session.u1[0]
+    forged = crypto.public_key(crypto.new_private_key())  # the coordinator's own key
+    requests = h.requests("share")
+    for node, content in requests.items():
+        rec = content.config_records["secagg-share"]
+        if str(node) != target:  # shown to everyone else as the target's key
+            rec["c-pk"] = [forged if n == target else k for n, k in zip(rec["nodes"],
+                                                                      rec["c-pk"])]
+    replies = h.answer(requests)
+    honest = [r for r in replies if str(r.metadata.src_node_id) != target]
+    for reply in honest:  # no share sealed to the forged key, nor to anyone
+        assert SHARES not in reply.content.config_records
+        assert "not signed by its identity" in reply.content[REFUSED][SHARES]
+    with pytest.raises(SecAggAbort, match="shared their keys"):
+        h.session.receive_shares(replies)  # the session ends, nothing was revealed
+
+
+def test_pinned_identities_stop_a_coordinator_that_also_forges_the_identity():
+    def forge(h: Harness) -> list:
+        """The coordinator replaces the target's keys and identity by its own, signed."""
+        h.keys()
+        target, session = h.session.u1[0], h.session.session
+        fake_id = crypto.identity_key(b"coordinator" + bytes(21))
+        c, s = (crypto.public_key(crypto.new_private_key()) for _ in range(2))
+        requests = h.requests("share")
+        for node, content in requests.items():
+            rec = content.config_records["secagg-share"]
+            i = list(rec["nodes"]).index(target)
+            if str(node) != target:
+                for field, value in (("c-pk", c), ("s-pk", s),
+                                     ("identity", crypto.identity_public(fake_id)),
+                                     ("signature", crypto.sign(fake_id, advertisement(
+                                         session, target, c, s)))):
+                    rec[field] = [value if j == i else v for j, v in enumerate(rec[field])]
+        return [r for r in h.answer(requests) if str(r.metadata.src_node_id) != target]
+
+    unpinned = forge(Harness(5, verify=True))
+    assert all(SHARES in r.content.config_records for r in unpinned)  # a Sybil passes
+    sites = Harness(5).identities
+    pins = frozenset(crypto.identity_public(i.key) for i in sites.values())
+    pinned = forge(Harness(5, verify=True, pinned=pins))
+    assert all("is not one this site pins" in r.content[REFUSED][SHARES] for r in pinned)

@@ -100,6 +100,9 @@ def test_a_policy_file_is_read_and_checked(tmp_path):
     policy = load_policy(path)
     assert (policy.require_dp, policy.max_epsilon, policy.min_cohort_size) == ("client", 2.5, 5)
     assert policy.require_secure_aggregation is True  # unset keys keep the safe default
+    assert policy.verify_keys is True and policy.pinned == frozenset()
+    path.write_text(f'peers = ["{"ab" * 32}"]\nverify_keys = true\n')
+    assert load_policy(path).pinned == {bytes.fromhex("ab" * 32)}
     assert "lifetime ε ≤ 8" in load_policy(None).summary()
     for text, what in (('max_epsilons = 3\n', "unknown policy key"),
                        ('max_epsilon = "8"\n', "wrong type"),
@@ -107,7 +110,10 @@ def test_a_policy_file_is_read_and_checked(tmp_path):
                        ('require_dp = "maybe"\n', "must be one of"),
                        ('min_cohort_size = 2\n', "at least 3"),
                        ('max_epsilon = 0\n', "> 0"),
-                       ('max_epsilon = \n', "cannot read")):
+                       ('max_epsilon = \n', "cannot read"),
+                       ('peers = ["zz"]\n', "hex Ed25519"),
+                       ('peers = [1]\n', "must be strings"),
+                       ('verify_keys = "yes"\n', "wrong type")):
         path.write_text(text)
         with pytest.raises(FedfuseError, match=what):
             load_policy(path)
