@@ -278,7 +278,8 @@ def test_site_checks_its_key_before_connecting(federation: Path, tmp_path: Path)
     res = run_cli("site", "--coordinator", "127.0.0.1:1", "--certs", federation / "certs",
                   "--name", "nobody", "--data", federation / "data" / "a.npz",
                   "--state", tmp_path / "s")
-    assert res.returncode == 2 and "sites/nobody/auth.key is missing" in res.stderr
+    assert res.returncode == 2 and "site nobody has no key" in res.stderr
+    assert "fedfuse site init --name nobody" in res.stderr
 
 
 def test_coordinator_refuses_an_expired_certificate(tmp_path: Path):
