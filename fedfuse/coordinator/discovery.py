@@ -18,8 +18,6 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.wire import WireError
 
 log = logging.getLogger("fedfuse.coordinator")
-REASK_PAUSE = 1.0
-"""Seconds between two rounds of asking the registered sites that have not answered."""
 
 
 def connected(grid: Grid, cfg: FedfuseConfig, sites: dict[int, str] | None) -> list[int]:
@@ -92,7 +90,6 @@ def answers(grid: Grid, cfg: FedfuseConfig, nodes: list[int],
             break
         log.info("asking %d site(s) again: %s", len(missing),
                  ", ".join(sites.get(n, str(n)) for n in missing))
-        time.sleep(REASK_PAUSE)  # a site offline right now is not even sent the query
     return replies
 
 

@@ -33,10 +33,6 @@ class BoundedGrid(GridView):
     Each message expires when the wait ends (its TTL), so a site that connects later is
     not handed work for a phase that is over (training it would spend ε for nothing).
 
-    In deployment, messages to nodes the SuperLink does not list as online (a site that
-    signed off) are not sent: they count as unanswered at once instead of after
-    ``timeout``.
-
     Replies are pulled by this Grid itself (the public ``push_messages`` /
     ``pull_messages``): every ``POLL`` seconds within a window (simulation) instead of
     the in-memory Grid's 0.1 s, else (deployment) every ``DEPLOYED_POLL`` seconds
@@ -61,9 +57,6 @@ class BoundedGrid(GridView):
         limit = timeout or self._timeout
         now = time.time()
         batch = list(messages)
-        if not self._window and batch:  # deployment: a node the SuperLink lists offline
-            online = set(self._base.get_node_ids())  # (signed off) would only time out
-            batch = [m for m in batch if m.metadata.dst_node_id in online]
         for msg in batch:
             msg.metadata.ttl = now - msg.metadata.created_at + limit
         return self._windowed(batch, time.monotonic() + limit)
