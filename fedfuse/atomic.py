@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half.
-    ``durable``: fsync the file and its directory, so the new file survives a power cut
-    (without it, a process crash still leaves the old or the new file)."""
-    path = Path(path)
+def _temporary(path: Path, data: bytes, durable: bool) -> str:
+    """A new temporary file (mode 0600) beside ``path`` holding ``data``, fsynced if
+    ``durable``; its name. A failed write removes it and raises."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -22,6 +20,19 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half.
+    ``durable``: fsync the file and its directory, so the new file survives a power cut
+    (without it, a process crash still leaves the old or the new file)."""
+    path = Path(path)
+    tmp = _temporary(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,12 +55,8 @@ def create_private(path: str | Path, data: bytes) -> None:
     replaces a file (raises FileExistsError if it exists); a failed write (a full disk)
     raises and leaves no file, not a short one. For keys and secrets."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temporary(path, data, durable=True)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.link(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
