@@ -198,7 +198,7 @@ ACTIVATION_PATIENCE = 75.0
 """Seconds a site keeps asking to be admitted: a SuperLink counts a node online until
 two of its 30 s heartbeats are missed, and refuses to admit its key again until then
 (a site killed with its SuperNode before it signed off, restarted at once)."""
-ACTIVATION_RETRY = 5.0
+ACTIVATION_RETRY = 2.0
 
 
 def explain_exit(code: int, log_tail: str, opts: SiteOptions) -> str:
