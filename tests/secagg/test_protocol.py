@@ -343,13 +343,19 @@ def test_two_sessions_live_at_one_site_each_sum_correctly_and_keep_their_own_key
     assert np.array_equal(following.unmask(), following.plain_sum(following.nodes))
 
 
-def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
-    now = Harness(4)
+def live_pair(n: int = 4) -> tuple[Harness, Harness]:
+    """A session its members masked for, and the next one set up at the same sites."""
+    now = Harness(n)
     now.keys()
     now.shares()
     now.masked()
-    following = Harness(4, states=now.states)
+    following = Harness(n, states=now.states)
     following.keys()
+    return now, following
+
+
+def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
+    now, following = live_pair()
     following.shares()
     node, rec = next(iter(now.session.unmask_records().items()))
     both = ConfigRecord(dict(rec))
@@ -365,12 +371,7 @@ def test_revealing_b_and_s_of_one_member_is_refused_in_each_live_session():
 
 
 def test_a_bad_peer_key_in_one_stage_leaves_the_other_stage_answered():
-    now = Harness(4)
-    now.keys()
-    now.shares()
-    now.masked()
-    following = Harness(4, states=now.states)
-    following.keys()
+    now, following = live_pair()
     node, unmask = next(iter(now.session.unmask_records().items()))
     share = ConfigRecord(dict(following.session.share_records()[node]))
     mine = list(share["nodes"]).index(node)
