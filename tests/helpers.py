@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedfuse.secagg import SecAggSession, client, crypto
-from fedfuse.secagg.messages import MASKED, SETUP_RECORD, SHARE_RECORD, UNMASK_RECORD
+from fedfuse.secagg import SecAggSession, client, consistency, crypto
+from fedfuse.secagg.messages import (
+    CHECK_RECORD,
+    MASKED,
+    SETUP_RECORD,
+    SHARE_RECORD,
+    UNMASK_RECORD,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDFUSE = [sys.executable, "-m", "fedfuse"]
@@ -80,13 +86,16 @@ class SecAggHarness:
 
     def __init__(self, n: int, fraction: float = 0.6, length: int = SECAGG_LENGTH,
                  states: dict[int, RecordDict] | None = None, neighbours: int = 0,
-                 verify: bool = False, pinned: frozenset[bytes] = frozenset()) -> None:
+                 verify: bool = False, pinned: frozenset[bytes] = frozenset(),
+                 consistency: bool = False) -> None:
         self.nodes = list(range(101, 101 + n))
         self.states = states if states is not None else {node: RecordDict()
                                                          for node in self.nodes}
-        self.session = SecAggSession("test", self.nodes, fraction, length, neighbours)
+        self.session = SecAggSession("test", self.nodes, fraction, length, neighbours,
+                                     consistency)
         self.identities = {node: client.Identity(crypto.identity_key(bytes([node % 256]) * 32),
-                                                 verify, pinned) for node in self.nodes}
+                                                 verify, pinned, consistency)
+                           for node in self.nodes}
         """Each node's signing key (derived from a stand-in secret) and its demands."""
         self.inputs = {node: np.random.default_rng(node).integers(0, 2**20, length,
                                                                    dtype=np.uint64)
@@ -94,12 +103,15 @@ class SecAggHarness:
         self.received: dict[int, np.ndarray] = {}
 
     def requests(self, stage: str) -> dict[int, RecordDict]:
-        """Each node's message content for ``stage`` (setup, share or unmask)."""
+        """Each node's message content for ``stage`` (setup, share, check or unmask)."""
         s = self.session
         if stage == "setup":
             return {int(n): RecordDict({SETUP_RECORD: s.setup_record()}) for n in s.selected}
         if stage == "share":
             return {int(n): RecordDict({SHARE_RECORD: rec}) for n, rec in s.share_records().items()}
+        if stage == "check":
+            return {int(n): RecordDict({CHECK_RECORD: rec})
+                    for n, rec in consistency.check_records(s).items()}
         return {int(n): RecordDict({UNMASK_RECORD: rec})
                 for n, rec in s.unmask_records().items()}
 
@@ -127,6 +139,10 @@ class SecAggHarness:
                 {"vector": Array(vec)})})))
         self.session.receive_masked(replies)
 
+    def check(self, skip=()) -> None:
+        """The consistency check: U3 to every survivor, its signature back."""
+        consistency.receive_signatures(self.session, self.answer(self.requests("check"), skip))
+
     def unmask(self, edit=None) -> np.ndarray:
         replies = self.answer(self.requests("unmask"))
         return self.session.receive_unmask(edit(replies) if edit else replies)
@@ -136,6 +152,8 @@ class SecAggHarness:
         self.keys(drop_before_keys)
         self.shares(edit=edit_shares)
         self.masked(drop_after_shares)
+        if self.session.consistency:
+            self.check()
         return self.unmask(edit_unmask)
 
     def plain_sum(self, nodes) -> np.ndarray:

@@ -229,10 +229,17 @@ class SecureAggregationConfig:
 
     enabled: bool = True
     """Mask every update so that the coordinator learns only each cohort's sum."""
-    threshold: float = 0.6
+    threshold: float = 0.7
     """Share of a round's sampled cohort members needed to unmask the sum: t =
     max(2, ceil(threshold * n)). Up to n - t members may drop out after sharing keys.
-    Must be > 0.5, so that no two disjoint groups of clients can each rebuild secrets."""
+    Must be > 0.5, so that no two disjoint groups of clients can each rebuild secrets,
+    and > 2/3 with ``consistency_check``."""
+    consistency_check: bool = True
+    """Security against a coordinator that lies about who dropped (Bonawitz et al.'s
+    active variant): between masked input and unmasking, every survivor signs the
+    survivor set, and reveals only once more than 2/3 of the members signed the same
+    one. One more exchange per round; sites with the default policy require it
+    (docs/secure-aggregation.md#consistency-check)."""
     neighbours: int = 0
     """SecAgg+: each member shares its secrets with, and masks pairwise with, this many
     other members (half on either side of it on a ring in a random order), not with all
@@ -250,6 +257,10 @@ class SecureAggregationConfig:
         check(0.5 < self.threshold <= 1.0, "threshold",
                f"must be in (0.5, 1], got {self.threshold}: with half or fewer, two disjoint "
                "halves of a cohort could each rebuild the secrets of the other")
+        check(not self.consistency_check or 3 * self.threshold > 2, "threshold",
+              f"must be above 2/3 with consistency_check (the active-security variant "
+              f"assumes it), got {self.threshold}; raise it or set consistency_check = "
+              "false")
         check(self.neighbours == 0 or (self.neighbours >= 2 and self.neighbours % 2 == 0),
               "neighbours", f"must be 0 (every member) or an even number >= 2 (half on "
               f"either side of a member on the ring), got {self.neighbours}")

@@ -38,6 +38,7 @@ from fedfuse.coordinator.sessions import (
 from fedfuse.coordinator.validation import fold, split
 from fedfuse.secagg import Quantizer, SecAggSession, decode_sum
 from fedfuse.secagg.encoding import decode_fixed
+from fedfuse.secagg.messages import MIN_SURVIVORS
 
 log = logging.getLogger("fedfuse.coordinator")
 
@@ -167,12 +168,12 @@ class SecureCollector:
     secure = True
 
     def __init__(self, threshold: float, clip_range: float, quantization_bits: int,
-                 neighbours: int = 0) -> None:
+                 neighbours: int = 0, consistency: bool = False) -> None:
         self.threshold = threshold
         self.clip_range = clip_range
         self.bits = quantization_bits
         self.secure_sums = 0
-        self.openings = Openings(threshold, neighbours)
+        self.openings = Openings(threshold, neighbours, consistency)
 
     def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
         """Open each group's session for that batch on the exchanges until then: its
@@ -188,12 +189,14 @@ class SecureCollector:
         members that shared, each asking for a masked vector (stage 3), in one exchange
         that carries a stage of every session being opened."""
         nodes = {g: members(group) for g, group in msgs.items()}
-        failed = {g: f"{tag}/{g}: 1 client sampled; a sum over one client is its update"
-                  for g, n in nodes.items() if len(n) == 1}
+        failed = {g: f"{tag}/{g}: {len(n)} client(s) sampled; a secure sum needs at least "
+                     f"{MIN_SURVIVORS} (over two, each update is the sum minus the other)"
+                  for g, n in nodes.items() if len(n) < MIN_SURVIVORS}
         for reason in failed.values():
             log.warning("secure aggregation skipped: %s", reason)
         ready, why = self.openings.take(grid, {f"{tag}/{g}": (n, lengths[g])
-                                               for g, n in nodes.items() if len(n) >= 2})
+                                               for g, n in nodes.items()
+                                               if len(n) >= MIN_SURVIVORS})
         sessions = {g: ready[f"{tag}/{g}"] for g in nodes if f"{tag}/{g}" in ready}
         failed.update({g: why[f"{tag}/{g}"] for g in nodes if f"{tag}/{g}" in why})
         advance(sessions, failed, lambda g, s: s.narrow(str(n) for n in nodes[g]))
@@ -275,5 +278,6 @@ class SecureCollector:
 def make_collector(cfg: FedfuseConfig) -> PlaintextCollector | SecureCollector:
     s = cfg.secure_aggregation
     if s.enabled:
-        return SecureCollector(s.threshold, s.clip_range, s.quantization_bits, s.neighbours)
+        return SecureCollector(s.threshold, s.clip_range, s.quantization_bits, s.neighbours,
+                               s.consistency_check)
     return PlaintextCollector(cfg.robustness.max_update_norm)

@@ -26,8 +26,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from fedfuse.coordinator.grid import exchange
+from fedfuse.secagg.consistency import check_records, receive_signatures
 from fedfuse.secagg.encoding import UpdateSum
-from fedfuse.secagg.messages import CARRIER, RECORD, SETUP_RECORD, SHARE_RECORD, UNMASK_RECORD
+from fedfuse.secagg.messages import (
+    CARRIER,
+    CHECK_RECORD,
+    MIN_SURVIVORS,
+    RECORD,
+    SETUP_RECORD,
+    SHARE_RECORD,
+    UNMASK_RECORD,
+)
 from fedfuse.secagg.server import SecAggAbort, SecAggSession
 
 log = logging.getLogger("fedfuse.secagg")
@@ -44,19 +53,22 @@ class Openings:
     """The sessions being opened, by label (``"<tag>/<group>"``), in the order they
     were expected; each needs ``threshold`` of its sampled clients."""
 
-    def __init__(self, threshold: float, neighbours: int = 0) -> None:
+    def __init__(self, threshold: float, neighbours: int = 0,
+                 consistency: bool = False) -> None:
         self.threshold = threshold
         self.neighbours = neighbours
+        self.consistency = consistency
         self.sessions: dict[str, SecAggSession] = {}
         self.failed: dict[str, str] = {}
         """Label -> why a session aborted while it was opening."""
 
     def expect(self, label: str, nodes: Sequence[int], length: int) -> None:
         """Open a session of ``nodes`` summing ``length`` entries on the next exchanges
-        (a group of one client has no session: its sum would be its update)."""
-        if len(nodes) >= 2:
+        (a group of fewer than ``MIN_SURVIVORS`` has none: in a sum over two, each
+        update is the sum minus the other)."""
+        if len(nodes) >= MIN_SURVIVORS:
             self.sessions[label] = SecAggSession(label, nodes, self.threshold, length,
-                                                 self.neighbours)
+                                                 self.neighbours, self.consistency)
 
     def riders(self) -> tuple[Riders, list[SecAggSession]]:
         """One stage of every opening session, per node; a session whose stage record
@@ -160,13 +172,25 @@ def collect_masked(sessions: dict[str, SecAggSession], failed: dict[str, str],
 def close_sessions(grid: Grid, openings: Openings, sessions: dict[str, SecAggSession],
                    failed: dict[str, str]) -> dict[str, np.ndarray]:
     """Stage 4 for every session, in one exchange that also carries a stage of every
-    opening session: the unmasked sums, by group (failures go to ``failed``)."""
-    replies = openings.exchange(grid, {g: [
-        Message(RecordDict({UNMASK_RECORD: rec}), dst_node_id=int(node), message_type=CARRIER)
-        for node, rec in s.unmask_records().items()] for g, s in sessions.items()})
+    opening session (after one more for the consistency check, where sessions have
+    it): the unmasked sums, by group (failures go to ``failed``)."""
+    checked = {g: s for g, s in sessions.items() if s.consistency}
+    if checked:
+        replies = openings.exchange(grid, {g: carriers(CHECK_RECORD, check_records(s))
+                                           for g, s in checked.items()})
+        advance(sessions, failed, lambda g, s: receive_signatures(s, replies.get(g, []))
+                if s.consistency else None)
+    replies = openings.exchange(grid, {g: carriers(UNMASK_RECORD, s.unmask_records())
+                                       for g, s in sessions.items()})
     sums: dict[str, np.ndarray] = {}
     advance(sessions, failed, lambda g, s: sums.__setitem__(g, s.receive_unmask(replies[g])))
     return sums
+
+
+def carriers(name: str, records: dict[str, ConfigRecord]) -> list[Message]:
+    """One carrier message per node with its stage record ``name``."""
+    return [Message(RecordDict({name: rec}), dst_node_id=int(node), message_type=CARRIER)
+            for node, rec in records.items()]
 
 
 def sizes(arrays: ArrayRecord) -> list[int]:

@@ -13,9 +13,13 @@ Session of one group (a cohort's sampled clients), as the client sees it:
    agreed from c; answer the sealed shares and a commitment to every share and to b.
 3. mask (inside the train handler): get the members that shared (U2); answer
    y = x + PRG(b) + sum_{v in U2, v after u} PRG(s_uv) - sum_{v before u} PRG(s_uv) mod 2^64.
-4. unmask: get the survivors U3 (who sent y) and the dropped U2 \\ U3 with the sealed
-   shares addressed to this client; answer the shares of b for survivors and of s for the
-   dropped, never both for one member; then forget the round's keys.
+   check (with a consistency check, ``fedfuse.secagg.consistency``): get U3 (who sent
+   y); sign it, once.
+4. unmask: get the survivors U3 and the dropped U2 \\ U3 among this client's neighbours,
+   with the sealed shares addressed to it (and, after a check, more than 2/3 of U1's
+   signatures of the U3 it signed); answer the shares of b for survivors and of s for
+   the dropped, never both for one member, for at least ``MIN_SURVIVORS`` survivors;
+   then forget the round's keys.
 A request that contradicts what the client already saw, or a threshold that is not a
 majority of the members, raises SecAggError, so the client
 drops out instead of helping to unmask anyone.
@@ -32,12 +36,14 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedfuse.errors import FedfuseError
-from fedfuse.secagg import crypto, shamir
+from fedfuse.secagg import consistency, crypto, shamir
 from fedfuse.secagg.messages import (
+    CHECK_RECORD,
     FINISHED,
     FINISHED_KEPT,
     MASKED,
     MAX_SESSIONS,
+    MIN_SURVIVORS,
     PAIR_MASK_LABEL,
     RECORD,
     REFUSED,
@@ -118,6 +124,10 @@ class Identity:
     """Verify every member's signed advertisement before sharing with it."""
     pinned: frozenset[bytes] = frozenset()
     """If not empty, the only identity public keys a member may have."""
+    consistency: bool = False
+    """Reveal only after a consistency check (``fedfuse.secagg.consistency``), and share
+    only with a threshold above 2/3 of the members; without it, a session that had a
+    check still needs its certificate to unmask."""
 
 
 def setup(state: RecordDict, request: ConfigRecord, me: str = "",
@@ -169,9 +179,12 @@ def share(state: RecordDict, request: ConfigRecord, me: str,
     session = _session(request)
     st = _state(state, session)
     _require("b" not in st, "a second share request in one session")
-    nodes = _fields(as_list, request, "nodes", str)
+    nodes, members = _fields(as_list, request, "nodes", str), _fields(as_list, request,
+                                                                       "members", str)
     c_pk, s_pk = _fields(as_list, request, "c-pk", bytes), _fields(as_list, request, "s-pk", bytes)
     t = _fields(as_int, request, "threshold")
+    _require(len(members) == len(set(members)) and set(nodes) <= set(members),
+             "the member's neighbourhood is not within the session's members")
     c_key, s_key = as_bytes(st, "c"), as_bytes(st, "s")
     _require(len(nodes) == len(set(nodes)) == len(c_pk) == len(s_pk),
              "the member list and key lists disagree")
@@ -183,6 +196,9 @@ def share(state: RecordDict, request: ConfigRecord, me: str,
              "two members advertise the same public key")
     _require(2 <= t <= len(nodes) and 2 * t > len(nodes),
              f"threshold {t} is not a majority of the {len(nodes)} members")
+    _require(identity is None or not identity.consistency or 3 * t > 2 * len(nodes),
+             f"threshold {t} of {len(nodes)} members is not above 2/3, which this site's "
+             "policy requires (the consistency check assumes it)")
     if identity is not None and identity.verify:
         check_advertisements(request, session, nodes, c_pk, s_pk, identity)
     b = os.urandom(shamir.SECRET_BYTES)
@@ -193,10 +209,12 @@ def share(state: RecordDict, request: ConfigRecord, me: str,
     for j, node in enumerate(nodes):
         if j != mine:
             sealed.append(crypto.seal(keys[j], b_shares[j] + s_shares[j],
-                                      associated_data(session, me, node, t)))
+                                      associated_data(session, me, node, t, members)))
             to.append(node)
-    st.update({"threshold": t, "nodes": nodes, "share-keys": keys, "s-pk": s_pk, "b": b,
-               "own-b": b_shares[mine], "own-s": s_shares[mine]})
+    ids = request.get("identity")
+    st.update({"threshold": t, "nodes": nodes, "members": members, "share-keys": keys,
+               "s-pk": s_pk, "b": b, "own-b": b_shares[mine], "own-s": s_shares[mine],
+               "identities": ids if isinstance(ids, list) and len(ids) == len(nodes) else []})
     state[state_key(session)] = st
     return ConfigRecord({
         "to": to, "ciphertexts": sealed, "b-hash": crypto.digest(b),
@@ -233,7 +251,55 @@ def mask(state: RecordDict, request: ConfigRecord, me: str, vector: np.ndarray) 
     return out
 
 
-def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
+def check(state: RecordDict, request: ConfigRecord, me: str,
+          identity: Identity | None) -> ConfigRecord:
+    """The consistency check: sign the survivors U3, once (``fedfuse.secagg.consistency``)."""
+    session = _session(request)
+    st = _state(state, session)
+    if identity is None:
+        raise SecAggError("secure aggregation: a consistency check, and this client has no "
+                          "identity to sign with")
+    _require("masked-with" in st, "a consistency check before this client masked")
+    _require("checked" not in st, "a second consistency check in one session")
+    u3 = _fields(as_list, request, "survivors", str)
+    members, nodes = as_list(st, "members", str), as_list(st, "nodes", str)
+    _require(me in u3 and len(set(u3)) == len(u3) and set(u3) <= set(members),
+             "the survivors are not distinct members with this client among them")
+    _require(set(u3) & set(nodes) <= set(as_list(st, "masked-with", str)),
+             "a survivor this client did not mask with")
+    _require(len(u3) >= consistency.needed(len(members)),
+             f"{len(u3)} survivors cannot be certified by more than 2/3 of the "
+             f"{len(members)} members")
+    st["checked"] = u3
+    state[state_key(session)] = st
+    return ConfigRecord({"signature": crypto.sign(identity.key,
+                                                  consistency.statement(session, u3))})
+
+
+def certified(st: ConfigRecord, request: ConfigRecord, session: bytes,
+              survivors: list[str], identity: Identity | None) -> None:
+    """Refuse to unmask unless a consistency check this client took part in certifies
+    the request's survivors, where the session had one or the policy requires one."""
+    if "checked" not in st:
+        _require(identity is None or not identity.consistency, "unmasking without a "
+                 "consistency check of the survivors, which this site's policy requires")
+        return
+    u3 = as_list(st, "checked", str)
+    _require(set(survivors) == set(as_list(st, "masked-with", str)) & set(u3),
+             "the survivors are not those this client signed")
+    nodes, ids = as_list(st, "nodes", str), as_list(st, "identities", bytes)
+    problem = consistency.certificate_problem(
+        session, u3, len(as_list(st, "members", str)),
+        (_fields(as_list, request, "signers", str),
+         _fields(as_list, request, "signer-identities", bytes),
+         _fields(as_list, request, "signatures", bytes)),
+        dict(zip(nodes, ids, strict=False)),
+        identity.pinned if identity is not None else frozenset())
+    _require(problem is None, f"the survivors are not certified: {problem}")
+
+
+def unmask(state: RecordDict, request: ConfigRecord, me: str,
+           identity: Identity | None = None) -> ConfigRecord:
     """Stage 4: shares of b for the survivors and of s for the dropped; then forget."""
     session = _session(request)
     st = _state(state, session)
@@ -248,9 +314,12 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
     _require(set(survivors) | set(dropped) == u2 and len(survivors) + len(dropped) == len(u2),
              "survivors and dropped do not make up the members that shared")
     _require(me in survivors, "this client is listed as dropped")
-    _require(len(survivors) >= threshold,
-             f"only {len(survivors)} survivors, fewer than the threshold {threshold}")
+    _require(len(survivors) >= max(threshold, MIN_SURVIVORS),
+             f"only {len(survivors)} survivors, fewer than the threshold {threshold} (or "
+             f"{MIN_SURVIVORS}: a sum over two reveals each to the other)")
+    certified(st, request, session, survivors, identity)
     nodes, share_keys = as_list(st, "nodes", str), as_list(st, "share-keys", bytes)
+    members = as_list(st, "members", str)
     b_from, b_shares = [me], [as_bytes(st, "own-b")]
     s_from: list[str] = []
     s_shares: list[bytes] = []
@@ -261,7 +330,8 @@ def unmask(state: RecordDict, request: ConfigRecord, me: str) -> ConfigRecord:
             continue
         key = share_keys[nodes.index(src)]
         try:
-            plain = crypto.unseal(key, blob, associated_data(session, src, me, threshold))
+            plain = crypto.unseal(key, blob, associated_data(session, src, me, threshold,
+                                                             members))
         except crypto.CryptoError:
             unreadable.append(src)
             continue
@@ -287,7 +357,8 @@ def answer(state: RecordDict, content: RecordDict, me: str,
     the message's other stages (and its training) still count."""
     out = RecordDict()
     refused: dict[str, str] = {}
-    stages = {UNMASK_RECORD: lambda st, rq: unmask(st, rq, me),
+    stages = {UNMASK_RECORD: lambda st, rq: unmask(st, rq, me, identity),
+              CHECK_RECORD: lambda st, rq: check(st, rq, me, identity),
               SHARE_RECORD: lambda st, rq: share(st, rq, me, identity),
               SETUP_RECORD: lambda st, rq: setup(st, rq, me, identity)}
     for request, reply in STAGES:

@@ -15,11 +15,14 @@ SETUP_RECORD = "secagg-setup"
 KEYS = "secagg-keys"
 SHARE_RECORD = "secagg-share"
 SHARES = "secagg-shares"
+CHECK_RECORD = "secagg-check"
+SIGNED = "secagg-signed"
 UNMASK_RECORD = "secagg-unmask"
 REVEAL = "secagg-reveal"
 REFUSED = "secagg-refused"
 """A reply's ConfigRecord {answer record name: why the site refused that stage}."""
-STAGES = ((UNMASK_RECORD, REVEAL), (SHARE_RECORD, SHARES), (SETUP_RECORD, KEYS))
+STAGES = ((UNMASK_RECORD, REVEAL), (CHECK_RECORD, SIGNED), (SHARE_RECORD, SHARES),
+          (SETUP_RECORD, KEYS))
 """(request, answer) record names of the stages that ride on any message, in the order a
 site answers them: finish a session before it shares or sets up the next one."""
 CARRIER = "query.secagg"
@@ -33,6 +36,9 @@ FINISHED = "secagg-finished"
 """A site's state record of the session ids it finished or abandoned (the newest
 ``FINISHED_KEPT``): a finished session is never set up again."""
 FINISHED_KEPT = 64
+MIN_SURVIVORS = 3
+"""The fewest survivors whose sum a site helps to unmask: in a sum over two, each
+member's update is the sum minus its own."""
 
 SESSION_BYTES = 16
 PUBLIC_KEY_BYTES = 32
@@ -45,11 +51,19 @@ PAIR_MASK_LABEL = b"fedfuse/secagg/pair-mask/"
 SELF_MASK_LABEL = b"fedfuse/secagg/self-mask/"
 
 
-def associated_data(session: bytes, src: str, dst: str, threshold: int) -> bytes:
-    """Binds a sealed share to its session, sender, recipient and the threshold t it was
-    made for (no replay elsewhere, nor into a session run with another t); the sealing
-    key itself is bound to the two members' public keys (``crypto.agree``)."""
-    return b"|".join([session, src.encode(), dst.encode(), str(threshold).encode()])
+def associated_data(session: bytes, src: str, dst: str, threshold: int,
+                    members: list[str]) -> bytes:
+    """Binds a sealed share to its session, sender, recipient, the threshold t it was
+    made for and the session's members U1 as the sharer saw them (no replay elsewhere,
+    nor into a session run with another t, nor opened by a member shown another U1);
+    the sealing key itself is bound to the two members' public keys (``crypto.agree``)."""
+    return b"|".join([session, src.encode(), dst.encode(), str(threshold).encode(),
+                      member_digest(members)])
+
+
+def member_digest(members: list[str]) -> bytes:
+    """H(U1), the members in the coordinator's order."""
+    return digest(b"fedfuse/secagg/members", *(m.encode() for m in members))
 
 
 def share_commitment(session: bytes, kind: bytes, src: str, index: int, share: bytes) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedfuse.secagg import crypto
+from fedfuse.secagg import consistency, crypto
 from fedfuse.secagg.checks import (
     SecAggAbort,
     list_field,
@@ -64,7 +64,7 @@ class SecAggSession:
     them; ``fedfuse.secagg.graph``)."""
 
     def __init__(self, group: str, nodes: Sequence[int], threshold_fraction: float,
-                 length: int, neighbours: int = 0) -> None:
+                 length: int, neighbours: int = 0, consistency: bool = False) -> None:
         self.group = group
         self.session = os.urandom(SESSION_BYTES)
         self.selected = [str(n) for n in nodes]
@@ -91,6 +91,11 @@ class SecAggSession:
         self.commitments: dict[str, dict[str, Any]] = {}
         self.vectors: dict[str, np.ndarray] = {}
         """U3: node -> masked vector."""
+        self.consistency = consistency
+        """Run the consistency check between masked input and unmasking
+        (``fedfuse.secagg.consistency``)."""
+        self.signatures: dict[str, bytes] = {}
+        """U4: node -> its signature of U3."""
 
     @property
     def stage(self) -> str:
@@ -106,7 +111,7 @@ class SecAggSession:
 
     def receive_keys(self, replies: Iterable[Message]) -> None:
         seen: set[bytes] = set()
-        for node, rec in self._records(replies, self.selected, "setup", KEYS):
+        for node, rec in self.answers(replies, self.selected, "setup", KEYS):
             c_pk, s_pk = rec.get("c-pk"), rec.get("s-pk")
             if not (isinstance(c_pk, bytes) and isinstance(s_pk, bytes)
                     and len(c_pk) == len(s_pk) == PUBLIC_KEY_BYTES):
@@ -133,9 +138,9 @@ class SecAggSession:
 
     def share_records(self) -> dict[str, ConfigRecord]:
         """Stage 2's request to each U1 member u: N(u) with its keys and signed
-        advertisements, and t_u."""
+        advertisements, t_u, and U1 (which the sealed shares are bound to)."""
         return {u: ConfigRecord({
-            "session": self.session, "threshold": self.share_threshold,
+            "session": self.session, "threshold": self.share_threshold, "members": self.u1,
             "nodes": hood, "c-pk": [self.keys[n][0] for n in hood],
             "s-pk": [self.keys[n][1] for n in hood],
             "identity": [self.identities[n][0] for n in hood],
@@ -143,7 +148,7 @@ class SecAggSession:
             for u, hood in self.graph.items()}
 
     def receive_shares(self, replies: Iterable[Message]) -> None:
-        for node, rec in self._records(replies, self.u1, "share", SHARES):
+        for node, rec in self.answers(replies, self.u1, "share", SHARES):
             hood = self.graph[node]
             others = [n for n in hood if n != node]
             to, sealed = node_ids(rec.get("to")), list_field(rec.get("ciphertexts"))
@@ -227,16 +232,18 @@ class SecAggSession:
         return [n for n in self.u2 if n in self.vectors]
 
     def unmask_records(self) -> dict[str, ConfigRecord]:
-        """Stage 4's request to each survivor u: its neighbours in U3 and in U2 \\ U3,
-        and the shares they sealed to it."""
+        """Stage 4's request to each survivor u (each that signed U3, after a
+        consistency check): its neighbours in U3 and in U2 \\ U3, the shares they sealed
+        to it, and the signatures of U3."""
         records = {}
-        for node in self.u3:
+        signed = consistency.certificate(self) if self.consistency else {}
+        for node in self.u3 if not self.consistency else signed["signers"]:
             hood = [n for n in self.graph[node] if n in self.sealed]
             peers = [s for s in hood if s != node]
             records[node] = ConfigRecord({
                 "session": self.session, "survivors": [n for n in hood if n in self.vectors],
                 "dropped": [n for n in hood if n not in self.vectors], "from": peers,
-                "ciphertexts": [self.sealed[s][node] for s in peers]})
+                "ciphertexts": [self.sealed[s][node] for s in peers], **signed})
         return records
 
     def receive_unmask(self, replies: Iterable[Message]) -> np.ndarray:
@@ -246,7 +253,7 @@ class SecAggSession:
         b_shares: dict[str, dict[int, bytes]] = {n: {} for n in u3}
         s_shares: dict[str, dict[int, bytes]] = {n: {} for n in dropped}
         responders = 0
-        for node, rec in self._records(replies, u3, "unmask", REVEAL, drop=False):
+        for node, rec in self.answers(replies, u3, "unmask", REVEAL, drop=False):
             got = verified_shares(self, node, rec, set(u3), set(dropped))
             if got is None:
                 continue
@@ -265,7 +272,7 @@ class SecAggSession:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _records(self, replies: Iterable[Message], expected: list[str], stage: str,
+    def answers(self, replies: Iterable[Message], expected: list[str], stage: str,
                  record: str, drop: bool = True) -> Iterable[tuple[str, ConfigRecord]]:
         """(node, answer ``record``) of the well-formed replies from ``expected`` nodes;
         the others are dropped (or only logged, ``drop=False``) with the reason."""

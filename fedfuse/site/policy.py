@@ -53,6 +53,10 @@ class SitePolicy:
     verify_keys: bool = True
     """Share only with members whose per-session keys carry their identity's signature
     (a coordinator substituting a member's keys cannot sign them)."""
+    require_consistency_check: bool = True
+    """Reveal shares only after a consistency check certifies the survivors, and share
+    only with a threshold above 2/3 (``fedfuse.secagg.consistency``): a coordinator
+    cannot then learn a member's update by lying about who dropped."""
     peers: tuple[str, ...] = ()
     """Pinned identities (hex Ed25519 public keys, ``fedfuse site init`` prints each
     site's): if any, every member of a session must have one of them; unpinned, a
@@ -106,7 +110,7 @@ def load_policy(path: Path | None) -> SitePolicy:
     types: dict[str, tuple[type, ...]] = {
         "require_dp": (str,), "max_epsilon": (int, float), "max_delta": (int, float),
         "require_secure_aggregation": (bool,), "min_cohort_size": (int,),
-        "verify_keys": (bool,), "peers": (list,)}
+        "verify_keys": (bool,), "require_consistency_check": (bool,), "peers": (list,)}
     for key, value in raw.items():
         if isinstance(value, bool) != (types[key] == (bool,)) or \
                 not isinstance(value, types[key]):

@@ -71,4 +71,5 @@ def identity_of(site: Site) -> secagg.Identity:
     policy = site.policy
     return secagg.Identity(crypto.identity_key(site.secret),
                            verify=policy is not None and policy.verify_keys,
+                           consistency=policy is not None and policy.require_consistency_check,
                            pinned=policy.pinned if policy is not None else frozenset())

@@ -90,7 +90,7 @@ def test_one_vector_cannot_be_unmasked_with_fewer_than_threshold_shares():
                            b"fedfuse/secagg/share-key/" + session)
         plain = crypto.unseal(key, h.session.sealed[target][str(holder)],
                               associated_data(session, target, str(holder),
-                                              h.session.share_threshold))
+                                              h.session.share_threshold, h.session.u1))
         return h.session.u1.index(str(holder)) + 1, plain[:shamir.SHARE_BYTES]
 
     with pytest.raises(ValueError):
@@ -174,7 +174,7 @@ def test_members_failing_setup_do_not_lower_the_share_threshold(neighbours):
                                b"fedfuse/secagg/share-key/" + session)
             plain = crypto.unseal(key, h.session.sealed[str(target)][str(holder)],
                                   associated_data(session, str(target), str(holder),
-                                                  h.session.share_threshold))
+                                                  h.session.share_threshold, h.session.u1))
             half = shamir.SHARE_BYTES
             out[h.session.share_index(str(target), str(holder))] = \
                 plain[kind * half:(kind + 1) * half]
@@ -236,10 +236,13 @@ def test_a_share_sealed_for_another_threshold_or_key_pair_does_not_open():
     A, B = crypto.public_key(a), crypto.public_key(b)
     k = crypto.agree(a, B, b"l")
     assert k == crypto.agree(b, A, b"l")  # symmetric
-    blob = crypto.seal(k, b"share", associated_data(b"s" * 16, "1", "2", 3))
-    assert crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 3)) == b"share"
+    u1 = ["1", "2", "3"]
+    blob = crypto.seal(k, b"share", associated_data(b"s" * 16, "1", "2", 3, u1))
+    assert crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 3, u1)) == b"share"
     with pytest.raises(crypto.CryptoError):  # the recipient runs the session with t = 2
-        crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 2))
+        crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 2, u1))
+    with pytest.raises(crypto.CryptoError):  # ... or was shown another U1
+        crypto.unseal(k, blob, associated_data(b"s" * 16, "1", "2", 3, ["1", "2", "4"]))
     # k = HKDF(X25519(a, B), info = l ‖ min(A, B) ‖ max(A, B)): bound to the two
     # advertised keys, not only to the shared point (equivalent encodings of a point
     # reach the same X25519 output)

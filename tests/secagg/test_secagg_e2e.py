@@ -15,7 +15,7 @@ from fedfuse.config import config_from_dict
 from fedfuse.coordinator.app import build_server_app
 from fedfuse.coordinator.records import FederationResult
 from fedfuse.data.sites import plan_federation
-from fedfuse.secagg.messages import MASKED, SHARE_RECORD
+from fedfuse.secagg.messages import MASKED, SHARE_RECORD, UNMASK_RECORD
 from fedfuse.simulation.runner import backend_config, site_from_context
 from fedfuse.site.app import build_client_app
 from tests.helpers import run_federation
@@ -59,13 +59,16 @@ class Keep:
 
 
 def run(secure: bool, clients: int = 5, threshold: float = 0.6,
-        mods=(offline_in_training,), neighbours: int = 0) -> FederationResult:
+        mods=(offline_in_training,), neighbours: int = 0,
+        consistency: bool = False) -> FederationResult:
+    """A 2-round run of ``clients`` sites; by default semi-honest (no consistency check,
+    t = 3 of 5), so that two of five may drop."""
     cfg = config_from_dict({
         "name": "drop", "seed": 5, "rounds": 2,
         "cohorts": [{"arch": "logreg", "clients": clients}],
         "partition": {"method": "dirichlet", "alpha": 0.5, "min_samples": 20},
         "secure_aggregation": {"enabled": secure, "threshold": threshold,  # t = 3 of 5
-                               "neighbours": neighbours},
+                               "neighbours": neighbours, "consistency_check": consistency},
     })
     keep = Keep()
     server = build_server_app(cfg, plan_federation(cfg).test, keep)
@@ -127,6 +130,28 @@ def test_secagg_plus_neighbourhoods_through_the_engine_sum_the_survivors():
     for record in secure.history:
         entry = record.cohorts["logreg"]
         assert entry.secagg_clients == 7 and entry.secagg_dropped == len(OFFLINE)
+    assert_survivors_fedavg(secure, plain)
+
+
+def certified_unmask(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: an unmask request without 5 signatures of the survivors (5
+    survivors of 7 sign) fails the site, so the sum would fail."""
+    if UNMASK_RECORD in msg.content.config_records:
+        rec = msg.content.config_records[UNMASK_RECORD]
+        assert len(rec["signatures"]) == len(rec["signers"]) == 5
+    return offline_in_training(msg, context, call_next)
+
+
+def test_the_consistency_check_through_the_engine_sums_the_survivors():
+    # the default mode: t = 5 of 7 (above 2/3), two sites drop after sharing, the five
+    # survivors sign U3 and reveal only with 5 > 2/3 * 7 signatures
+    secure = run(secure=True, clients=7, threshold=0.7, consistency=True,
+                 mods=[certified_unmask])
+    plain = run(secure=False, clients=7)
+    assert secure.secure_sums == 2
+    for record in secure.history:
+        entry = record.cohorts["logreg"]
+        assert entry.secagg_clients == 5 and entry.secagg_dropped == len(OFFLINE)
     assert_survivors_fedavg(secure, plain)
 
 
@@ -196,7 +221,8 @@ def test_sites_crashing_after_the_piggybacked_key_exchange_are_unmasked_out():
             "name": "drop", "seed": 5, "rounds": 3,
             "cohorts": [{"arch": "logreg", "clients": 5}],
             "partition": {"method": "dirichlet", "alpha": 0.5, "min_samples": 20},
-            "secure_aggregation": {"enabled": secure, "threshold": 0.6}})
+            "secure_aggregation": {"enabled": secure, "threshold": 0.6,
+                                   "consistency_check": False}})
     secure = run_federation(cfg(True), [offline_in_round_two])
     plain = run_federation(cfg(False), [offline_in_round_two])
     counts = [len(r) for r in secure.per_round()]
