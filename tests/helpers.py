@@ -198,15 +198,15 @@ min_samples = 20
 
 [[cohorts]]
 arch = "cnn"
-clients = 2
+clients = 3
 
 [[cohorts]]
 arch = "mlp"
-clients = 2
+clients = 3
 
 [[cohorts]]
 arch = "logreg"
-clients = 2
+clients = 3
 
 [train]
 local_epochs = 1

@@ -29,6 +29,7 @@ from fedfuse.config.sections import (
 )
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
+from fedfuse.secagg.messages import MIN_SURVIVORS
 
 
 @dataclass
@@ -107,11 +108,12 @@ class FedfuseConfig:
                                   "appears in two cohorts; merge them into one")
             seen.add(cohort.arch)
             sampled = self.sampled_per_round(cohort)
-            if self.secure_aggregation.enabled and sampled < 2:
+            if self.secure_aggregation.enabled and sampled < MIN_SURVIVORS:
                 raise ConfigError(f"cohorts[{i}].clients", f"secure aggregation needs at "
-                                  f"least 2 clients per cohort and round, and cohort "
-                                  f"{cohort.arch!r} trains {sampled} (a sum over one client "
-                                  "is its update); add clients, raise "
+                                  f"least {MIN_SURVIVORS} clients per cohort and round, and "
+                                  f"cohort {cohort.arch!r} trains {sampled} (in a sum over "
+                                  "two, each update is the sum minus the other); add "
+                                  "clients, raise "
                                   "simulation.fraction_train, or set "
                                   "secure_aggregation.enabled = false")
 

@@ -8,7 +8,7 @@ from tests.helpers import assert_refused, run_cli
 @pytest.mark.parametrize("overrides, needle", [
     (["data.source=/nonexistent/site.csv"], "data file not found: /nonexistent/site.csv"),
     (["cohorts.0.arch=resnet"], "cohorts[0].arch: unknown architecture 'resnet'"),
-    (["cohorts.0.clients=2000"], "fewer than 2004 clients"),
+    (["cohorts.0.clients=2000"], "fewer than 2006 clients"),
     (["partition.alpha=-1"], "partition.alpha: must be > 0"),
     (["rounds=zero"], "rounds: expected an integer"),
     (["partition.bogus=1"], "partition.bogus: unknown key"),
@@ -25,7 +25,7 @@ def test_missing_label_column(scenario, tmp_path):
     data.write_text("a,b,target\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(50)))
     out = tmp_path / "run"
     proc = run_cli("simulate", scenario(), "--out", out, "--set", f"data.source={data}",
-                   "--set", "cohorts=[{arch='mlp', clients=2}]")
+                   "--set", "cohorts=[{arch='mlp', clients=3}]")
     assert_refused(proc, out, "label column 'label' not found (columns: a, b, target)")
 
 

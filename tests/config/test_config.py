@@ -6,7 +6,7 @@ from fedfuse.config import apply_override, config_from_dict, load_config
 from fedfuse.errors import ConfigError
 from tests.helpers import ROOT
 
-BASE = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 2}]}
+BASE = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 3}]}
 
 
 def build(**changes):
@@ -70,7 +70,7 @@ def test_wrong_type_is_named(raw, key):
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
     ({"cohorts": [{"arch": "mlp", "clients": 0}]}, "cohorts[0].clients"),
     ({"cohorts": []}, "cohorts"),
-    ({"cohorts": [{"arch": "mlp", "clients": 2}, {"arch": "mlp", "clients": 2}]},
+    ({"cohorts": [{"arch": "mlp", "clients": 3}, {"arch": "mlp", "clients": 3}]},
      "cohorts[1].arch"),
     ({"simulation": {"cpus_per_client": 4.0}}, "simulation.cpus_per_client"),
 ])
@@ -88,7 +88,7 @@ def test_missing_required_key():
 
 def test_overrides_parse_toml_values_and_index_lists(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('name = "s"\n[[cohorts]]\narch = "mlp"\nclients = 2\n')
+    path.write_text('name = "s"\n[[cohorts]]\narch = "mlp"\nclients = 3\n')
     cfg = load_config(path, ["partition.alpha=0.1", "cohorts.0.clients=5", "data.source=x.csv",
                              "partition.method=iid"], rounds=4)
     assert cfg.partition.alpha == 0.1 and cfg.cohorts[0].clients == 5 and cfg.rounds == 4

@@ -34,7 +34,7 @@ def test_an_architecture_that_cannot_take_the_data_is_refused_with_its_key(scena
         check_scenario(cfg, plan.dataset.schema, plan.test, sizes)
     assert err.value.key == "cohorts[0].arch"
     ok = load_config(scenario(), ["data.source=\"breast_cancer\"",
-                                  "cohorts=[{arch='mlp', clients=2}, {arch='logreg', clients=2}]"])
+                                  "cohorts=[{arch='mlp', clients=3}, {arch='logreg', clients=3}]"])
     plan = plan_federation(ok)
     check_scenario(ok, plan.dataset.schema, plan.test,
                    [len(c.train) for c in plan.federation.clients])

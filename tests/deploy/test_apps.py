@@ -16,7 +16,7 @@ from fedfuse.deploy.apps import deployed_site, run_config
 from fedfuse.errors import DataError, FedfuseError
 
 RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
-       "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+       "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c"]}],
        "deployment": {"wait_for_sites": 0.0}}
 
 
@@ -85,7 +85,7 @@ def test_a_deployed_runs_test_split_is_the_coordinators_whole_file(tmp_path: Pat
     np.savez(tmp_path / "test.npz", X=rng.normal(size=(40, 5)).astype(np.float32),
              y=np.arange(40) % 3)
     cfg = config_from_dict({"name": "deployed", "data": {"source": str(tmp_path / "test.npz")},
-                            "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+                            "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c"]}],
                             "fusion": {"unlabeled_fraction": fraction}})
     run = tmp_path / "run"
     run.mkdir()

@@ -114,7 +114,7 @@ def test_transfer_split_is_seeded_disjoint_and_label_free(digits):
 
 
 def test_fusion_config_is_checked():
-    base = {"name": "x", "cohorts": [{"arch": "mlp", "clients": 2}]}
+    base = {"name": "x", "cohorts": [{"arch": "mlp", "clients": 3}]}
     with pytest.raises(ConfigError, match="fusion.unlabeled_fraction: method \"distill\""):
         config_from_dict({**base, "fusion": {"method": "distill"}})
     with pytest.raises(ConfigError, match="fusion.student: 'cnn' is not a cohort's"):

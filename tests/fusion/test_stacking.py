@@ -105,8 +105,8 @@ def test_a_stacked_artifact_round_trips_and_refuses_a_tampered_head(setting, tmp
 
 
 def test_stacking_settings_are_checked():
-    base = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 2},
-                                     {"arch": "logreg", "clients": 2}]}
+    base = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 3},
+                                     {"arch": "logreg", "clients": 3}]}
     with pytest.raises(ConfigError, match="fusion.stacking_rounds: method \"stack\" needs"):
         config_from_dict({**base, "fusion": {"method": "stack"}})
     with pytest.raises(ConfigError, match="fusion.stacking_lr"):

@@ -17,7 +17,7 @@ from fedfuse.privacy.dpsgd import check_dp_compatible, noise_seed
 from fedfuse.privacy.ledger import FileLedgerStore
 from tests.helpers import ROOT
 
-BASE = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 2}]}
+BASE = {"name": "t", "cohorts": [{"arch": "mlp", "clients": 3}]}
 
 
 def build(**privacy):

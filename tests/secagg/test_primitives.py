@@ -184,13 +184,14 @@ def test_bad_secure_aggregation_settings_are_refused(secure, key):
     assert err.value.key == key
 
 
-def test_a_cohort_of_one_is_refused_under_secure_aggregation():
-    raw = {"name": "x", "cohorts": [{"arch": "mlp", "clients": 1}]}
-    with pytest.raises(ConfigError, match="at least 2 clients") as err:
+@pytest.mark.parametrize("clients", [1, 2])
+def test_a_cohort_of_one_or_two_is_refused_under_secure_aggregation(clients):
+    raw = {"name": "x", "cohorts": [{"arch": "mlp", "clients": clients}]}
+    with pytest.raises(ConfigError, match="at least 3 clients") as err:
         config_from_dict(raw)
     assert err.value.key == "cohorts[0].clients"
     raw["secure_aggregation"] = {"enabled": False}
-    assert config_from_dict(raw).num_clients == 1
+    assert config_from_dict(raw).num_clients == clients
 
 
 def test_ring_overflow_is_refused_with_the_bits_named():
