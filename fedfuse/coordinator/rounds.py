@@ -24,6 +24,7 @@ from fedfuse.data.datasets import Dataset
 from fedfuse.models.training import evaluate
 from fedfuse.privacy.budget import PrivacyRequest
 from fedfuse.secagg.encoding import payload_length
+from fedfuse.secagg.messages import MIN_SURVIVORS
 from fedfuse.wire import POLICY_REFUSAL
 
 log = logging.getLogger("fedfuse.coordinator")
@@ -102,13 +103,16 @@ class Rounds:
             self.aggregate(cohort, updates[arch], server_round, record)
 
     def retire_lone(self, cohort: Cohort, server_round: int) -> None:
-        """Under secure aggregation, retire a cohort's last site that may train: a sum
-        over one site is its update."""
-        if self.collector.secure and len(cohort.strategy.trainers) == 1:
-            log.warning("round %d: cohort %s has one site left that may train; secure "
-                        "aggregation cannot hide a lone update, so the cohort stops "
-                        "training", server_round, cohort.arch)
-            cohort.strategy.retire(cohort.strategy.trainers[0])
+        """Under secure aggregation, retire a cohort's last sites that may train when
+        fewer than ``MIN_SURVIVORS`` are left: a sum over one site is its update, over
+        two each update is the sum minus the other."""
+        left = cohort.strategy.trainers
+        if self.collector.secure and 0 < len(left) < MIN_SURVIVORS:
+            log.warning("round %d: cohort %s has %d site(s) left that may train; secure "
+                        "aggregation needs %d to hide each update, so the cohort stops "
+                        "training", server_round, cohort.arch, len(left), MIN_SURVIVORS)
+            for site in list(left):
+                cohort.strategy.retire(site)
 
     def expect_next(self, grid: Grid, cohorts: dict[str, Cohort], server_round: int,
                     lengths: dict[str, int]) -> None:

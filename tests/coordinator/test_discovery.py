@@ -21,7 +21,7 @@ from tests.helpers import reply_from
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
-       "cohorts": [{"arch": "logreg", "sites": ["a", "b"]}],
+       "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c"]}],
        "deployment": {"wait_for_sites": 0.0}}
 
 
@@ -129,7 +129,7 @@ def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
     would poison every cohort's standardisation), an architecture of another cohort."""
     raw = {**json.loads(json.dumps(RAW)),
            "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c", "d"]},
-                       {"arch": "mlp", "sites": ["e", "f"]}]}
+                       {"arch": "mlp", "sites": ["e", "f", "g"]}]}
     cfg = config_from_dict(raw)
     huge = answer(0, "b", "logreg")
     huge["metrics"]["num-examples"] = 2**50

@@ -121,21 +121,21 @@ def test_user_level_simulation_charges_every_site_and_stops_at_the_budget(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     entries = json.loads((run / "privacy.json").read_text())["clients"]
-    assert len(entries) == 6
+    assert len(entries) == 9
     reference = RDPAccountant()
     reference.history = [(NOISE, 1.0, 2)]
     for e in entries:
         assert e["steps"] == 2 and e["sample_rate"] == 1.0
-        assert e["noise_multiplier"] == NOISE and e["delta"] == default_delta(2)
+        assert e["noise_multiplier"] == NOISE and e["delta"] == default_delta(3)
         assert e["epsilon"] == pytest.approx(reference.get_epsilon(e["delta"]), rel=0.01)
         assert e["epsilon"] <= BUDGET and e["status"] == "budget-exhausted"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for arch in ("cnn", "mlp", "logreg"):
         trained = [r["cohorts"][arch].get("train_clients", 0) for r in rounds]
-        assert trained[:2] == [2, 2] and not any(trained[2:])
+        assert trained[:2] == [3, 3] and not any(trained[2:])
         spent = [r["cohorts"][arch]["max_epsilon"] for r in rounds[:2]]
         assert 0 < spent[0] < spent[1]
-        assert rounds[0]["cohorts"][arch]["secagg_clients"] == 2
+        assert rounds[0]["cohorts"][arch]["secagg_clients"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "user"
     assert summary["privacy"]["max_epsilon"] == pytest.approx(entries[0]["epsilon"])

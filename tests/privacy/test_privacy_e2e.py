@@ -130,8 +130,8 @@ def test_the_private_stacking_head_is_trained_scored_and_served(dp_run, tmp_path
 
 
 def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
-    # without secure aggregation: with it, a cohort of two stops training when its first
-    # site is at its budget (test_lone_site_stops_training_under_secure_aggregation)
+    # without secure aggregation: with it, a cohort of three stops training when its
+    # first site is at its budget (test_lone_site_stops_training_under_secure_aggregation)
     budget = 4.0
     run = simulate(tmp_path, "capped", f'\n[privacy]\nmode = "sample"\nnoise_multiplier = 1.0'
                    f"\nbudget_epsilon = {budget}\n[secure_aggregation]\nenabled = false\n",
@@ -145,9 +145,9 @@ def test_sites_stop_at_their_budget_and_the_run_ends(tmp_path):
     rounds = load(run, "metrics.jsonl")
     assert len(rounds) < 6  # every site at its budget: the coordinator stopped early
     refused = sum(c["budget_exhausted"] for r in rounds for c in r["cohorts"].values())
-    assert refused == len(entries) == 6  # each site refused once, then was not sampled
+    assert refused == len(entries) == 9  # each site refused once, then was not sampled
     assert all(c["train_clients"] == 0 for c in rounds[-1]["cohorts"].values())
-    assert load(run, "summary.json")["privacy"]["clients_at_budget"] == 6
+    assert load(run, "summary.json")["privacy"]["clients_at_budget"] == 9
 
 
 def test_lone_site_stops_training_under_secure_aggregation(tmp_path):
@@ -159,7 +159,8 @@ def test_lone_site_stops_training_under_secure_aggregation(tmp_path):
     by_cohort: dict[str, list[str]] = {}
     for e in entries:
         by_cohort.setdefault(e["cohort"], []).append(e["status"])
-    # in each cohort of two, the first site at its budget ends the cohort's training
+    # in each cohort of three, the first site at its budget ends the cohort's training
+    # (two left could not hide their updates from each other)
     assert all("budget-exhausted" in s for s in by_cohort.values())
     rounds = load(run, "metrics.jsonl")
     assert len(rounds) < 6

@@ -48,7 +48,7 @@ def test_run_directory_contents(two_runs):
     assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tomllib.loads((run / "config.toml").read_text())["name"] == "tiny"
     clients = json.loads((run / "clients.json").read_text())
-    assert sorted(c["index"] for c in clients) == list(range(6))
+    assert sorted(c["index"] for c in clients) == list(range(9))
     assert {c["arch"] for c in clients} == {"cnn", "mlp", "logreg"}
 
 
@@ -59,7 +59,7 @@ def test_metrics_have_one_line_per_round_with_every_cohort(two_runs):
     for r in rounds:
         assert set(r["cohorts"]) == {"cnn", "mlp", "logreg"}
         for c in r["cohorts"].values():
-            assert c["train_clients"] == 2 and c["train_failures"] == 0
+            assert c["train_clients"] == 3 and c["train_failures"] == 0
             assert 0.0 <= c["test_accuracy"] <= 1.0 and 0.0 <= c["val_accuracy"] <= 1.0
             assert np.isfinite(c["train_loss"])
 
@@ -67,7 +67,7 @@ def test_metrics_have_one_line_per_round_with_every_cohort(two_runs):
 def test_summary_matches_the_saved_models(two_runs):
     scenario, (run, _) = two_runs
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["clients"] == 6
+    assert summary["rounds"] == 2 and summary["clients"] == 9
     assert summary["secure_aggregation"] is True  # on by default
     assert summary["secure_sums"] == 3 * 2  # every cohort, every round
     assert summary["privacy"] == {"mode": "off", "max_epsilon": None, "delta": None}
@@ -87,7 +87,7 @@ def test_summary_matches_the_saved_models(two_runs):
         assert acc == pytest.approx(summary["cohorts"][arch]["test_accuracy"], abs=1e-9)
         assert acc == pytest.approx(last[arch]["test_accuracy"], abs=1e-9)
         assert acc > 0.2  # two short rounds already beat chance (0.1)
-        assert summary["cohorts"][arch]["clients"] == 2
+        assert summary["cohorts"][arch]["clients"] == 3
 
 
 def test_fused_artifact_loads_and_matches_the_summary(two_runs):
@@ -102,7 +102,7 @@ def test_fused_artifact_loads_and_matches_the_summary(two_runs):
     acc = float((predictor.predict(test.X) == labels).mean())
     assert acc == pytest.approx(fused["test_accuracy"], abs=1e-9)
     stats = json.loads((run / "fusion_stats.json").read_text())
-    assert stats["sites"] == 6
+    assert stats["sites"] == 9
     assert stats["num_examples"] == sum(c["num_val"] for c in
                                         json.loads((run / "clients.json").read_text()))
     manifest = predictor.manifest
