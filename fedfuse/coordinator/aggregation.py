@@ -257,18 +257,25 @@ class SecureCollector:
         """The same sums through one session over all sites: each site masks the
         fixed-point vector [A, b, n] and only the total is unmasked."""
         m = num_members
-        batch = self.send(grid, {FUSION: msgs}, {FUSION: statistics_length(m)}, FUSION, {})
-        collect_masked(batch.sessions, batch.failed, batch.replies, {})
-        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
-        if FUSION not in sums:
+        summed = self.secure_sum(grid, FUSION, msgs, statistics_length(m))
+        if summed is None:
             return None
         try:
-            A, b, n = bounded_statistics(decode_fixed(sums[FUSION]), m)
+            A, b, n = bounded_statistics(decode_fixed(summed[0]), m)
         except ValueError as exc:
             log.warning("the secure sum of the fusion statistics is rejected (%s): a site "
                         "sent a dishonest or malformed vector", exc)
             return None
-        return A, b, n, len(batch.sessions[FUSION].u3)
+        return A, b, n, len(summed[1].u3)
+
+    def secure_sum(self, grid: Grid, tag: str, msgs: list[Message], length: int
+                   ) -> tuple[np.ndarray, SecAggSession] | None:
+        """The sum of the masked ``length``-entry vectors that ``msgs``' nodes answer
+        with, through one session over them, and that session; None if it failed."""
+        batch = self.send(grid, {tag: msgs}, {tag: length}, tag, {})
+        collect_masked(batch.sessions, batch.failed, batch.replies, {})
+        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
+        return (sums[tag], batch.sessions[tag]) if tag in sums else None
 
     def clip_for(self, clip_range: float | None) -> float:
         """A group's per-coordinate clip: its own, else the configured one."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 
-from fedfuse import wire
 from fedfuse.config import FedfuseConfig
 from fedfuse.coordinator.records import Participant
 from fedfuse.data.datasets import DataSchema
-from fedfuse.data.stats import pooled_mean_std
 from fedfuse.errors import FedfuseError
 from fedfuse.models.registry import (
     build_model,
@@ -62,14 +61,12 @@ class Cohort:
 
 
 def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Participant],
-                  replies: list[Message], noise_key: int) -> dict[str, Cohort]:
+                  standardisation: tuple[np.ndarray, np.ndarray],
+                  noise_key: int) -> dict[str, Cohort]:
     """One cohort per configured architecture over the participants that train it,
-    each model standardised with the pooled moments of ``replies`` (discovery's);
-    ``noise_key`` seeds client-level DP's noise."""
-    moments = [wire.arrays(r, "moments") for r in replies]
-    mean, std = pooled_mean_std(
-        [wire.as_int(wire.metrics(r), "num-examples") for r in replies],
-        [wire.as_array(m, "sum") for m in moments], [wire.as_array(m, "sumsq") for m in moments])
+    each model standardised with the sites' pooled (mean, std)
+    (``fedfuse.coordinator.moments``); ``noise_key`` seeds client-level DP's noise."""
+    mean, std = standardisation
     if cfg.secure_aggregation.enabled:
         from fedfuse.secagg.encoding import check_ring
 

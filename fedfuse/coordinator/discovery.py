@@ -1,5 +1,7 @@
 """Discovery: wait for the sites, ask each for its architecture, example counts and
-feature sums, and keep those whose answer fits the scenario."""
+(without secure aggregation) feature sums, and keep those whose answer fits the
+scenario. Under secure aggregation the feature sums are not asked for here: only their
+totals are, through a secure sum (``fedfuse.coordinator.moments``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedfuse import wire
@@ -80,8 +82,10 @@ def answers(grid: Grid, cfg: FedfuseConfig, nodes: list[int],
     replies: list[Message] = []
     missing = list(nodes)
     while missing:
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                   for n in missing]
+        ask = ConfigRecord({"moments": "secure" if cfg.secure_aggregation.enabled
+                            else "plain"})
+        queries = [Message(RecordDict({"discovery": ask}), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in missing]
         asked = set(missing)  # the SuperLink's own error replies (expired queries) aside
         replies += [r for r in grid.send_and_receive(queries) if r.metadata.src_node_id in asked]
         answered = {r.metadata.src_node_id for r in replies}
@@ -104,19 +108,23 @@ class Answer:
     index: int
     num_train: int
     num_val: int
-    sums: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
-    sumsqs: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
+    sums: np.ndarray | None = field(default=None, compare=False)
+    sumsqs: np.ndarray | None = field(default=None, compare=False)
+    """The feature sums (None: not sent, as under secure aggregation)."""
 
 
 def read_answer(reply: Message) -> Answer:
     """The fields of a discovery reply, each of its type (raises ``WireError``)."""
     site, metrics = wire.config(reply, "site"), wire.metrics(reply)
-    moments = wire.arrays(reply, "moments")
+    sums = sumsqs = None
+    if "moments" in reply.content.array_records:
+        moments = wire.arrays(reply, "moments")
+        sums, sumsqs = wire.as_array(moments, "sum"), wire.as_array(moments, "sumsq")
     return Answer(wire.as_str(site, "name"), wire.as_str(site, "arch"),
                   tuple(wire.as_list(site, "input-shape", int)),
                   wire.as_int(site, "num-classes"), wire.as_int(metrics, "index"),
                   wire.as_int(metrics, "num-examples"), wire.as_int(metrics, "num-val"),
-                  wire.as_array(moments, "sum"), wire.as_array(moments, "sumsq"))
+                  sums, sumsqs)
 
 
 def max_site_examples(cfg: FedfuseConfig) -> int:
@@ -148,6 +156,8 @@ def reject_reason(node: int, answer: Answer, cfg: FedfuseConfig, schema: DataSch
     if not (1 <= answer.num_train <= cap and 0 <= answer.num_val <= cap):
         return (f"{answer.num_train} training and {answer.num_val} validation examples; "
                 f"a site may claim 1..{cap}")
+    if cfg.secure_aggregation.enabled:
+        return None  # its feature sums come in a secure sum, checked as a total
     return moments_reason(answer, tuple(schema.input_shape))
 
 
@@ -167,6 +177,9 @@ def moments_reason(answer: Answer, shape: tuple[int, ...]) -> str | None:
     shape, be finite, and satisfy sum x^2 >= (sum x)^2 / n (Cauchy-Schwarz: a variance
     is not negative), up to rounding."""
     s, q, n = answer.sums, answer.sumsqs, answer.num_train
+    if s is None or q is None:
+        return ("no feature sums (a site whose policy requires secure aggregation sends "
+                "them only in a secure sum)")
     if s.shape != shape or q.shape != shape:
         return f"feature moments of shape {s.shape} and {q.shape}, the inputs are {shape}"
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(q))):

@@ -21,6 +21,7 @@ from fedfuse.coordinator.checkpoint import Checkpoint, restore, snapshot, write_
 from fedfuse.coordinator.cohorts import build_cohorts
 from fedfuse.coordinator.discovery import discover
 from fedfuse.coordinator.grid import BoundedGrid
+from fedfuse.coordinator.moments import standardisation
 from fedfuse.coordinator.privacy import SiteReports
 from fedfuse.coordinator.records import FederationResult, RoundListener, RoundRecord
 from fedfuse.coordinator.rounds import Rounds
@@ -63,8 +64,9 @@ class Coordinator:
         participants, replies = discover(grid, cfg, self.rounds.test.schema, self.sites)
         if not participants:
             raise FedfuseError("no client answered the discovery query")
-        cohorts = build_cohorts(cfg, self.rounds.test.schema, participants, replies,
-                                self.noise_key)
+        cohorts = build_cohorts(cfg, self.rounds.test.schema, participants, standardisation(
+            grid, self.rounds.collector, participants, replies, self.rounds.test.X),
+            self.noise_key)
         self.listener.on_start(participants, cfg.rounds)
         history: list[RoundRecord] = []
         first = 1

@@ -5,9 +5,15 @@ The handlers only route: training is ``fedfuse.site.training``, the models a mes
 names ``fedfuse.site.members``, the replies ``fedfuse.site.replies``.
 
 Message layout (all keys fixed):
-- query   -> ConfigRecord "site" {arch, name, input-shape, num-classes},
-             MetricRecord "metrics" {num-examples, num-val, index},
-             ArrayRecord "moments" {sum, sumsq} (feature sums of the training split)
+- query   <- ConfigRecord "discovery" {moments: "plain" or "secure"}
+          -> ConfigRecord "site" {arch, name, input-shape, num-classes},
+             MetricRecord "metrics" {num-examples, num-val, index}, and unless "secure"
+             was asked or the site's policy requires secure aggregation ArrayRecord
+             "moments" {sum, sumsq} (feature sums of the training split)
+- query.moments <- ArrayRecord "reference" {center, scale}, ConfigRecord "moments"
+             {bound}, ConfigRecord "secagg" -> only "masked" {vector}: fixed-point
+             [n, sum z, sum z^2], z = clip((x - center) / scale, -bound, bound)
+             (``fedfuse.data.stats``, ``fedfuse.coordinator.moments``)
 - train   <- ArrayRecord "arrays", ConfigRecord "config" {lr, local-epochs, batch-size,
              momentum, weight-decay, seed, server-round, validate (optional)}
              (+ dp-* keys under DP, see ``fedfuse.privacy.budget.PrivacyRequest``; under
@@ -49,6 +55,7 @@ Message layout (all keys fixed):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +75,7 @@ from flwr.clientapp.typing import Mod
 
 from fedfuse import wire
 from fedfuse.data.sites import Site
-from fedfuse.data.stats import local_moments
+from fedfuse.data.stats import local_moments, standardised_sums
 from fedfuse.fusion.soft_vote import brier_statistics
 from fedfuse.models.device import resolve_device
 from fedfuse.models.registry import load_model
@@ -79,7 +86,7 @@ from fedfuse.site import training
 from fedfuse.site.members import member_models
 from fedfuse.site.policy import check_masking, check_train
 from fedfuse.site.replies import answered, masked_reply, train_reply
-from fedfuse.wire import VALIDATE, VALIDATION
+from fedfuse.wire import VALIDATE, VALIDATION, WireError
 
 SiteProvider = Callable[[Context], Site]
 
@@ -120,9 +127,23 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
                                   "num-classes": schema.num_classes}),
             "metrics": MetricRecord({"num-examples": n, "num-val": len(site.val),
                                      "index": site.index}),
-            "moments": ArrayRecord({"sum": Array(s), "sumsq": Array(q)}),
         })
+        asked = msg.content.config_records.get("discovery", ConfigRecord()).get("moments")
+        if asked != "secure" and (site.policy is None
+                                  or not site.policy.require_secure_aggregation):
+            content["moments"] = ArrayRecord({"sum": Array(s), "sumsq": Array(q)})
         return Message(content=content, reply_to=msg)
+
+    @app.query("moments")
+    def moments(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        masking = msg.content.config_records.get(secagg.RECORD)
+        if site.policy is not None:
+            check_masking(site.policy, masking)
+        if masking is None:
+            raise WireError("query.moments: feature sums leave only in a secure sum")
+        return answered(msg, context, masked_reply(msg, context, encode_fixed(
+            standardised_moments(msg, site.train.X))), site)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -185,3 +206,20 @@ def validation(msg: Message, site: Site) -> MetricRecord:
     result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
     return MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss,
                          "val-accuracy": result.accuracy})
+
+
+def standardised_moments(msg: Message, X: np.ndarray) -> np.ndarray:
+    """The site's ``standardised_sums`` for the reference centre, scale and bound in
+    ``msg``, each checked: finite, of the inputs' shape, scales and bound positive."""
+    ref = wire.arrays(msg, "reference")
+    center, scale = wire.as_array(ref, "center"), wire.as_array(ref, "scale")
+    bound = wire.as_float(wire.config(msg, "moments"), "bound")
+    shape = X.shape[1:]
+    if center.shape != shape or scale.shape != shape:
+        raise WireError(f"query.moments: a reference of shape {center.shape} and "
+                        f"{scale.shape}, the inputs are {shape}")
+    if not (np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
+            and np.all(scale > 0) and math.isfinite(bound) and bound > 0):
+        raise WireError("query.moments: the reference is not finite with positive scales "
+                        "and bound")
+    return standardised_sums(X, center, scale, bound)

@@ -45,6 +45,7 @@ class FakeGrid:
         self.pending: dict[str, int] = {}
         self.late: set[int] = set()
         self.ignored: set[str] = set()
+        self.asked: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.answers)
@@ -55,6 +56,7 @@ class FakeGrid:
     def push_messages(self, messages):
         ids = []
         for msg in messages:
+            self.asked.append(msg)
             self.ttls.append(msg.metadata.ttl)
             ids.append(f"q{msg.metadata.dst_node_id}")
             self.pending[ids[-1]] = msg.metadata.dst_node_id
@@ -128,8 +130,9 @@ def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
     (it would break the ring check of every cohort), NaN or contradictory moments (they
     would poison every cohort's standardisation), an architecture of another cohort."""
     raw = {**json.loads(json.dumps(RAW)),
-           "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c", "d"]},
-                       {"arch": "mlp", "sites": ["e", "f", "g"]}]}
+           "cohorts": [{"arch": "logreg", "sites": ["a", "b", "c", "d", "h"]},
+                       {"arch": "mlp", "sites": ["e", "f", "g"]}],
+           "secure_aggregation": {"enabled": False}}  # the moments come in plaintext
     cfg = config_from_dict(raw)
     huge = answer(0, "b", "logreg")
     huge["metrics"]["num-examples"] = 2**50
@@ -139,10 +142,12 @@ def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
     negative = answer(0, "d", "logreg")  # sum x = 50 per feature but sum x^2 = 1, n = 50
     negative["moments"] = ArrayRecord({"sum": Array(np.full((1, 8, 8), 50.0)),
                                        "sumsq": Array(np.ones((1, 8, 8)))})
+    withheld = answer(0, "h", "logreg")  # its policy sends them only in a secure sum
+    del withheld["moments"]
     grid = FakeGrid({11: ("a", "logreg"), 22: huge, 33: nan, 44: negative,
-                     55: ("e", "logreg")})  # e belongs to the mlp cohort
+                     55: ("e", "logreg"), 66: withheld})  # e belongs to the mlp cohort
     participants, _ = discover(grid, cfg, load_dataset(cfg.data).schema,
-                               {11: "a", 22: "b", 33: "c", 44: "d", 55: "e"})
+                               {11: "a", 22: "b", 33: "c", 44: "d", 55: "e", 66: "h"})
     assert [p.name for p in participants] == ["a"]
     assert "node 22 (b) dropped at discovery: 1125899906842624 training" in caplog.text
     assert "node 33 (c) dropped at discovery: feature moments that are not finite" in caplog.text
@@ -150,6 +155,15 @@ def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
         in caplog.text
     assert "node 55 (e) dropped at discovery: architecture 'logreg' is not its cohort's " \
         "(mlp)" in caplog.text
+    assert "node 66 (h) dropped at discovery: no feature sums" in caplog.text
+    # under secure aggregation the sums are not asked for, so none are checked here:
+    # their total is (tests/coordinator/test_moments.py)
+    secure = config_from_dict({**raw, "secure_aggregation": {"enabled": True}})
+    grid = FakeGrid({11: ("a", "logreg"), 33: nan, 66: withheld})
+    participants, _ = discover(grid, secure, load_dataset(cfg.data).schema,
+                               {11: "a", 33: "c", 66: "h"})
+    assert [p.name for p in participants] == ["a", "c", "h"]
+    assert all(q.content["discovery"]["moments"] == "secure" for q in grid.asked)
 
 
 def test_every_exchange_is_bounded_by_round_timeout():
