@@ -78,6 +78,11 @@ class ClientLevelDP:
             self._report("budget-exhausted")
         config["dp-mode"] = "user"
         config["dp-clipping-norm"] = self.clipping_norm
+        # what each site needs to keep its own account of the releases it is in
+        config.update({"dp-noise-multiplier": sigma, "dp-delta": self.ledger.delta,
+                       "dp-accountant": self.ledger.accountant})
+        if self.ledger.budget is not None:
+            config["dp-budget"] = self.ledger.budget
         self._arrays = arrays
         self._sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
         return self._sent

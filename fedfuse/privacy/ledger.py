@@ -116,32 +116,34 @@ class FileLedgerStore:
 
 
 class RecordLedgerStore:
-    """The ledger in a Flower ``Context.state`` (kept per node across rounds)."""
+    """The ledger in a Flower ``Context.state`` (kept per node across rounds), as
+    record ``key``."""
 
-    KEY = "privacy-ledger"
-
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, key: str = "privacy-ledger") -> None:
         self.state = state
+        self.key = key
 
     def load(self) -> PrivacyLedger | None:
-        if self.KEY not in self.state:
+        if self.key not in self.state:
             return None
-        return PrivacyLedger.from_dict(json.loads(str(self.state[self.KEY]["json"])))
+        return PrivacyLedger.from_dict(json.loads(str(self.state[self.key]["json"])))
 
     def save(self, ledger: PrivacyLedger) -> None:
         from flwr.app import ConfigRecord
 
-        self.state[self.KEY] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
+        self.state[self.key] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
 
     def held(self) -> AbstractContextManager[None]:
         """Nothing to hold: a node's Context is used by one message at a time."""
         return nullcontext()
 
 
-def ledger_store_for(state_dir: Path | None, context: Any) -> LedgerStore:
-    """A site's ledger store: ``<state_dir>/privacy-ledger.json`` when the site has a
+def ledger_store_for(state_dir: Path | None, context: Any,
+                     name: str = "privacy-ledger") -> LedgerStore:
+    """A site's ledger store ``name``: ``<state_dir>/<name>.json`` when the site has a
     state directory (a deployed site; a simulated one whose run keeps checkpoints), else
-    the node's Flower ``Context.state``."""
+    the node's Flower ``Context.state`` (``privacy-ledger``: record-level DP-SGD's;
+    ``client-level-ledger``: the client-level releases the site took part in)."""
     if state_dir is not None:
-        return FileLedgerStore(state_dir / "privacy-ledger.json")
-    return RecordLedgerStore(context.state)
+        return FileLedgerStore(state_dir / f"{name}.json")
+    return RecordLedgerStore(context.state, name)

@@ -2,7 +2,9 @@
 
 - plain SGD (no DP);
 - client-level DP (``dp-mode = "user"``): plain SGD, then the update is clipped to the
-  clipping norm and counts once (``fedfuse.privacy.client_level``);
+  clipping norm and counts once (``fedfuse.privacy.client_level``); the site keeps its
+  own lifetime account of the coordinator's releases it takes part in (across runs, like
+  the record-level one) and declines one that would exceed its budget;
 - record-level DP-SGD (``dp-mode = "sample"``): the site opens its own ledger, plans the
   round against its budget (``fedfuse.privacy.budget``), trains through Opacus
   (``fedfuse.privacy.dpsgd``) and charges the ledger before the update leaves; a repeated
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -26,10 +29,11 @@ from fedfuse.models.training import LoopResult, make_loader, make_optimizer, tra
 from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
 from fedfuse.privacy.client_level import clip_update
 from fedfuse.privacy.dpsgd import make_private, noise_seed, request_noise_seed
-from fedfuse.privacy.ledger import LedgerStore, ledger_store_for
+from fedfuse.privacy.ledger import LedgerStore, PrivacyLedger, ledger_store_for
 from fedfuse.site.members import trainee
 from fedfuse.site.policy import capped_budget
 from fedfuse.site.replay import ReplayStore, request_key
+from fedfuse.wire import WireError
 
 
 @dataclass
@@ -61,6 +65,9 @@ def train(msg: Message, context: Context, site: Site) -> Trained:
         request = replace(request, budget=capped_budget(site.policy, request.budget))
     if request is not None:
         return train_private(msg, context, site, request, model, loader, optimizer, seed)
+    if cfg.get("dp-mode", "off") == "user" and \
+            (declined := client_level_declined(context, site, cfg)) is not None:
+        return declined
     result = train_epochs(model.to(resolve_device(site.device)), loader, optimizer,
                           wire.as_int(cfg, "local-epochs"))
     model.cpu()
@@ -68,6 +75,35 @@ def train(msg: Message, context: Context, site: Site) -> Trained:
         clip_to(model, wire.arrays(msg, "arrays"), wire.as_float(cfg, "dp-clipping-norm"))
         return Trained(model, result, seed, weight=1)
     return Trained(model, result, seed)
+
+
+def client_level_declined(context: Context, site: Site, cfg: Any) -> Trained | None:
+    """Charge this site's client-level account with the release its update goes into,
+    (σ, q = 1, 1): a release it is not in does not depend on its data. None if charged;
+    the decline (with its report) if the release would exceed the budget (the policy's
+    lifetime ε, else the request's)."""
+    sigma = wire.as_float(cfg, "dp-noise-multiplier")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise WireError(f"client-level DP with noise multiplier {sigma}: no noise")
+    requested = cfg.get("dp-budget")
+    budget = (capped_budget(site.policy, None if requested is None else float(requested))
+              if site.policy is not None else None if requested is None else float(requested))
+    store = ledger_store_for(site.state_dir, context, "client-level-ledger")
+    with store.held():
+        ledger = store.load() or PrivacyLedger(str(cfg.get("dp-accountant", "rdp")),
+                                               wire.as_float(cfg, "dp-delta"), budget)
+        if budget is not None:
+            ledger.budget = min(budget, ledger.budget or math.inf)
+        if ledger.would_exceed(sigma, 1.0, 1):
+            ledger.refused_rounds.append(wire.as_int(cfg, "server-round"))
+            store.save(ledger)
+            return Trained(None, None, 0, privacy={
+                "status": "budget-exhausted", "epsilon": ledger.epsilon(),
+                "budget": ledger.budget, "delta": ledger.delta, "noise-multiplier": sigma,
+                "sample-rate": 1.0, "steps": ledger.steps, "accountant": ledger.accountant})
+        ledger.history.append((sigma, 1.0, 1))
+        store.save(ledger)  # spent before the update leaves the site
+    return None
 
 
 def train_private(msg: Message, context: Context, site: Site, request: PrivacyRequest,

@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedfuse.config import load_config
 from fedfuse.data.sites import Site, plan_federation, simulated_site
 from fedfuse.errors import FedfuseError
+from fedfuse.privacy.accounting import epsilon_of
 from fedfuse.privacy.budget import PrivacyRequest
 from fedfuse.secagg.messages import RECORD
 from fedfuse.site.app import build_client_app
@@ -51,11 +52,18 @@ def test_the_default_policy_refuses_and_no_weights_leave(digits_site, tmp_path, 
     assert not (tmp_path / "privacy-ledger.json").exists()  # nothing trained, nothing spent
 
 
+def user_level(site, schema, server_round: int = 1, sigma: float = 3.0):
+    """A client-level DP train message as the coordinator's ClientLevelDP sends it."""
+    msg = train_message(site, schema, None, server_round)
+    msg.content["config"].update({"dp-mode": "user", "dp-clipping-norm": 1.0,
+                                  "dp-noise-multiplier": sigma, "dp-delta": 1e-3,
+                                  "dp-accountant": "rdp"})
+    return msg
+
+
 def test_client_level_dp_satisfies_require_dp_only_when_the_policy_says_so(digits_site):
     site, schema = digits_site
-    msg = train_message(site, schema, None)
-    msg.content["config"]["dp-mode"] = "user"
-    msg.content["config"]["dp-clipping-norm"] = 1.0
+    msg = user_level(site, schema)
     strict = dataclasses.replace(site, policy=SitePolicy(require_secure_aggregation=False))
     with pytest.raises(PolicyRefusal, match="require_dp"):
         build_client_app(lambda ctx: strict)(msg, site_context())
@@ -63,6 +71,31 @@ def test_client_level_dp_satisfies_require_dp_only_when_the_policy_says_so(digit
                                                           require_secure_aggregation=False))
     reply = build_client_app(lambda ctx: lenient)(msg, site_context())
     assert "arrays" in reply.content
+
+
+def test_client_level_releases_are_kept_at_the_site_across_runs(digits_site, tmp_path):
+    """Each run's coordinator keeps only its own account; the site's ledger keeps every
+    release its update went into, across runs (a fresh Context, as after a restart),
+    and declines the one that would take it over its lifetime ε."""
+    site, schema = digits_site
+    site = dataclasses.replace(site, state_dir=tmp_path, policy=SitePolicy(
+        require_dp="client", max_epsilon=3.0, require_secure_aggregation=False))
+    app = build_client_app(lambda ctx: site)
+    affordable = max(k for k in range(1, 40) if epsilon_of([(3.0, 1.0, k)], 1e-3) <= 3.0)
+    trained = 0
+    for server_round in range(1, 40):  # every message as if from a new run
+        reply = app(user_level(site, schema, server_round), site_context())
+        if "arrays" not in reply.content:
+            break
+        trained += 1
+    assert trained == affordable and affordable >= 2
+    report = reply.content["privacy"]
+    assert report["status"] == "budget-exhausted" and report["epsilon"] <= 3.0
+    ledger = json.loads((tmp_path / "client-level-ledger.json").read_text())
+    assert len(ledger["history"]) == affordable and ledger["budget"] == 3.0
+    assert not (tmp_path / "privacy-ledger.json").exists()  # the record-level one is apart
+    with pytest.raises(FedfuseError, match="no noise"):  # a release without noise
+        app(user_level(site, schema, 50, sigma=0.0), site_context())
 
 
 def test_the_lifetime_budget_caps_a_request_without_one(digits_site, tmp_path):
