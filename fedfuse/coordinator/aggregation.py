@@ -86,6 +86,9 @@ class Collector(Protocol):
     secure: bool
     secure_sums: int
     """Cohort updates that came out of secure sums so far."""
+    culprits: set[int]
+    """Nodes proven to have broken a secure sum (``SecAggAbort.culprit``); the cohorts
+    stop sampling them."""
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
              tag: str, clip: dict[str, float | None],
@@ -119,6 +122,7 @@ class PlaintextCollector:
 
     def __init__(self, max_update_norm: float | None) -> None:
         self.max_update_norm = max_update_norm
+        self.culprits: set[int] = set()
 
     def send(self, grid: Grid, msgs: dict[str, list[Message]], lengths: dict[str, int],
              tag: str, clip: dict[str, float | None],
@@ -173,6 +177,7 @@ class SecureCollector:
         self.clip_range = clip_range
         self.bits = quantization_bits
         self.secure_sums = 0
+        self.culprits: set[int] = set()
         self.openings = Openings(threshold, neighbours, consistency)
 
     def expect(self, tag: str, nodes: dict[str, list[int]], lengths: dict[str, int]) -> None:
@@ -217,7 +222,8 @@ class SecureCollector:
         declined = {a: {r.metadata.src_node_id for r in batch.replies[a]}
                     - {r.metadata.src_node_id for r in accepted[a]} for a in cohorts}
         collect_masked(batch.sessions, batch.failed, batch.replies, declined)
-        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
+        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed,
+                              self.culprits)
         out: dict[str, list[Message]] = {}
         for arch, cohort in cohorts.items():
             entry = record.cohort(arch)
@@ -274,7 +280,8 @@ class SecureCollector:
         with, through one session over them, and that session; None if it failed."""
         batch = self.send(grid, {tag: msgs}, {tag: length}, tag, {})
         collect_masked(batch.sessions, batch.failed, batch.replies, {})
-        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed)
+        sums = close_sessions(grid, self.openings, batch.sessions, batch.failed,
+                              self.culprits)
         return (sums[tag], batch.sessions[tag]) if tag in sums else None
 
     def clip_for(self, clip_range: float | None) -> float:

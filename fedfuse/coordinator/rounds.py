@@ -73,6 +73,7 @@ class Rounds:
         coordinator sees only each cohort's masked sum. With ``validate``, the sites
         sampled for evaluation score the received model in the same exchange."""
         for cohort in cohorts.values():
+            self.retire_culprits(cohort, server_round)
             self.retire_lone(cohort, server_round)
         msgs = {a: self.configure(grid, c, server_round) for a, c in cohorts.items()}
         evaluate = {a: list(c.strategy.configure_evaluate(server_round, c.arrays,
@@ -102,6 +103,16 @@ class Rounds:
         for arch, cohort in cohorts.items():
             self.aggregate(cohort, updates[arch], server_round, record)
 
+    def retire_culprits(self, cohort: Cohort, server_round: int) -> None:
+        """Stop sampling the cohort's sites that broke a secure sum (they committed to
+        shares of another secret than their own): one such site would otherwise abort
+        its cohort's sum every round."""
+        for p in cohort.participants:
+            if p.node_id in self.collector.culprits and p.node_id in cohort.strategy.trainers:
+                log.warning("round %d: cohort %s stops sampling %s: its shares broke a "
+                            "secure sum", server_round, cohort.arch, p.name)
+                cohort.strategy.retire(p.node_id)
+
     def retire_lone(self, cohort: Cohort, server_round: int) -> None:
         """Under secure aggregation, retire a cohort's last sites that may train when
         fewer than ``MIN_SURVIVORS`` are left: a sum over one site is its update, over
@@ -124,13 +135,14 @@ class Rounds:
         if server_round < self.cfg.rounds:
             nodes = {}
             for arch, cohort in cohorts.items():
+                self.retire_culprits(cohort, server_round + 1)
                 self.retire_lone(cohort, server_round + 1)
                 nodes[arch] = cohort.strategy.fix_train_sample(grid)
             self.collector.expect(f"round {server_round + 1}", nodes, lengths)
         elif server_round == self.cfg.rounds:
             live = set(grid.get_node_ids())
             sites = [p.node_id for c in cohorts.values() for p in c.participants
-                     if p.node_id in live]
+                     if p.node_id in live and p.node_id not in self.collector.culprits]
             self.collector.expect(FUSION, {FUSION: sites},
                                   {FUSION: statistics_length(len(cohorts))})
 

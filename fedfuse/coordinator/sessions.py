@@ -170,10 +170,12 @@ def collect_masked(sessions: dict[str, SecAggSession], failed: dict[str, str],
 
 
 def close_sessions(grid: Grid, openings: Openings, sessions: dict[str, SecAggSession],
-                   failed: dict[str, str]) -> dict[str, np.ndarray]:
+                   failed: dict[str, str], culprits: set[int] | None = None
+                   ) -> dict[str, np.ndarray]:
     """Stage 4 for every session, in one exchange that also carries a stage of every
     opening session (after one more for the consistency check, where sessions have
-    it): the unmasked sums, by group (failures go to ``failed``)."""
+    it): the unmasked sums, by group (failures go to ``failed``, the nodes proven at
+    fault to ``culprits``)."""
     checked = {g: s for g, s in sessions.items() if s.consistency}
     if checked:
         replies = openings.exchange(grid, {g: carriers(CHECK_RECORD, check_records(s))
@@ -183,7 +185,8 @@ def close_sessions(grid: Grid, openings: Openings, sessions: dict[str, SecAggSes
     replies = openings.exchange(grid, {g: carriers(UNMASK_RECORD, s.unmask_records())
                                        for g, s in sessions.items()})
     sums: dict[str, np.ndarray] = {}
-    advance(sessions, failed, lambda g, s: sums.__setitem__(g, s.receive_unmask(replies[g])))
+    advance(sessions, failed, lambda g, s: sums.__setitem__(g, s.receive_unmask(replies[g])),
+            culprits)
     return sums
 
 
@@ -223,8 +226,10 @@ def aggregate_reply(arrays: ArrayRecord, total: UpdateSum, like: Message) -> Mes
 
 
 def advance(sessions: dict[str, SecAggSession], failed: dict[str, str],
-            step: Callable[[str, SecAggSession], None]) -> None:
-    """Apply ``step(group, session)``; a session that aborts is removed and logged."""
+            step: Callable[[str, SecAggSession], None],
+            culprits: set[int] | None = None) -> None:
+    """Apply ``step(group, session)``; a session that aborts is removed and logged, and
+    the node proven at fault, if any, goes to ``culprits``."""
     for group in list(sessions):
         try:
             step(group, sessions[group])
@@ -232,6 +237,8 @@ def advance(sessions: dict[str, SecAggSession], failed: dict[str, str],
             log.warning("secure aggregation of %s failed this round: %s", group, exc)
             failed[group] = str(exc)
             del sessions[group]
+            if exc.culprit is not None and culprits is not None:
+                culprits.add(int(exc.culprit))
 
 
 def members(msgs: Iterable[Message]) -> list[int]:

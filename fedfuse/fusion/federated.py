@@ -173,7 +173,7 @@ class FederatedFusion:
         for a, arrays in models.items():
             content[f"member/{a}"] = arrays
         content["fusion"] = ConfigRecord({"members": list(models)})
-        live = set(grid.get_node_ids())
+        live = set(grid.get_node_ids()) - self.rounds.collector.culprits
         msgs = [Message(content, dst_node_id=p.node_id, message_type="query.fusion")
                 for p in participants if p.node_id in live]
         return self.rounds.collector.statistics(grid, msgs, participants, len(models))

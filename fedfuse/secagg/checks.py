@@ -23,7 +23,12 @@ log = logging.getLogger("fedfuse.secagg")
 class SecAggAbort(FedfuseError):
     """The session cannot produce a sum (too few clients left, or a sharer's shares do
     not rebuild its committed secret); the group's round fails without revealing anyone's
-    update."""
+    update. ``culprit``: the node at fault, where one is proven (a sharer whose shares,
+    each matching its own commitment, do not make the secret it committed to)."""
+
+    def __init__(self, message: str, culprit: str | None = None) -> None:
+        super().__init__(message)
+        self.culprit = culprit
 
 
 def verified_shares(session: SecAggSession, node: str, rec: ConfigRecord,
@@ -86,14 +91,16 @@ def signed_identity(session: bytes, node: str, rec: ConfigRecord, c_pk: bytes,
     return pid, sig
 
 
-def rebuild(what: str, shares: dict[int, bytes], threshold: int) -> bytes:
-    """The secret ``what`` from its first ``threshold`` Shamir shares (by index)."""
+def rebuild(what: str, shares: dict[int, bytes], threshold: int, sharer: str) -> bytes:
+    """The secret ``what`` of ``sharer`` from its first ``threshold`` Shamir shares (by
+    index; each already matched the sharer's commitment, so shares that combine to no
+    secret are the sharer's doing)."""
     if len(shares) < threshold:
         raise SecAggAbort(f"{what}: {len(shares)} shares, the threshold is {threshold}")
     try:
         return shamir.combine_shares(dict(sorted(shares.items())[:threshold]))
     except ValueError as exc:
-        raise SecAggAbort(f"{what}: {exc}") from None
+        raise SecAggAbort(f"{what}: {exc}", culprit=sharer) from None
 
 
 

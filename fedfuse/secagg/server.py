@@ -319,19 +319,19 @@ def remove_masks(session: SecAggSession, b_shares: dict[str, dict[int, bytes]],
     for node in session.u3:
         total = total + session.vectors[node]
         b = rebuild(f"{session.group}: node {node}'s b", b_shares[node],
-                    session.share_threshold)
+                    session.share_threshold, node)
         if crypto.digest(b) != session.commitments[node]["b-hash"]:
             raise SecAggAbort(f"{session.group}: node {node}'s shares do not rebuild the "
-                              "mask seed it committed to")
+                              "mask seed it committed to", culprit=node)
         total = total - crypto.mask_words(
             crypto.derive(b, SELF_MASK_LABEL + session.session), session.length)
     order = {n: i for i, n in enumerate(session.u1)}
     for gone in dropped:
         s = rebuild(f"{session.group}: node {gone}'s s", s_shares[gone],
-                    session.share_threshold)
+                    session.share_threshold, gone)
         if crypto.public_key(s) != session.keys[gone][1]:
             raise SecAggAbort(f"{session.group}: node {gone}'s shares do not rebuild the "
-                              "masking key it advertised")
+                              "masking key it advertised", culprit=gone)
         masked_with = [n for n in session.graph[gone] if n in session.vectors]
         pair_keys = crypto.agree_all(s, [session.keys[node][1] for node in masked_with],
                                      PAIR_MASK_LABEL + session.session)

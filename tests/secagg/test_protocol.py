@@ -509,3 +509,24 @@ def test_pinned_identities_stop_a_coordinator_that_also_forges_the_identity():
     pins = frozenset(crypto.identity_public(i.key) for i in sites.values())
     pinned = forge(Harness(5, verify=True, pinned=pins))
     assert all("is not one this site pins" in r.content[REFUSED][SHARES] for r in pinned)
+
+
+def test_a_sharer_committed_to_another_secret_is_named_as_the_culprit():
+    """Its shares match its own commitments, so the failed rebuild is its doing: the
+    session aborts naming it (the coordinator then stops sampling it,
+    tests/secagg/test_secagg_e2e.py)."""
+    h = Harness(5)
+    cheat = str(h.nodes[2])
+
+    def other_secret(replies):
+        for reply in replies:
+            if str(reply.metadata.src_node_id) == cheat:
+                reply.content[SHARES]["b-hash"] = crypto.digest(b"another seed")
+        return replies
+
+    with pytest.raises(SecAggAbort, match="do not rebuild the mask seed") as err:
+        h.run(edit_shares=other_secret)
+    assert err.value.culprit == cheat
+    with pytest.raises(SecAggAbort) as err:  # too few clients: nobody is to blame
+        Harness(5).run(drop_after_shares=Harness(5).nodes[:3])
+    assert err.value.culprit is None

@@ -4,6 +4,7 @@ in one opened on the previous round's exchanges."""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
@@ -15,7 +16,7 @@ from fedfuse.config import config_from_dict
 from fedfuse.coordinator.app import build_server_app
 from fedfuse.coordinator.records import FederationResult
 from fedfuse.data.sites import plan_federation
-from fedfuse.secagg.messages import MASKED, SHARE_RECORD, UNMASK_RECORD
+from fedfuse.secagg.messages import MASKED, SHARE_RECORD, SHARES, UNMASK_RECORD
 from fedfuse.simulation.runner import backend_config, site_from_context
 from fedfuse.site.app import build_client_app
 from tests.helpers import run_federation
@@ -131,6 +132,31 @@ def test_secagg_plus_neighbourhoods_through_the_engine_sum_the_survivors():
         entry = record.cohorts["logreg"]
         assert entry.secagg_clients == 7 and entry.secagg_dropped == len(OFFLINE)
     assert_survivors_fedavg(secure, plain)
+
+
+def committed_to_another_secret(msg: Message, context: Context, call_next) -> Message:
+    """A Flower client mod: site 0 commits to another self-mask seed than the one it
+    shares, which breaks every sum it is in (its shares still match their commitments)."""
+    reply = call_next(msg, context)
+    if SHARES in reply.content.config_records and \
+            int(context.node_config["partition-id"]) == 0:
+        reply.content.config_records[SHARES]["b-hash"] = bytes(32)
+    return reply
+
+
+def test_a_site_that_breaks_a_sum_is_no_longer_sampled(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = run(secure=True, clients=5, mods=[committed_to_another_secret])
+    # the first sum it is in (the feature moments', before round 1) cannot be unmasked:
+    # nothing is revealed, and it is named and no longer asked
+    assert "shares do not rebuild the mask seed it committed to" in caplog.text
+    assert "feature moments: the secure sum did not complete" in caplog.text
+    assert "stops sampling client-0: its shares broke a secure sum" in caplog.text
+    for record in result.history:
+        entry = record.cohorts["logreg"]
+        assert not entry.secagg_failed and entry.secagg_clients == 4
+    assert result.secure_sums == 2 and result.fusion is not None
+    assert result.fusion.sites == 4
 
 
 def certified_unmask(msg: Message, context: Context, call_next) -> Message:
