@@ -143,7 +143,7 @@ def test_four_sites_tls_auth_dp_secagg_with_a_site_killed_and_restarted(federati
     tmp = federation
     port = free_port()
     out = tmp / "run"
-    coord = Proc(tmp / "coordinator.log", "coordinator", write_scenario(tmp, 12, 25.0),
+    coord = Proc(tmp / "coordinator.log", "coordinator", write_scenario(tmp, 12, 40.0),
                  "--certs", tmp / "certs", "--address", f"127.0.0.1:{port}", "--out", out,
                  "--state", tmp / "coordinator-state")
     sites = {n: site(tmp, n, port) for n in "abcd"}
