@@ -10,8 +10,9 @@ update. Between masked input and unmasking:
    member of U3, which signs σ_u = Sign(identity_u, H(session, U3)), once per session.
 2. unmask: the coordinator relays the signatures it got (from U4 ⊆ U3). A member reveals
    only if the U3 it signed is the one the request is built on and more than 2/3 of U1
-   signed that same U3 with distinct identities (each neighbour with the identity it
-   signed its keys with; only pinned identities where the site's policy pins them).
+   validly signed that same U3 with distinct identities (each neighbour with the
+   identity it signed its keys with; only pinned identities where the site's policy
+   pins them).
 
 Honest members sign once per session, so two different U3 sets can both be certified
 only if more than a third of U1 signed both: with fewer than |U1| / 3 corrupt members
@@ -55,8 +56,10 @@ def certificate_problem(session: bytes, survivors: list[str], members: int,
                         known: dict[str, bytes], pinned: frozenset[bytes]) -> str | None:
     """Why (signers, identities, signatures) does not certify ``survivors`` as U3 of a
     session of ``members`` members, or None if it does: the signers are distinct members
-    of U3 with distinct identities, each neighbour's the identity ``known`` for it, each
-    one pinned (if any are), every signature valid, and more than two thirds of U1."""
+    of U3 with distinct identities, and more than two thirds of U1 of them have a valid
+    signature with the identity ``known`` for them (a neighbour's: the one its keys were
+    signed with) and, if any are pinned, a pinned one. Signatures are checked only until
+    enough are valid."""
     signers, identities, signatures = certificate
     if not len(signers) == len(identities) == len(signatures):
         return "the signers, identities and signatures do not match up"
@@ -64,17 +67,22 @@ def certificate_problem(session: bytes, survivors: list[str], members: int,
         return "a signer or an identity appears twice"
     if not set(signers) <= set(survivors):
         return "a signer is not among the survivors"
-    message = statement(session, survivors)
+    message, need = statement(session, survivors), needed(members)
+    valid, problem = 0, ""
     for node, pid, sig in zip(signers, identities, signatures, strict=True):
+        if valid >= need:
+            break
         if node in known and known[node] != pid:
-            return f"member {node} signs with another identity than its keys'"
-        if pinned and pid not in pinned:
-            return f"member {node}'s identity is not one this site pins"
-        if not crypto.verifies(pid, sig, message):
-            return f"member {node}'s signature of the survivors does not verify"
-    if len(signers) < needed(members):
-        return (f"{len(signers)} members signed the survivors, fewer than "
-                f"{needed(members)} (more than 2/3 of the {members} members)")
+            problem = problem or f"member {node} signs with another identity than its keys'"
+        elif pinned and pid not in pinned:
+            problem = problem or f"member {node}'s identity is not one this site pins"
+        elif not crypto.verifies(pid, sig, message):
+            problem = problem or f"member {node}'s signature of the survivors does not verify"
+        else:
+            valid += 1
+    if valid < need:
+        return (f"{valid} members signed the survivors validly, fewer than {need} (more "
+                f"than 2/3 of the {members} members)" + (f"; {problem}" if problem else ""))
     return None
 
 
