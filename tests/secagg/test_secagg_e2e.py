@@ -160,11 +160,12 @@ def test_a_site_that_breaks_a_sum_is_no_longer_sampled(caplog):
 
 
 def certified_unmask(msg: Message, context: Context, call_next) -> Message:
-    """A Flower client mod: an unmask request without 5 signatures of the survivors (5
-    survivors of 7 sign) fails the site, so the sum would fail."""
+    """A Flower client mod: an unmask request without at least 5 signatures of the
+    survivors (more than 2/3 of 7; in the rounds 5 survivors sign, in the feature
+    moments' sum before them all 7) fails the site, so the sum would fail."""
     if UNMASK_RECORD in msg.content.config_records:
         rec = msg.content.config_records[UNMASK_RECORD]
-        assert len(rec["signatures"]) == len(rec["signers"]) == 5
+        assert len(rec["signatures"]) == len(rec["signers"]) >= 5
     return offline_in_training(msg, context, call_next)
 
 
