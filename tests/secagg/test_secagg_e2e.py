@@ -110,6 +110,17 @@ def assert_survivors_fedavg(secure: FederationResult, plain: FederationResult) -
         assert ca.test_accuracy == pytest.approx(cb.test_accuracy, abs=0.003)
 
 
+def assert_each_round_summed(secure: FederationResult, plain: FederationResult,
+                             survivors: int) -> None:
+    """Both rounds' sums are over ``survivors`` sites (the ``OFFLINE`` ones dropped) and
+    equal the plaintext run's FedAvg of them."""
+    assert secure.secure_sums == 2
+    for record in secure.history:
+        entry = record.cohorts["logreg"]
+        assert entry.secagg_clients == survivors and entry.secagg_dropped == len(OFFLINE)
+    assert_survivors_fedavg(secure, plain)
+
+
 def test_secure_aggregate_equals_the_survivors_plaintext_fedavg(both):
     secure, plain = both
     assert plain.secure_sums == 0
@@ -126,12 +137,7 @@ def neighbourhood_of_five(msg: Message, context: Context, call_next) -> Message:
 
 def test_secagg_plus_neighbourhoods_through_the_engine_sum_the_survivors():
     secure = run(secure=True, clients=9, neighbours=4, mods=[neighbourhood_of_five])
-    plain = run(secure=False, clients=9)
-    assert secure.secure_sums == 2
-    for record in secure.history:
-        entry = record.cohorts["logreg"]
-        assert entry.secagg_clients == 7 and entry.secagg_dropped == len(OFFLINE)
-    assert_survivors_fedavg(secure, plain)
+    assert_each_round_summed(secure, run(secure=False, clients=9), survivors=7)
 
 
 def committed_to_another_secret(msg: Message, context: Context, call_next) -> Message:
@@ -174,12 +180,7 @@ def test_the_consistency_check_through_the_engine_sums_the_survivors():
     # survivors sign U3 and reveal only with 5 > 2/3 * 7 signatures
     secure = run(secure=True, clients=7, threshold=0.7, consistency=True,
                  mods=[certified_unmask])
-    plain = run(secure=False, clients=7)
-    assert secure.secure_sums == 2
-    for record in secure.history:
-        entry = record.cohorts["logreg"]
-        assert entry.secagg_clients == 5 and entry.secagg_dropped == len(OFFLINE)
-    assert_survivors_fedavg(secure, plain)
+    assert_each_round_summed(secure, run(secure=False, clients=7), survivors=5)
 
 
 def test_fusion_statistics_come_out_of_a_secure_sum(both):
