@@ -26,7 +26,13 @@ from fedfuse import wire
 from fedfuse.data.sites import Site
 from fedfuse.models.device import resolve_device
 from fedfuse.models.training import LoopResult, make_loader, make_optimizer, train_epochs
-from fedfuse.privacy.budget import PrivacyRequest, open_ledger, plan_round, report
+from fedfuse.privacy.budget import (
+    PrivacyRequest,
+    PrivateRound,
+    open_ledger,
+    plan_round,
+    report,
+)
 from fedfuse.privacy.client_level import clip_update
 from fedfuse.privacy.dpsgd import make_private, noise_seed, request_noise_seed
 from fedfuse.privacy.ledger import LedgerStore, PrivacyLedger, ledger_store_for
@@ -85,9 +91,8 @@ def client_level_declined(context: Context, site: Site, cfg: Any) -> Trained | N
     sigma = wire.as_float(cfg, "dp-noise-multiplier")
     if not (math.isfinite(sigma) and sigma > 0):
         raise WireError(f"client-level DP with noise multiplier {sigma}: no noise")
-    requested = cfg.get("dp-budget")
-    budget = (capped_budget(site.policy, None if requested is None else float(requested))
-              if site.policy is not None else None if requested is None else float(requested))
+    requested = None if cfg.get("dp-budget") is None else wire.as_float(cfg, "dp-budget")
+    budget = requested if site.policy is None else capped_budget(site.policy, requested)
     store = ledger_store_for(site.state_dir, context, "client-level-ledger")
     with store.held():
         ledger = store.load() or PrivacyLedger(str(cfg.get("dp-accountant", "rdp")),
@@ -97,10 +102,8 @@ def client_level_declined(context: Context, site: Site, cfg: Any) -> Trained | N
         if ledger.would_exceed(sigma, 1.0, 1):
             ledger.refused_rounds.append(wire.as_int(cfg, "server-round"))
             store.save(ledger)
-            return Trained(None, None, 0, privacy={
-                "status": "budget-exhausted", "epsilon": ledger.epsilon(),
-                "budget": ledger.budget, "delta": ledger.delta, "noise-multiplier": sigma,
-                "sample-rate": 1.0, "steps": ledger.steps, "accountant": ledger.accountant})
+            return Trained(None, None, 0, privacy=report(
+                ledger, PrivateRound(sigma, 1.0, 1, exhausted=True), "budget-exhausted"))
         ledger.history.append((sigma, 1.0, 1))
         store.save(ledger)  # spent before the update leaves the site
     return None
