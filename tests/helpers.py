@@ -221,9 +221,11 @@ def make_artifact(path: Path, weights=(0.5, 0.3, 0.2), semver: str = "1.0.0", se
     from fedfuse.config import DataConfig
     from fedfuse.data.datasets import load_dataset
     from fedfuse.models.registry import build_model
+    from fedfuse.models.spec import ModelSpec
 
     schema = load_dataset(DataConfig()).schema
-    members = [EnsembleMember(arch, build_model(arch, schema, seed=seed + i).state_dict(), 3,
+    members = [EnsembleMember(arch, ModelSpec(arch),
+                              build_model(arch, schema, seed=seed + i).state_dict(), 3,
                               0.5 + i / 10)
                for i, arch in enumerate(("cnn", "mlp", "logreg"))]
     write_artifact(path, members=members, weights=np.array(weights), method="soft_vote",

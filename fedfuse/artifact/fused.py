@@ -17,6 +17,7 @@ from fedfuse.atomic import atomic_write_bytes, atomic_write_json
 from fedfuse.coordinator.records import FederationResult
 from fedfuse.data.datasets import DataSchema
 from fedfuse.fusion.result import FusionResult
+from fedfuse.models.spec import ModelSpec
 
 SCORED_FILES = {"stack": "stack_head.safetensors", "distill": "student.safetensors"}
 """Where a run directory keeps the stacking head and the distilled student."""
@@ -38,9 +39,12 @@ def write_fused_artifact(run_path: Path, schema: DataSchema, result: FederationR
     for method, scored in result.fusion.candidates.items():
         save_weights(run_path / SCORED_FILES[method], scored.arch, scored.state, schema)
     last = result.history[-1].cohorts
-    members = [EnsembleMember(arch, result.cohorts[arch].arrays.to_torch_state_dict(),
-                              len(result.cohorts[arch].participants), last[arch].test_accuracy)
-               for arch in result.fusion.members]
+    members = []
+    for arch in result.fusion.members:
+        cohort = result.cohorts[arch]
+        assert cohort.spec is not None
+        members.append(EnsembleMember(arch, cohort.spec, cohort.arrays.to_torch_state_dict(),
+                                      len(cohort.participants), last[arch].test_accuracy))
     write_model(run_path / "model", schema, result.fusion, members, privacy)
 
 
@@ -67,7 +71,8 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
     if student is not None:
         clients = sum(m.cohort_clients for m in members)
         return write_artifact(
-            directory, members=[EnsembleMember(student.arch, student.state, clients,
+            directory, members=[EnsembleMember(student.arch, spec_of(members, student.arch),
+                                               student.state, clients,
                                                student.test_accuracy)],
             weights=np.ones(1), method="distill", schema=schema,
             fusion_fit={"objective": "kl_to_soft_vote", "sites": fusion.sites,
@@ -83,3 +88,8 @@ def write_model(directory: Path, schema: DataSchema, fusion: FusionResult,
                                       "val_brier": round(fusion.val_brier, 6)},
                           privacy=privacy, fused_test_accuracy=fusion.test_accuracy,
                           semver=semver)
+
+
+def spec_of(members: list[EnsembleMember], name: str) -> ModelSpec:
+    """What builds cohort ``name``'s model (the distilled student takes one cohort's)."""
+    return next(m.spec for m in members if m.arch == name)

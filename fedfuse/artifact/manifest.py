@@ -3,7 +3,7 @@
 Layout of an artifact directory::
 
     manifest.json                 canonical JSON (sorted keys, 2-space indent)
-    members/<arch>.safetensors    each member's weights (no pickle anywhere)
+    members/<name>.safetensors    each member's weights (no pickle anywhere), by cohort name
     head.safetensors              the stacking head (fusion method "stack" only)
 
 The manifest lists the SHA-256 of every other file, and ``content_sha256`` hashes the
@@ -12,6 +12,11 @@ model version is ``<semver>+<first 12 hex of content_sha256>``. On load, every h
 recomputed, and the manifest must be byte-identical to its canonical form. A flipped
 byte anywhere is therefore refused: in a member file, in a manifest value, or in the
 manifest's layout.
+
+Each member records what builds it (``model``: the built-in's name or the user
+factory's import path, its params, and for user code its module's SHA-256 and
+distribution version); loading a user factory's member imports only what the caller
+allows (``FusedPredictor.load(..., allow_arch=...)``).
 """
 
 
@@ -33,7 +38,9 @@ from fedfuse.atomic import atomic_write_bytes
 from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion.stacking import HEAD
-from fedfuse.models.registry import count_parameters, get_architecture, load_model
+from fedfuse.models.factory import code_identity
+from fedfuse.models.registry import count_parameters, family, load_model
+from fedfuse.models.spec import ModelSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,6 +58,8 @@ class InputError(FedfuseError):
 @dataclass(frozen=True)
 class EnsembleMember:
     arch: str
+    """The cohort's name."""
+    spec: ModelSpec
     state: Mapping[str, torch.Tensor]
     cohort_clients: int
     test_accuracy: float | None
@@ -88,8 +97,9 @@ def write_artifact(directory: Path, *, members: list[EnsembleMember], weights: n
                                 metadata={"arch": member.arch})
         atomic_write_bytes(directory / rel, data)
         files[rel] = sha256(data)
-        entries.append({"arch": member.arch, "family": get_architecture(member.arch).family,
-                        "parameters": count_parameters(load_model(member.arch, schema,
+        model = {**member.spec.to_dict(), "code": code_identity(member.spec)}
+        entries.append({"arch": member.arch, "family": family(member.spec), "model": model,
+                        "parameters": count_parameters(load_model(member.spec, schema,
                                                                   member.state)),
                         "cohort_clients": member.cohort_clients,
                         "test_accuracy": member.test_accuracy, "file": rel})

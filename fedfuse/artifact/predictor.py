@@ -7,6 +7,7 @@ stacking head over the members' probabilities, or one distilled student.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ from torch import nn
 from fedfuse.artifact.manifest import InputError, read_verified_manifest
 from fedfuse.data.datasets import DataSchema
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
+from fedfuse.models.factory import code_identity
 from fedfuse.models.registry import load_model
+from fedfuse.models.spec import CodeAllowance, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 class FusedModel(nn.Module):
@@ -32,6 +37,23 @@ class FusedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probas = torch.stack([torch.softmax(m(x), dim=1) for m in self.members])
         return torch.einsum("m,mnk->nk", self.weights, probas)
+
+def member_model(entry: dict[str, Any], schema: DataSchema, state: dict[str, torch.Tensor],
+                 code: CodeAllowance) -> nn.Module:
+    """A manifest member's model with ``state``; its ``model`` record says what builds
+    it (a built-in named by ``arch`` in artifacts older than user factories). A user
+    factory whose module differs from the one the artifact was made with is loaded with
+    a warning naming both hashes."""
+    spec = ModelSpec.from_dict(entry["model"]) if "model" in entry else ModelSpec(entry["arch"])
+    model = load_model(spec, schema, state, code=code, key=f"member {entry['arch']}")
+    recorded = entry.get("model", {}).get("code", {}).get("module_sha256")
+    found = code_identity(spec).get("module_sha256")
+    if recorded and found != recorded:
+        log.warning("member %s: module %s has SHA-256 %s, the artifact was made with %s; "
+                    "its weights fit, but the code may compute something else",
+                    entry["arch"], spec.module, found, recorded)
+    return model
+
 
 class FusedPredictor:
     """The fused predictor behind a schema-checked ``predict`` / ``predict_proba``: the
@@ -50,16 +72,21 @@ class FusedPredictor:
         return str(self.manifest["model_version"])
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> FusedPredictor:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             allow_arch: tuple[str, ...] = (), search: str | None = None) -> FusedPredictor:
         """Load and verify an artifact directory (refusing tampered or incomplete ones)
-        onto ``device``, where its forward pass will run."""
+        onto ``device``, where its forward pass will run. A member built by a user
+        factory is imported only if ``allow_arch`` lists its import path (or its module
+        as ``package.module:*``), from ``search`` or the Python path."""
         directory = Path(path)
         manifest = read_verified_manifest(directory)
         schema = DataSchema.from_dict(manifest["schema"])
+        code = CodeAllowance(allow_arch, search=search, how="allow it with `fedfuse serve "
+                             "--allow-arch PATH` (FusedPredictor.load(..., allow_arch=...))")
         members: list[nn.Module] = []
         for entry in manifest["members"]:
             state = safetensors_load((directory / entry["file"]).read_bytes())
-            members.append(load_model(entry["arch"], schema, state))
+            members.append(member_model(entry, schema, state, code))
         if manifest["fusion"]["method"] == HEAD:
             head = load_head(safetensors_load((directory / manifest["fusion"]["head"])
                                               .read_bytes()))

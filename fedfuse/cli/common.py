@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +17,11 @@ from rich.text import Text
 from fedfuse.errors import FedfuseError
 
 console = Console(stderr=True)
+
+AllowArch = Annotated[Optional[list[str]], typer.Option(
+    help="a user model factory this may import, package.module:factory or "
+         "package.module:* (repeat for more; the built-ins always load)")]
+"""The ``--allow-arch`` option of every command that loads an artifact."""
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -10,6 +10,7 @@ import typer
 
 from fedfuse.cli.app import app
 from fedfuse.cli.common import (
+    AllowArch,
     console,
     print_summary,
     reports_errors,
@@ -164,6 +165,7 @@ def site(
     policy: Annotated[Optional[Path], typer.Option(
         help="this site's privacy policy (TOML; docs/privacy.md#the-sites-policy) "
              "[the default: record-level DP, lifetime ε ≤ 8, secure aggregation]")] = None,
+    allow_arch: AllowArch = None,
     verbose: Annotated[bool, typer.Option(
         help="log every message this site handles, with its time")] = False,
 ) -> None:
@@ -190,7 +192,7 @@ def site(
     opts = SiteOptions(coordinator=coordinator, certs=certs, name=name, data=data,
                        state=state or Path(f"site-{name}-state"), runtime_port=runtime_port,
                        connect_timeout=connect_timeout, max_wait=max_wait, device=device,
-                       policy=policy)
+                       policy=policy, allow_arch=tuple(allow_arch or ()))
     run_site(opts, lambda text: console.print(text, markup=False, highlight=False))
 
 

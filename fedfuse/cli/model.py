@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import console, reports_errors
+from fedfuse.cli.common import AllowArch, console, reports_errors
 from fedfuse.errors import FedfuseError
 
 
@@ -42,6 +42,7 @@ def export(
     out: Annotated[Path, typer.Option(help="file to write")],
     format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
+    allow_arch: AllowArch = None,
 ) -> None:
     """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
     from fedfuse.artifact.export import Format, export_model, run_exported
@@ -49,7 +50,8 @@ def export(
 
     if format_ not in ("onnx", "torchscript"):
         raise FedfuseError(f"--format {format_!r}: expected 'onnx' or 'torchscript'")
-    predictor = FusedPredictor.load(artifact)
+    predictor = FusedPredictor.load(artifact, allow_arch=tuple(allow_arch or ()),
+                                    search=str(Path.cwd()))
     fmt: Format = "onnx" if format_ == "onnx" else "torchscript"
     export_model(predictor, out, fmt, int8)
     probe = np.random.default_rng(0).normal(size=(16, *predictor.schema.input_shape))
@@ -70,6 +72,7 @@ def evaluate_cmd(
         "confusion_matrix.png"),
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="also write the report as JSON")] = None,
+    allow_arch: AllowArch = None,
 ) -> None:
     """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
     from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
@@ -78,7 +81,8 @@ def evaluate_cmd(
     from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
 
-    predictor = FusedPredictor.load(artifact)
+    predictor = FusedPredictor.load(artifact, allow_arch=tuple(allow_arch or ()),
+                                    search=str(Path.cwd()))
     source = resolve_source(data, Path.cwd())
     dataset = load_dataset(DataConfig(source=source, label_column=label_column))
     report = evaluate_artifact(predictor, dataset)

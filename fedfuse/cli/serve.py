@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import console, reports_errors
+from fedfuse.cli.common import AllowArch, console, reports_errors
 from fedfuse.errors import FedfuseError
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the predict server.")
@@ -39,6 +39,7 @@ def serve(
         help="seconds between rescans of SOURCE and the keys file; 0: off")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
+    allow_arch: AllowArch = None,
 ) -> None:
     """Serve the fused model over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics."""
     from fedfuse.serving.config import serve_config
@@ -50,6 +51,7 @@ def serve(
     options = {"host": host, "port": port, "rate_limit": rate_limit,
                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
                "reload_interval": reload_interval, "device": device,
+               "allow_arch": allow_arch or None,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     run_server(serve_config(config, options), source)

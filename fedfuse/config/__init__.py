@@ -1,6 +1,7 @@
 """The scenario: one typed, validated configuration object, built from a TOML file.
 
-- ``sections``: one dataclass per TOML table, each checking its own values;
+- ``sections``: one dataclass per TOML table, each checking its own values
+  (``cohort``: a ``[[cohorts]]`` entry);
 - ``scenario``: :class:`FedfuseConfig`, the whole scenario and the checks that span tables;
 - ``loading``: TOML file -> ``--set`` overrides -> dataclasses;
 - ``preflight``: the checks that need the data and the models, run before anything starts.
@@ -8,12 +9,12 @@
 Nothing here imports torch or Flower.
 """
 
+from fedfuse.config.cohort import CohortConfig
 from fedfuse.config.loading import apply_override, config_from_dict, load_config, resolve_source
 from fedfuse.config.scenario import FedfuseConfig
 from fedfuse.config.sections import (
                                     EMBEDDED_DATASETS,
                                     SITE_NAME,
-                                    CohortConfig,
                                     DataConfig,
                                     DeploymentConfig,
                                     FusionConfig,

@@ -34,6 +34,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raw["rounds"] = rounds
     cfg = config_from_dict(raw)
     cfg.data.source = resolve_source(cfg.data.source, Path.cwd())
+    if cfg.code_dir is None:
+        cfg.code_dir = str(path.resolve().parent)
     return cfg
 
 
@@ -120,6 +122,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {_tname(value)}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {_tname(value)}")

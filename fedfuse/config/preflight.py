@@ -14,6 +14,21 @@ from fedfuse.data.datasets import DataSchema, Dataset, split_transfer
 from fedfuse.errors import ConfigError
 
 
+def check_models(cfg: FedfuseConfig, schema: DataSchema) -> None:
+    """Build every cohort's model once and refuse, naming ``cohorts[i].arch``: a
+    built-in that cannot take the schema's input, a user factory that does not import,
+    does not take ``(schema, **params)``, fails on a dummy batch or does not output
+    ``(batch, num_classes)``, and under record-level DP a model DP-SGD cannot train."""
+    from fedfuse.models.factory import check_body
+    from fedfuse.models.registry import build_model, check_compatible
+
+    for i, cohort in enumerate(cfg.cohorts):
+        key = f"cohorts[{i}].arch"
+        check_compatible(cohort.model, schema, key=key)
+        model = build_model(cohort.model, schema, code=cfg.own_code, key=key)
+        check_body(model[1], cohort.model, schema, key, private=cfg.privacy.mode == "sample")
+
+
 def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
                    train_sizes: list[int] | None = None) -> None:
     """Refuse settings that cannot run on these data: an architecture that cannot take
@@ -21,10 +36,7 @@ def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
     record-level DP a δ not below 1/n for some site's ``n`` training records (known in
     simulation only) or a model DP-SGD cannot train; with secure aggregation, a ring
     too small for the summed example counts."""
-    from fedfuse.models.registry import build_model, check_compatible
-
-    for i, cohort in enumerate(cfg.cohorts):
-        check_compatible(cohort.arch, schema, key=f"cohorts[{i}].arch")
+    check_models(cfg, schema)
     split_transfer(held_out, cfg.fusion.unlabeled_fraction, cfg.seed)
     if cfg.secure_aggregation.enabled and train_sizes:
         from fedfuse.secagg.encoding import check_ring
@@ -39,7 +51,3 @@ def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
                           f"smallest client has n = {smallest} training records, so δ must "
                           f"be < {1.0 / smallest:.3g} (got {p.delta:g}); leave it unset "
                           "for the default 1/(10·n) rule")
-    from fedfuse.privacy.dpsgd import check_dp_compatible
-
-    for cohort in cfg.cohorts:
-        check_dp_compatible(build_model(cohort.arch, schema), cohort.arch)

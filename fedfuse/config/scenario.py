@@ -14,8 +14,8 @@ from typing import Any
 
 import tomli_w
 
+from fedfuse.config.cohort import CohortConfig
 from fedfuse.config.sections import (
-    CohortConfig,
     DataConfig,
     DeploymentConfig,
     FusionConfig,
@@ -29,6 +29,7 @@ from fedfuse.config.sections import (
 )
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
+from fedfuse.models.spec import CodeAllowance
 from fedfuse.secagg.messages import MIN_SURVIVORS
 
 
@@ -58,6 +59,10 @@ class FedfuseConfig:
     """Seconds the coordinator waits for the answers to one message exchange (a round's
     training, evaluation, a secure-aggregation stage); a client that has not answered by
     then counts as failed for that exchange, so a silent client cannot stall the run."""
+    code_dir: str | None = None
+    """Where a cohort's ``module:factory`` is looked for before the Python path: the
+    scenario file's directory unless set. A deployed site never uses it: it imports
+    only from its own environment, and only the import paths it allows."""
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "must not be empty")
@@ -87,31 +92,32 @@ class FedfuseConfig:
                     raise ConfigError(f"cohorts[{i}].clients", f"Krum tolerates f = "
                                       f"robustness.max_malicious = {r.max_malicious} "
                                       f"poisoned updates only among more than 2f + 2 = "
-                                      f"{2 * r.max_malicious + 2}; cohort {cohort.arch!r} "
+                                      f"{2 * r.max_malicious + 2}; cohort {cohort.name!r} "
                                       f"trains {sampled} per round")
         if self.privacy.mode == "user":
             self._check_user_dp()
-        archs = [c.arch for c in self.cohorts]
-        if self.fusion.student and self.fusion.student not in archs:
+        names = [c.name for c in self.cohorts]
+        if self.fusion.student and self.fusion.student not in names:
             raise ConfigError("fusion.student", f"{self.fusion.student!r} is not a cohort's "
-                              f"architecture; choose one of {', '.join(archs)}")
-        names = [n for c in self.cohorts for n in c.sites or []]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
+                              f"name; choose one of {', '.join(names)}")
+        sites = [n for c in self.cohorts for n in c.sites or []]
+        if len(set(sites)) != len(sites):
+            dup = next(n for n in sites if sites.count(n) > 1)
             raise ConfigError("cohorts", f"site {dup!r} is listed in two cohorts; a site "
                               "trains one architecture")
         check(len(self.cohorts) >= 1, "cohorts", "at least one [[cohorts]] entry is needed")
         seen: set[str] = set()
         for i, cohort in enumerate(self.cohorts):
-            if cohort.arch in seen:
-                raise ConfigError(f"cohorts[{i}].arch", f"architecture {cohort.arch!r} "
-                                  "appears in two cohorts; merge them into one")
-            seen.add(cohort.arch)
+            if cohort.name in seen:
+                raise ConfigError(f"cohorts[{i}].name", f"two cohorts are named "
+                                  f"{cohort.name!r}; merge them, or give each a name of "
+                                  "its own (name = \"...\")")
+            seen.add(cohort.name)
             sampled = self.sampled_per_round(cohort)
             if self.secure_aggregation.enabled and sampled < MIN_SURVIVORS:
                 raise ConfigError(f"cohorts[{i}].clients", f"secure aggregation needs at "
                                   f"least {MIN_SURVIVORS} clients per cohort and round, and "
-                                  f"cohort {cohort.arch!r} trains {sampled} (in a sum over "
+                                  f"cohort {cohort.name!r} trains {sampled} (in a sum over "
                                   "two, each update is the sum minus the other); add "
                                   "clients, raise "
                                   "simulation.fraction_train, or set "
@@ -148,6 +154,19 @@ class FedfuseConfig:
     def site_names(self) -> list[str]:
         """Deployment: every listed site, cohort by cohort (a site's position is its index)."""
         return [n for c in self.cohorts for n in c.sites or []]
+
+    @property
+    def own_code(self) -> CodeAllowance:
+        """The scenario's own model code: any import path, looked for in ``code_dir``
+        first (the coordinator and a simulation run it; a deployed site does not)."""
+        return CodeAllowance(None, search=self.code_dir)
+
+    def cohort_named(self, name: str) -> CohortConfig:
+        """The cohort called ``name``."""
+        for cohort in self.cohorts:
+            if cohort.name == name:
+                return cohort
+        raise KeyError(f"no cohort is named {name!r}")
 
     def cohort_of(self, partition_id: int) -> CohortConfig:
         """The cohort of client ``partition_id``: clients are numbered cohort by cohort."""

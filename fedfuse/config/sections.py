@@ -59,34 +59,6 @@ class PartitionConfig:
 
 
 @dataclass
-class CohortConfig:
-    """Clients sharing one architecture; they are averaged together."""
-
-    arch: str
-    clients: int = 0
-    """How many simulated clients train this architecture; with ``sites``, their number."""
-    sites: list[str] | None = None
-    """Deployment: the names of the partner sites in this cohort (each registered with
-    ``fedfuse certs add-site``); a site trains the architecture of the cohort that lists
-    it."""
-    lr: float | None = None
-    """Local learning rate; ``None`` takes the architecture's tuned default."""
-
-    def __post_init__(self) -> None:
-        if self.sites is not None:
-            check(len(self.sites) >= 1, "sites", "must list at least one site")
-            check(len(set(self.sites)) == len(self.sites), "sites", "lists a site twice")
-            for name in self.sites:
-                check(bool(SITE_NAME.match(name)), "sites", f"{name!r} is not a valid site "
-                       "name: use 1-63 letters, digits, '_', '.' or '-'")
-            check(self.clients in (0, len(self.sites)), "clients",
-                   f"is {self.clients} but sites lists {len(self.sites)}; drop clients")
-            self.clients = len(self.sites)
-        check(self.clients >= 1, "clients", "must be >= 1 (or list the cohort's sites)")
-        check(self.lr is None or self.lr > 0.0, "lr", "must be > 0")
-
-
-@dataclass
 class TrainConfig:
     """Local training on each client."""
 

@@ -21,10 +21,11 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.models.registry import (
     build_model,
-    get_architecture,
+    learning_rate,
     load_model,
     set_standardization,
 )
+from fedfuse.models.spec import OWN_CODE, CodeAllowance, ModelSpec
 from fedfuse.privacy.client_level import cohort_ledger
 from fedfuse.strategies import ClientLevelDP, CohortStrategy, cohort_strategy
 
@@ -34,6 +35,7 @@ Strategy = Union[CohortStrategy, ClientLevelDP]
 @dataclass
 class Cohort:
     arch: str
+    """The cohort's name (``cohorts[i].name``)."""
     strategy: Strategy
     arrays: ArrayRecord
     lr: float
@@ -44,6 +46,9 @@ class Cohort:
     clip_range: float | None = None
     """Secure aggregation's per-coordinate clip for this group's updates (None: the
     configured ``secure_aggregation.clip_range``)."""
+    spec: ModelSpec | None = None
+    """What builds the model (``None`` for the stacking head, which is no cohort's)."""
+    code: CodeAllowance = OWN_CODE
 
     @property
     def unit_weights(self) -> bool:
@@ -57,7 +62,9 @@ class Cohort:
 
     def model(self, schema: DataSchema, device: torch.device) -> torch.nn.Module:
         """The cohort's current model on ``device``."""
-        return load_model(self.arch, schema, self.arrays.to_torch_state_dict()).to(device)
+        assert self.spec is not None, f"{self.arch} is not built from a model spec"
+        return load_model(self.spec, schema, self.arrays.to_torch_state_dict(),
+                          code=self.code, key=self.arch).to(device)
 
 
 def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Participant],
@@ -74,15 +81,17 @@ def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Par
                    sum(p.num_train for p in participants))
     cohorts: dict[str, Cohort] = {}
     for i, cc in enumerate(cfg.cohorts):
-        mine = [p for p in participants if p.arch == cc.arch]
+        mine = [p for p in participants if p.arch == cc.name]
         if not mine:
-            raise FedfuseError(f"cohort {cc.arch!r} has no connected client")
-        model = build_model(cc.arch, schema, seed=cfg.seed * 1000 + i)
+            raise FedfuseError(f"cohort {cc.name!r} has no connected client")
+        model = build_model(cc.model, schema, seed=cfg.seed * 1000 + i, code=cfg.own_code,
+                            key=f"cohorts[{i}].arch")
         set_standardization(model, mean, std)
-        lr = cc.lr if cc.lr is not None else get_architecture(cc.arch).lr(
-            cfg.privacy.mode == "sample")
-        cohorts[cc.arch] = Cohort(cc.arch, cohort_strategy_for(cfg, i, mine, noise_key),
-                                  ArrayRecord(model.state_dict()), lr, mine)
+        lr = cc.lr if cc.lr is not None else learning_rate(cc.model,
+                                                           cfg.privacy.mode == "sample")
+        cohorts[cc.name] = Cohort(cc.name, cohort_strategy_for(cfg, i, mine, noise_key),
+                                  ArrayRecord(model.state_dict()), lr, mine,
+                                  spec=cc.model, code=cfg.own_code)
     return cohorts
 
 
@@ -91,7 +100,7 @@ def cohort_strategy_for(cfg: FedfuseConfig, index: int, participants: list[Parti
     """The strategy of cohort ``index``: the configured aggregation over its sites,
     sampling with its own seeded generator; under client-level DP, wrapped with the
     cohort's ledger (σ calibrated for ``rounds`` releases)."""
-    r, sim, arch = cfg.robustness, cfg.simulation, cfg.cohorts[index].arch
+    r, sim, arch = cfg.robustness, cfg.simulation, cfg.cohorts[index].name
     strategy = cohort_strategy(r.aggregation, arch, [p.node_id for p in participants],
                                trim_fraction=r.trim_fraction, max_malicious=r.max_malicious,
                                multikrum_select=r.multikrum_select,

@@ -51,6 +51,7 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
     order) and their replies (which carry the feature moments); a node whose answer
     does not fit, or is malformed, is dropped with the reason logged."""
     participants, replies = [], []
+    shapes = cohort_shapes(cfg, schema)
     for reply in answers(grid, cfg, connected(grid, cfg, sites), sites):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -61,7 +62,7 @@ def discover(grid: Grid, cfg: FedfuseConfig, schema: DataSchema,
         except WireError as exc:
             log.warning("node %d dropped at discovery: a malformed answer (%s)", node, exc)
             continue
-        reason = reject_reason(node, answer, cfg, schema, sites)
+        reason = reject_reason(node, answer, cfg, schema, sites, shapes)
         if reason:
             log.warning("node %d (%s) dropped at discovery: %s", node, answer.name, reason)
             continue
@@ -108,6 +109,8 @@ class Answer:
     index: int
     num_train: int
     num_val: int
+    model_shapes: str
+    """``shapes_digest`` of the model the site builds for its cohort."""
     sums: np.ndarray | None = field(default=None, compare=False)
     sumsqs: np.ndarray | None = field(default=None, compare=False)
     """The feature sums (None: not sent, as under secure aggregation)."""
@@ -124,7 +127,16 @@ def read_answer(reply: Message) -> Answer:
                   tuple(wire.as_list(site, "input-shape", int)),
                   wire.as_int(site, "num-classes"), wire.as_int(metrics, "index"),
                   wire.as_int(metrics, "num-examples"), wire.as_int(metrics, "num-val"),
-                  sums, sumsqs)
+                  wire.as_str(site, "model-shapes"), sums, sumsqs)
+
+
+def cohort_shapes(cfg: FedfuseConfig, schema: DataSchema) -> dict[str, str]:
+    """Each cohort's ``shapes_digest``, as the coordinator builds its model."""
+    from fedfuse.models.registry import build_model, shapes_digest
+
+    return {c.name: shapes_digest(build_model(c.model, schema, code=cfg.own_code,
+                                              key=f"cohorts[{i}].arch"))
+            for i, c in enumerate(cfg.cohorts)}
 
 
 def max_site_examples(cfg: FedfuseConfig) -> int:
@@ -136,22 +148,28 @@ def max_site_examples(cfg: FedfuseConfig) -> int:
 
 
 def reject_reason(node: int, answer: Answer, cfg: FedfuseConfig, schema: DataSchema,
-                  sites: dict[int, str] | None) -> str | None:
+                  sites: dict[int, str] | None, shapes: dict[str, str]) -> str | None:
     """Why a node's discovery answer does not fit, or None: a name other than its key's,
-    an architecture other than its cohort's, data of another shape or class count, an
-    example count out of range, or feature moments that no data could have."""
+    a cohort other than its own, data of another shape or class count, a model whose
+    parameter shapes differ from the coordinator's (``shapes``: each cohort's
+    ``shapes_digest``; another version of a user factory), an example count out of
+    range, or feature moments that no data could have."""
     if sites is not None and sites.get(node) != answer.name:
         return (f"it calls itself {answer.name!r} but its key is registered as "
                 f"{sites.get(node)!r}")
     expected = expected_arch(cfg, answer, sites is not None)
     if answer.arch != expected:
-        return (f"architecture {answer.arch!r} is not its cohort's "
+        return (f"it trains cohort {answer.arch!r}, not its own "
                 f"({expected or 'no cohort lists it'})")
     if answer.input_shape != tuple(schema.input_shape):
         return (f"input shape {answer.input_shape} differs from the "
                 f"coordinator's {tuple(schema.input_shape)}")
     if answer.num_classes != schema.num_classes:
         return f"{answer.num_classes} classes, the coordinator has {schema.num_classes}"
+    if answer.model_shapes != shapes[answer.arch]:
+        return (f"its model of cohort {answer.arch!r} has other parameter shapes than the "
+                "coordinator's (is the same version of the model's code installed at the "
+                "site?)")
     cap = max_site_examples(cfg)
     if not (1 <= answer.num_train <= cap and 0 <= answer.num_val <= cap):
         return (f"{answer.num_train} training and {answer.num_val} validation examples; "
@@ -165,9 +183,9 @@ def expected_arch(cfg: FedfuseConfig, answer: Answer, deployed: bool) -> str | N
     """The architecture of the cohort a site belongs to: the cohort listing its name
     (deployment) or the one its partition id falls in (simulation)."""
     if deployed:
-        return next((c.arch for c in cfg.cohorts if answer.name in (c.sites or [])), None)
+        return next((c.name for c in cfg.cohorts if answer.name in (c.sites or [])), None)
     try:
-        return cfg.cohort_of(answer.index).arch
+        return cfg.cohort_of(answer.index).name
     except ValueError:
         return None
 

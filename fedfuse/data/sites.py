@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +24,7 @@ from fedfuse.data.datasets import Dataset, load_dataset, split_transfer
 from fedfuse.data.partition import Federation, build_federation
 from fedfuse.errors import FedfuseError
 from fedfuse.models.device import worker_device
+from fedfuse.models.spec import OWN_CODE, CodeAllowance, ModelSpec
 
 if TYPE_CHECKING:
     from fedfuse.site.policy import SitePolicy
@@ -35,6 +37,7 @@ class Site:
     name: str
     index: int
     arch: str
+    """The name of the site's cohort."""
     train: Dataset
     val: Dataset
     secret: bytes
@@ -54,6 +57,11 @@ class Site:
     that no other request repeats its noise; or the round's seed (simulation, where one
     party plays every site and a run is reproducible per scenario seed). Set by the
     node, never by a message."""
+    models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    """What builds each cohort's model, by cohort name (the scenario's cohorts)."""
+    code: CodeAllowance = OWN_CODE
+    """Which user model code the site imports: a simulation's own scenario's, or only
+    what a deployed site's operator allowed (``fedfuse site --allow-arch``)."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +115,17 @@ def simulated_site(cfg: FedfuseConfig, partition_id: int,
     plan = plan_federation(cfg)
     split = plan.federation.clients[partition_id]
     name = f"client-{partition_id}"
-    return Site(name=name, index=partition_id, arch=cfg.cohort_of(partition_id).arch,
+    return Site(name=name, index=partition_id, arch=cfg.cohort_of(partition_id).name,
                 train=plan.dataset.subset(split.train), val=plan.dataset.subset(split.val),
                 secret=simulated_secret(cfg.seed, partition_id),
                 state_dir=None if state_root is None else state_root / name,
-                device=worker_device(cfg.device), noise="seed")
+                device=worker_device(cfg.device), noise="seed",
+                models=cohort_models(cfg), code=cfg.own_code)
+
+
+def cohort_models(cfg: FedfuseConfig) -> dict[str, ModelSpec]:
+    """Each cohort's model spec, by cohort name."""
+    return {c.name: c.model for c in cfg.cohorts}
 
 
 def write_partitions(cfg: FedfuseConfig, out: Path) -> list[Path]:

@@ -38,10 +38,11 @@ from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
 from fedfuse.coordinator.loop import Coordinator
 from fedfuse.data.datasets import Dataset, load_dataset
 from fedfuse.data.partition import train_val_split
-from fedfuse.data.sites import Site
+from fedfuse.data.sites import Site, cohort_models
 from fedfuse.errors import FedfuseError
+from fedfuse.models.spec import CodeAllowance
 from fedfuse.site.app import build_client_app
-from fedfuse.site.policy import load_policy
+from fedfuse.site.policy import SitePolicy, load_policy
 
 SECRET_FILE = "site-secret"
 SECRET_BYTES = 32
@@ -85,6 +86,7 @@ def deployed_site(context: Context) -> Site:
     node, run = context.node_config, context.run_config
     key = (str(node["name"]), str(node["data"]), str(node["state-dir"]),
            str(node.get("device", "cpu")), str(node.get("policy", "")),
+           str(node.get("allow-arch", "")),
            str(run["scenario"]), str(run["class-labels"]))
     if key not in _SITES:
         cfg = scenario_of(context)
@@ -92,7 +94,7 @@ def deployed_site(context: Context) -> Site:
         if name not in cfg.site_names:
             raise FedfuseError(f"site {name!r} is not listed in any cohort of scenario "
                                f"{cfg.name!r} (sites: {', '.join(cfg.site_names)})")
-        arch = next(c.arch for c in cfg.cohorts if name in (c.sites or []))
+        cohort = next(c for c in cfg.cohorts if name in (c.sites or []))
         labels = tuple(json.loads(str(run["class-labels"])))
         data = load_dataset(DataConfig(source=str(node["data"]),
                                        label_column=cfg.data.label_column),
@@ -103,12 +105,21 @@ def deployed_site(context: Context) -> Site:
         state_dir = Path(str(node["state-dir"]))
         secret = site_secret(state_dir)
         train, val = split_site_data(data, cfg.data.val_fraction, secret)
-        _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=arch,
+        policy = load_policy(Path(str(node["policy"])) if node.get("policy") else None)
+        policy = policy.allowing(tuple(a for a in str(node.get("allow-arch", "")).split(",")
+                                       if a))
+        _SITES[key] = Site(name=name, index=cfg.site_names.index(name), arch=cohort.name,
                            train=train, val=val, secret=secret, state_dir=state_dir,
-                           device=str(node.get("device", "cpu")),
-                           policy=load_policy(Path(str(node["policy"]))
-                                              if node.get("policy") else None))
+                           device=str(node.get("device", "cpu")), policy=policy,
+                           models=cohort_models(cfg), code=site_code(policy))
     return _SITES[key]
+
+
+def site_code(policy: SitePolicy) -> CodeAllowance:
+    """The model code a deployed site imports: only what its operator allowed, from its
+    own environment (never the scenario's ``code_dir``, which the coordinator wrote)."""
+    return CodeAllowance(policy.allow_arch, how="the site's operator allows one with "
+                         "`fedfuse site --allow-arch PATH` or the policy's allow_arch")
 
 
 def split_site_data(data: Dataset, val_fraction: float, secret: bytes) -> tuple[Dataset, Dataset]:

@@ -72,7 +72,7 @@ def check_deployment(cfg: FedfuseConfig, certs: CertsDir) -> dict[str, bytes]:
     for i, cohort in enumerate(cfg.cohorts):
         if cohort.sites is None:
             raise ConfigError(f"cohorts[{i}].sites", "a deployment needs the names of the "
-                              f"sites in cohort {cohort.arch!r}, e.g. sites = [\"a\", \"b\"]")
+                              f"sites in cohort {cohort.name!r}, e.g. sites = [\"a\", \"b\"]")
     check_server_certificate(certs)
     return {name: load_site_public_key(certs, name) for name in cfg.site_names}
 

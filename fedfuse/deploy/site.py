@@ -57,6 +57,8 @@ class SiteOptions:
     """Where this site trains (``fedfuse.device``); a GPU is the site's own."""
     policy: Path | None = None
     """The site's privacy policy file (``fedfuse.site.policy``; None: the default)."""
+    allow_arch: tuple[str, ...] = ()
+    """User model code the site imports besides its policy's ``allow_arch``."""
 
 
 AUTH_KEY, AUTH_PUB = "auth.key", "auth.pub"
@@ -185,7 +187,8 @@ def supernode_argv(opts: SiteOptions, ca: Path, key: Path, secret: Path) -> list
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
         "name": opts.name, "data": str(opts.data.resolve()),
         "state-dir": str(opts.state.resolve()), "device": opts.device,
-        "policy": str(opts.policy.resolve()) if opts.policy else ""}.items())
+        "policy": str(opts.policy.resolve()) if opts.policy else "",
+        "allow-arch": ",".join(opts.allow_arch)}.items())
     return [sys.executable, "-m", "fedfuse.deploy.supernode", "--root-certificates", str(ca),
             "--superlink", opts.coordinator, "--auth-supernode-private-key", str(key),
             "--node-config", node_config, "--port", str(opts.runtime_port),
@@ -217,7 +220,7 @@ def run_site(opts: SiteOptions, say: Callable[[str], None] = print) -> None:
     """Check, connect and serve until stopped; raises with an explanation if the SuperNode
     ends on its own."""
     ca, key = check_site_files(opts)
-    policy = load_policy(opts.policy)
+    policy = load_policy(opts.policy).allowing(opts.allow_arch)
     opts.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     site_secret(opts.state)
     probe_coordinator(Address.parse(opts.coordinator), ca, opts.connect_timeout, say)

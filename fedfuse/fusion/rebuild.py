@@ -57,15 +57,18 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
               for m, key in SCORED.items() if saved.get(key)}
     stats = FusionResult.from_dict(saved, states)
     test = run_test_split(run_dir)
+    cfg = load_config(run_dir / "config.toml")
     members: list[EnsembleMember] = []
     models: list[torch.nn.Module] = []
     probas = []
     for arch in stats.members:
         state = load_weights(run_dir / "cohorts" / f"{arch}.safetensors", run_dir)
-        models.append(load_model(arch, test.schema, state))
+        spec = cfg.cohort_named(arch).model
+        models.append(load_model(spec, test.schema, state, code=cfg.own_code, key=arch))
         probas.append(predict_proba(models[-1], test.X))
         cohort = summary["cohorts"][arch]
-        members.append(EnsembleMember(arch, state, cohort["clients"], cohort["test_accuracy"]))
+        members.append(EnsembleMember(arch, spec, state, cohort["clients"],
+                                      cohort["test_accuracy"]))
     fusion = FusionResult.fit(stats.members, stats.A, stats.b, stats.num_examples,
                               stats.sites, probas, test.y)
     rescored = {}
@@ -74,11 +77,11 @@ def fuse_run(run_dir: Path, semver: str = "1.0.0", method: str | None = None) ->
         rescored["stack"] = replace(stats.stack,
                                     test_accuracy=evaluate(stacked, test.X, test.y).accuracy)
     if stats.student is not None:
-        student = load_model(stats.student.arch, test.schema, stats.student.state)
+        student = load_model(cfg.cohort_named(stats.student.arch).model, test.schema,
+                             stats.student.state, code=cfg.own_code, key=stats.student.arch)
         rescored["student"] = replace(stats.student,
                                       test_accuracy=evaluate(student, test.X, test.y).accuracy)
-    fusion = fusion.with_candidates(
-        method or load_config(run_dir / "config.toml").fusion.method, **rescored)
+    fusion = fusion.with_candidates(method or cfg.fusion.method, **rescored)
     partial = Path(tempfile.mkdtemp(prefix=".model.partial-", dir=run_dir))
     try:
         manifest = write_model(partial, test.schema, fusion, members,

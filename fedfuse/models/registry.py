@@ -7,6 +7,8 @@ models must stay compatible with per-sample gradient clipping (DP-SGD).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from fedfuse.data.datasets import DataSchema
-from fedfuse.errors import ConfigError
+from fedfuse.errors import ConfigError, FedfuseError
+from fedfuse.models.factory import make_body
+from fedfuse.models.spec import BUILTINS, OWN_CODE, CodeAllowance, ModelSpec
 
 
 class Standardize(nn.Module):
@@ -45,35 +49,59 @@ class LogisticRegression(nn.Module):
 
 
 class MLP(nn.Module):
-    """One hidden tanh layer; kept narrow so DP-SGD's noise (which grows with the
-    parameter count) stays small."""
+    """Tanh hidden layers of ``hidden`` units (one width, or a list of widths: one layer
+    each); the default, one layer of 32, is kept narrow so DP-SGD's noise (which grows
+    with the parameter count) stays small."""
 
-    def __init__(self, schema: DataSchema, hidden: int = 32) -> None:
+    def __init__(self, schema: DataSchema, hidden: int | list[int] = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(schema.num_features, hidden), nn.Tanh(),
-            nn.Linear(hidden, schema.num_classes),
-        )
+        widths = [hidden] if isinstance(hidden, int) else list(hidden)
+        if not widths or any(not isinstance(n, int) or n < 1 for n in widths):
+            raise ValueError(f"hidden must be a positive integer or a list of them, "
+                             f"got {hidden!r}")
+        layers: list[nn.Module] = []
+        width = schema.num_features
+        for n in widths:
+            layers += [nn.Linear(width, n), nn.Tanh()]
+            width = n
+        self.net = nn.Sequential(*layers, nn.Linear(width, schema.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
 
 class SmallCNN(nn.Module):
-    """One 3x3 convolution, tanh, a 2x2 average pool and a linear read-out; for (C, H, W)
-    input.
+    """Convolutional blocks (3x3 convolution, tanh, 2x2 average pool) and a linear
+    read-out, for (C, H, W) input; ``channels`` is one block's width or a list of widths,
+    one block each (``[16, 32]``), and ``groups`` > 0 puts a GroupNorm of that many groups
+    after each convolution (BatchNorm cannot be trained with DP-SGD).
 
-    Small on purpose: under DP-SGD every parameter receives noise, and on 8x8 digits this
-    model beats wider ones at ε = 8. Tanh rather than ReLU for the same reason as the MLP's
-    (bounded activations lose less to clipping; see docs/privacy.md)."""
+    The default, one 8-channel block, is small on purpose: under DP-SGD every parameter
+    receives noise, and on 8x8 digits this model beats wider ones at ε = 8. Tanh rather
+    than ReLU for the same reason as the MLP's (bounded activations lose less to clipping;
+    see docs/privacy.md)."""
 
-    def __init__(self, schema: DataSchema, channels: int = 8) -> None:
+    def __init__(self, schema: DataSchema, channels: int | list[int] = 8,
+                 groups: int = 0) -> None:
         super().__init__()
         c, h, w = schema.input_shape
-        self.features = nn.Sequential(nn.Conv2d(c, channels, 3, padding=1), nn.Tanh(),
-                                      nn.AvgPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(),
-                                  nn.Linear(channels * (h // 2) * (w // 2), schema.num_classes))
+        widths = [channels] if isinstance(channels, int) else list(channels)
+        if not widths or any(not isinstance(n, int) or n < 1 for n in widths):
+            raise ValueError(f"channels must be a positive integer or a list of them, "
+                             f"got {channels!r}")
+        if len(widths) > 1 and min(h, w) >> len(widths) < 1:
+            raise ValueError(f"{len(widths)} blocks halve a {h}x{w} input below one pixel")
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers.append(nn.Conv2d(c, width, 3, padding=1))
+            if groups:
+                if width % groups:
+                    raise ValueError(f"groups = {groups} does not divide {width} channels")
+                layers.append(nn.GroupNorm(groups, width))
+            layers += [nn.Tanh(), nn.AvgPool2d(2)]
+            c, h, w = width, h // 2, w // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, schema.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -83,7 +111,8 @@ class SmallCNN(nn.Module):
 class Architecture:
     name: str
     family: str
-    build: Callable[[DataSchema], nn.Module]
+    build: Callable[..., nn.Module]
+    """``build(schema, **params)``: the model body."""
     default_lr: float
     """Local SGD learning rate without DP (momentum 0.9, batch 16)."""
     dp_lr: float
@@ -102,32 +131,51 @@ REGISTRY: dict[str, Architecture] = {
                      needs_image=True),
     )
 }
+assert tuple(REGISTRY) == BUILTINS
+
+USER_LR = (0.05, 0.5)
+"""A user factory's learning rates (without, with DP) when its cohort sets no ``lr``."""
 
 
-def get_architecture(name: str, key: str = "arch") -> Architecture:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(key, f"unknown architecture {name!r}; "
-                          f"known: {', '.join(sorted(REGISTRY))}") from None
+def family(spec: ModelSpec) -> str:
+    return REGISTRY[spec.arch].family if spec.is_builtin else f"user factory {spec.arch}"
 
 
-def check_compatible(name: str, schema: DataSchema, key: str = "arch") -> None:
-    """Refuse an architecture that cannot take inputs of ``schema.input_shape``."""
-    arch = get_architecture(name, key)
-    if arch.needs_image and not schema.is_image:
-        raise ConfigError(key, f"architecture {name!r} needs image-shaped input (C, H, W); "
-                          f"the data have shape {tuple(schema.input_shape)}")
+def learning_rate(spec: ModelSpec, private: bool) -> float:
+    """The tuned default for a built-in; :data:`USER_LR` for a user factory."""
+    if spec.is_builtin:
+        return REGISTRY[spec.arch].lr(private)
+    return USER_LR[1] if private else USER_LR[0]
 
 
-def build_model(name: str, schema: DataSchema, seed: int | None = None) -> nn.Sequential:
-    """``Standardize`` followed by the architecture's body, with seeded initial weights and
-    a zero read-out layer."""
-    arch = get_architecture(name)
+def check_compatible(spec: ModelSpec | str, schema: DataSchema, key: str = "arch") -> None:
+    """Refuse a reference that is neither a built-in nor an import path, and a built-in
+    that cannot take inputs of ``schema.input_shape`` (a user factory is checked by
+    building it: ``fedfuse.models.factory.check_body``)."""
+    spec = as_spec(spec)
+    problem = spec.problem()
+    if problem:
+        raise ConfigError(key, problem)
+    if spec.is_builtin and REGISTRY[spec.arch].needs_image and not schema.is_image:
+        raise ConfigError(key, f"architecture {spec.arch!r} needs image-shaped input "
+                          f"(C, H, W); the data have shape {tuple(schema.input_shape)}")
+
+
+def as_spec(spec: ModelSpec | str) -> ModelSpec:
+    return ModelSpec(spec) if isinstance(spec, str) else spec
+
+
+def build_model(spec: ModelSpec | str, schema: DataSchema, seed: int | None = None,
+                code: CodeAllowance = OWN_CODE, key: str = "arch") -> nn.Sequential:
+    """``Standardize`` followed by the architecture's body, with seeded initial weights;
+    a built-in starts with a zero read-out layer, a user factory with its own
+    initialisation. ``code`` says which user factories may be imported."""
+    spec = as_spec(spec)
     if seed is not None:
         torch.manual_seed(seed)
-    body = arch.build(schema)
-    zero_readout(body)
+    body = make_body(spec, schema, code, key)
+    if spec.is_builtin:
+        zero_readout(body)
     return nn.Sequential(Standardize(schema.input_shape), body)
 
 
@@ -136,15 +184,19 @@ def zero_readout(body: nn.Module) -> None:
     model first predicts the uniform distribution instead of a random one. On the default
     scenario at ε = 8 it raised each cohort by 0–2 points (docs/privacy.md). For
     ``logreg`` the read-out is the whole model, so its start no longer depends on the
-    seed."""
+    seed. A model without a linear layer is left as it is."""
     layer = readout(body)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if layer is not None:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
-def readout(model: nn.Module) -> nn.Linear:
-    """The model's read-out: its last linear layer, the one that outputs the logits."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+def readout(model: nn.Module) -> nn.Linear | None:
+    """The model's read-out, its last linear layer (the one that outputs the logits), or
+    ``None`` for a model without one."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linear[-1] if linear else None
 
 
 def set_standardization(model: nn.Sequential, mean: np.ndarray, std: np.ndarray) -> None:
@@ -154,12 +206,26 @@ def set_standardization(model: nn.Sequential, mean: np.ndarray, std: np.ndarray)
     layer.std.copy_(torch.as_tensor(std, dtype=torch.float32).reshape(layer.std.shape))
 
 
+def shapes_digest(model: nn.Module) -> str:
+    """``SHA-256`` of the model's state names and shapes, in order: two processes whose
+    digests agree build models that take each other's weights."""
+    layout = [[name, list(t.shape)] for name, t in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(name: str, schema: DataSchema, state: Mapping[str, torch.Tensor]) -> nn.Sequential:
-    """Architecture ``name`` for ``schema`` with the weights and buffers of ``state``."""
-    model = build_model(name, schema)
-    model.load_state_dict(state)
+def load_model(spec: ModelSpec | str, schema: DataSchema, state: Mapping[str, torch.Tensor],
+               code: CodeAllowance = OWN_CODE, key: str = "arch") -> nn.Sequential:
+    """``spec``'s model for ``schema`` with the weights and buffers of ``state``; refuses
+    a state of other parameter names or shapes, naming the first difference."""
+    model = build_model(spec, schema, code=code, key=key)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FedfuseError(f"{key}: the weights do not fit the model of "
+                           f"{as_spec(spec).arch!r}: {str(exc).splitlines()[-1].strip()}"
+                           ) from None
     return model

@@ -16,22 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedfuse.errors import ConfigError
 from fedfuse.models.device import model_device
 from fedfuse.privacy.accounting import HistoryEntry
-
-
-def check_dp_compatible(model: nn.Module, arch: str) -> None:
-    """Refuse a model with layers that per-sample clipping cannot handle (BatchNorm, ...)."""
-    from opacus.validators import ModuleValidator
-
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        found = "; ".join(sorted({str(e) for e in errors}))
-        raise ConfigError("privacy.mode", f"architecture {arch!r} cannot be trained with "
-                          f"DP-SGD: {found}. Replace BatchNorm with GroupNorm or LayerNorm "
-                          "(opacus.validators.ModuleValidator.fix does this), or set "
-                          "privacy.mode = \"off\"")
 
 
 def noise_seed(secret: bytes, round_seed: int) -> int:

@@ -125,7 +125,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfuse-forward")
     registry = ModelRegistry(source, max_batch_size=cfg.max_batch_size,
                              max_wait=cfg.max_wait_ms / 1000.0, executor=inference,
-                             observe=metrics.observe_batch, device=device)
+                             observe=metrics.observe_batch, device=device,
+                             allow_arch=tuple(cfg.allow_arch), search=str(Path.cwd()))
     Body = request_model(schema, cfg.max_instances)
 
     async def refresh() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ class ServeConfig:
     """torch threads for the forward pass."""
     device: str = "cpu"
     """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    allow_arch: list[str] = field(default_factory=list)
+    """User model factories the server may import to load an artifact's members
+    (``package.module:factory`` or ``package.module:*``), from the current directory or
+    the Python path; the built-ins always load."""
 
     def __post_init__(self) -> None:
         check_device_name(self.device, "device")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfuse.artifact.manifest import MANIFEST, ArtifactError
+from fedfuse.artifact.manifest import MANIFEST
 from fedfuse.artifact.predictor import FusedPredictor
 from fedfuse.errors import FedfuseError
 from fedfuse.serving.batcher import BatchObserver, MicroBatcher
@@ -75,7 +75,8 @@ class ModelRegistry:
 
     def __init__(self, source: Path, *, max_batch_size: int, max_wait: float,
                  executor: Executor, observe: BatchObserver | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, allow_arch: tuple[str, ...] = (),
+                 search: str | None = None) -> None:
         if not source.is_dir():
             raise RegistryError(f"{source}: not a directory (expected an artifact such as "
                                 "RUN_DIR/model, or a directory of artifacts)")
@@ -84,6 +85,9 @@ class ModelRegistry:
         self._executor = executor
         self._observe = observe
         self._device = device if device is not None else torch.device("cpu")
+        self._code = (allow_arch, search)
+        """User model code the server imports (``FusedPredictor.load``'s ``allow_arch``)
+        and where it looks first."""
         self._slots: dict[str, ModelSlot] = {}
         self._latest: ModelSlot | None = None
         self._failed: dict[Path, float] = {}
@@ -128,9 +132,9 @@ class ModelRegistry:
                 continue
             try:
                 predictor = await loop.run_in_executor(self._executor, FusedPredictor.load,
-                                                       directory, self._device)
+                                                       directory, self._device, *self._code)
                 self._check_fits(predictor, slots)
-            except (ArtifactError, RegistryError, OSError) as exc:
+            except (FedfuseError, OSError) as exc:  # ArtifactError, RegistryError, user code
                 self._failed[directory] = stamp
                 log.error("not serving %s: %s", directory, exc)
                 continue

@@ -78,12 +78,12 @@ from fedfuse.data.sites import Site
 from fedfuse.data.stats import local_moments, standardised_sums
 from fedfuse.fusion.soft_vote import brier_statistics
 from fedfuse.models.device import resolve_device
-from fedfuse.models.registry import load_model
+from fedfuse.models.registry import shapes_digest
 from fedfuse.models.training import evaluate, predict_proba
 from fedfuse.secagg import client as secagg
 from fedfuse.secagg.encoding import encode_fixed
 from fedfuse.site import training
-from fedfuse.site.members import member_models
+from fedfuse.site.members import member_models, own_model, site_model
 from fedfuse.site.policy import check_masking, check_train
 from fedfuse.site.replies import answered, masked_reply, train_reply
 from fedfuse.wire import VALIDATE, VALIDATION, WireError
@@ -124,7 +124,8 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
         content = RecordDict({
             "site": ConfigRecord({"arch": site.arch, "name": site.name,
                                   "input-shape": list(schema.input_shape),
-                                  "num-classes": schema.num_classes}),
+                                  "num-classes": schema.num_classes,
+                                  "model-shapes": shapes_digest(own_model(site))}),
             "metrics": MetricRecord({"num-examples": n, "num-val": len(site.val),
                                      "index": site.index}),
         })
@@ -201,8 +202,7 @@ def build_client_app(site_of: SiteProvider, threads: int = 1,
 def validation(msg: Message, site: Site) -> MetricRecord:
     """The figures of the model in ``msg`` on ``site``'s validation split: mean
     cross-entropy, accuracy and the example count they average over."""
-    model = load_model(site.arch, site.train.schema,
-                       wire.arrays(msg, "arrays").to_torch_state_dict())
+    model = site_model(site, site.arch, wire.arrays(msg, "arrays").to_torch_state_dict())
     result = evaluate(model.to(resolve_device(site.device)), site.val.X, site.val.y)
     return MetricRecord({"num-examples": result.num_examples, "val-loss": result.loss,
                          "val-accuracy": result.accuracy})

@@ -15,8 +15,9 @@ secure aggregation required, and masked sums over at least 3 members.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from fedfuse.errors import FedfuseError
 from fedfuse.wire import POLICY_REFUSAL
 
 DP_LEVELS = ("record", "client", "none")
+ALLOWED_ARCH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:([A-Za-z_]\w*|\*)$")
 
 
 class PolicyRefusal(FedfuseError):
@@ -62,6 +64,11 @@ class SitePolicy:
     site's): if any, every member of a session must have one of them; unpinned, a
     coordinator could still present identities of its own making (Sybils)."""
 
+    allow_arch: tuple[str, ...] = ()
+    """User model code the site imports (``package.module:factory``, or
+    ``package.module:*`` for every factory of a module); the built-ins always run, any
+    other import path a scenario names is refused before it is imported."""
+
     @property
     def pinned(self) -> frozenset[bytes]:
         return frozenset(bytes.fromhex(p) for p in self.peers)
@@ -79,6 +86,10 @@ class SitePolicy:
                for p in self.peers):
             raise FedfuseError("policy peers must be hex Ed25519 public keys (64 hex "
                                "digits each, as `fedfuse site init` prints them)")
+        bad = [a for a in self.allow_arch if not ALLOWED_ARCH.match(a)]
+        if bad:
+            raise FedfuseError(f"policy allow_arch entry {bad[0]!r} is not an import path "
+                               "'package.module:factory' or 'package.module:*'")
         if self.min_cohort_size < 3:
             raise FedfuseError(f"policy min_cohort_size must be at least 3 (a sum over two "
                                f"reveals each to the other), got {self.min_cohort_size}")
@@ -89,8 +100,13 @@ class SitePolicy:
               "required", "none": "DP not required"}[self.require_dp]
         secure = (f"secure aggregation over at least {self.min_cohort_size} members required"
                   if self.require_secure_aggregation else "plaintext updates allowed")
+        code = ", ".join(self.allow_arch) or "built-ins only"
         return (f"{dp}, lifetime ε ≤ {self.max_epsilon:g} (about one default run at "
-                f"ε 8), {secure}")
+                f"ε 8), {secure}, model code: {code}")
+
+    def allowing(self, paths: tuple[str, ...]) -> SitePolicy:
+        """This policy, also allowing the import paths ``paths`` (``--allow-arch``)."""
+        return replace(self, allow_arch=tuple(dict.fromkeys(self.allow_arch + paths)))
 
 
 def load_policy(path: Path | None) -> SitePolicy:
@@ -110,15 +126,17 @@ def load_policy(path: Path | None) -> SitePolicy:
     types: dict[str, tuple[type, ...]] = {
         "require_dp": (str,), "max_epsilon": (int, float), "max_delta": (int, float),
         "require_secure_aggregation": (bool,), "min_cohort_size": (int,),
-        "verify_keys": (bool,), "require_consistency_check": (bool,), "peers": (list,)}
+        "verify_keys": (bool,), "require_consistency_check": (bool,), "peers": (list,),
+        "allow_arch": (list,)}
     for key, value in raw.items():
         if isinstance(value, bool) != (types[key] == (bool,)) or \
                 not isinstance(value, types[key]):
             raise FedfuseError(f"{path}: policy {key} = {value!r} has the wrong type")
-    if "peers" in raw:
-        if not all(isinstance(p, str) for p in raw["peers"]):
-            raise FedfuseError(f"{path}: policy peers must be strings")
-        raw["peers"] = tuple(raw["peers"])
+    for key in ("peers", "allow_arch"):
+        if key in raw:
+            if not all(isinstance(p, str) for p in raw[key]):
+                raise FedfuseError(f"{path}: policy {key} must be strings")
+            raw[key] = tuple(raw[key])
     return SitePolicy(**raw)
 
 

@@ -28,7 +28,7 @@ from common import ROOT, add_device_option, machine, publish, read_json, simulat
 
 from fedfuse.config import load_config  # noqa: E402
 from fedfuse.models.device import resolve_device  # noqa: E402
-from fedfuse.models.registry import build_model, get_architecture  # noqa: E402
+from fedfuse.models.registry import build_model, learning_rate  # noqa: E402
 from fedfuse.privacy.dpsgd import make_private  # noqa: E402
 from fedfuse.data.sites import plan_federation  # noqa: E402
 from fedfuse.models.training import make_loader, make_optimizer, train_epochs  # noqa: E402
@@ -68,16 +68,16 @@ def time_epochs(scenario: Path, repeats: int, device: str = "cpu") -> dict:
     torch.set_num_threads(1)
     out = {}
     for cohort in cfg.cohorts:
-        lr = get_architecture(cohort.arch).dp_lr
+        lr = learning_rate(cohort.model, private=True)
         plain, private = [], []
         for r in range(repeats + 1):  # the first pair warms up
-            model = build_model(cohort.arch, train.schema, seed=r).to(dev)
+            model = build_model(cohort.model, train.schema, seed=r).to(dev)
             loader = make_loader(train.X, train.y, batch, seed=r)
             opt = make_optimizer(model, lr, 0.0, 0.0)
             t0 = clock()
             train_epochs(model, loader, opt, 1)
             t_plain = clock() - t0
-            model = build_model(cohort.arch, train.schema, seed=r).to(dev)
+            model = build_model(cohort.model, train.schema, seed=r).to(dev)
             opt = make_optimizer(model, lr, 0.0, 0.0)
             t0 = clock()
             m, o, dl, _ = make_private(model, opt, loader, noise_multiplier=1.0,

@@ -7,7 +7,7 @@ from tests.helpers import assert_refused, run_cli
 
 @pytest.mark.parametrize("overrides, needle", [
     (["data.source=/nonexistent/site.csv"], "data file not found: /nonexistent/site.csv"),
-    (["cohorts.0.arch=resnet"], "cohorts[0].arch: unknown architecture 'resnet'"),
+    (["cohorts.0.arch=resnet"], "cohorts[0].arch: 'resnet' is neither a built-in"),
     (["cohorts.0.clients=2000"], "fewer than 2006 clients"),
     (["partition.alpha=-1"], "partition.alpha: must be > 0"),
     (["rounds=zero"], "rounds: expected an integer"),

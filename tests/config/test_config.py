@@ -71,7 +71,7 @@ def test_wrong_type_is_named(raw, key):
     ({"cohorts": [{"arch": "mlp", "clients": 0}]}, "cohorts[0].clients"),
     ({"cohorts": []}, "cohorts"),
     ({"cohorts": [{"arch": "mlp", "clients": 3}, {"arch": "mlp", "clients": 3}]},
-     "cohorts[1].arch"),
+     "cohorts[1].name"),
     ({"simulation": {"cpus_per_client": 4.0}}, "simulation.cpus_per_client"),
 ])
 def test_impossible_value_is_named(raw, key):

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedfuse.config import config_from_dict
+from fedfuse.config import DataConfig, config_from_dict
 from fedfuse.coordinator.discovery import Answer, discover, read_answer, reject_reason
 from fedfuse.coordinator.grid import BoundedGrid
 from fedfuse.data.datasets import load_dataset
+from fedfuse.models.registry import build_model, shapes_digest
 from fedfuse.wire import WireError
 from tests.helpers import reply_from
 
@@ -25,10 +26,15 @@ RAW = {"name": "t", "rounds": 1, "data": {"source": "digits"},
        "deployment": {"wait_for_sites": 0.0}}
 
 
+def shapes(arch: str) -> str:
+    """The parameter-shapes digest of a built-in's digits model, as a site sends it."""
+    return shapes_digest(build_model(arch, load_dataset(DataConfig()).schema))
+
+
 def answer(node: int, name: str, arch: str, **site) -> RecordDict:
     return RecordDict({
         "site": ConfigRecord({"arch": arch, "name": name, "input-shape": [1, 8, 8],
-                              "num-classes": 10, **site}),
+                              "num-classes": 10, "model-shapes": shapes(arch), **site}),
         "metrics": MetricRecord({"num-examples": 50, "num-val": 10,
                                  "index": {"a": 0, "b": 1}.get(name, 0)}),
         "moments": ArrayRecord({"sum": Array(np.zeros((1, 8, 8))),
@@ -113,16 +119,23 @@ def test_reject_reason_names_what_does_not_fit():
     cfg = config_from_dict(json.loads(json.dumps(RAW)))
     schema = load_dataset(cfg.data).schema
     good = read_answer(reply_from(11, answer(11, "a", "logreg"), "query"))
-    assert good == Answer("a", "logreg", (1, 8, 8), 10, 0, 50, 10)
-    assert reject_reason(11, good, cfg, schema, None) is None
-    assert reject_reason(11, good, cfg, schema, {11: "a"}) is None
-    assert "registered as 'b'" in reject_reason(11, good, cfg, schema, {11: "b"})
+    assert good == Answer("a", "logreg", (1, 8, 8), 10, 0, 50, 10, shapes("logreg"))
+    known = {"logreg": shapes("logreg")}
+
+    def reason(a: Answer, sites: dict[int, str] | None = None) -> str | None:
+        return reject_reason(11, a, cfg, schema, sites, known)
+
+    assert reason(good) is None
+    assert reason(good, {11: "a"}) is None
+    assert "registered as 'b'" in reason(good, {11: "b"})
     cnn = replace(good, arch="cnn")
-    assert "'cnn' is not its cohort's (logreg)" in reject_reason(11, cnn, cfg, schema, None)
+    assert "it trains cohort 'cnn', not its own (logreg)" in reason(cnn)
     flat = replace(good, input_shape=(64,))
-    assert "input shape (64,) differs" in reject_reason(11, flat, cfg, schema, None)
+    assert "input shape (64,) differs" in reason(flat)
     binary = replace(good, num_classes=2)
-    assert "2 classes, the coordinator has 10" in reject_reason(11, binary, cfg, schema, None)
+    assert "2 classes, the coordinator has 10" in reason(binary)
+    other = replace(good, model_shapes=shapes("mlp"))  # another version of the model's code
+    assert "other parameter shapes than the coordinator's" in reason(other)
 
 
 def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
@@ -153,7 +166,7 @@ def test_discovery_drops_impossible_counts_moments_and_the_wrong_cohort(caplog):
     assert "node 33 (c) dropped at discovery: feature moments that are not finite" in caplog.text
     assert "node 44 (d) dropped at discovery: feature moments with a negative variance" \
         in caplog.text
-    assert "node 55 (e) dropped at discovery: architecture 'logreg' is not its cohort's " \
+    assert "node 55 (e) dropped at discovery: it trains cohort 'logreg', not its own " \
         "(mlp)" in caplog.text
     assert "node 66 (h) dropped at discovery: no feature sums" in caplog.text
     # under secure aggregation the sums are not asked for, so none are checked here:

@@ -19,6 +19,7 @@ from fedfuse.fusion.stacking import (
     member_shares,
     stack_features,
 )
+from fedfuse.models.spec import ModelSpec
 from fedfuse.models.registry import build_model, readout
 from fedfuse.models.training import predict_proba
 
@@ -76,7 +77,8 @@ def test_a_stacked_artifact_round_trips_and_refuses_a_tampered_head(setting, tmp
         head.bias.copy_(torch.linspace(-1, 1, 10))
     path = tmp_path / "model"
     manifest = write_artifact(
-        path, members=[EnsembleMember(a, m.state_dict(), 2, None) for a, m in zip(ARCHS, members)],
+        path, members=[EnsembleMember(a, ModelSpec(a), m.state_dict(), 2, None)
+                       for a, m in zip(ARCHS, members)],
         weights=np.array([0.2, 0.3, 0.5]), method="stack", schema=data.schema,
         fusion_fit={}, privacy={"mode": "off"}, fused_test_accuracy=None,
         head=head.state_dict())

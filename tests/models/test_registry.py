@@ -29,6 +29,6 @@ def test_architecture_checks():
     tab = load_dataset(DataConfig(source="breast_cancer")).schema
     with pytest.raises(ConfigError, match="needs image-shaped input"):
         check_compatible("cnn", tab, key="cohorts[0].arch")
-    with pytest.raises(ConfigError, match="unknown architecture 'resnet'"):
+    with pytest.raises(ConfigError, match="'resnet' is neither a built-in architecture"):
         check_compatible("resnet", tab)
     check_compatible("mlp", tab)

@@ -11,9 +11,11 @@ from torch import nn
 from fedfuse.config import config_from_dict, load_config
 from fedfuse.data.sites import plan_federation
 from fedfuse.errors import ConfigError, FedfuseError
+from fedfuse.models.factory import check_dp_body
 from fedfuse.models.registry import build_model
+from fedfuse.models.spec import ModelSpec
 from fedfuse.privacy.accounting import calibrate_noise, default_delta, epsilon_of
-from fedfuse.privacy.dpsgd import check_dp_compatible, noise_seed
+from fedfuse.privacy.dpsgd import noise_seed
 from fedfuse.privacy.ledger import FileLedgerStore
 from tests.helpers import ROOT
 
@@ -46,14 +48,17 @@ def test_bad_privacy_settings_are_refused_naming_the_setting(privacy, key):
 
 def test_model_with_batchnorm_is_refused_with_a_fix():
     with pytest.raises(ConfigError) as err:
-        check_dp_compatible(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "bn-net")
+        check_dp_body(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), ModelSpec("m:bn"),
+                      "cohorts[0].arch")
+    assert err.value.key == "cohorts[0].arch"
     assert "BatchNorm" in str(err.value) and "GroupNorm" in str(err.value)
+    assert "cohorts[0].fix = true" in str(err.value)
 
 
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "cnn"])
 def test_registry_models_are_dp_compatible(arch):
     schema = plan_federation(load_config(ROOT / "simulations" / "digits.toml")).dataset.schema
-    check_dp_compatible(build_model(arch, schema), arch)
+    check_dp_body(build_model(arch, schema)[1], ModelSpec(arch), "arch")
 
 
 @pytest.mark.parametrize("n", [7, 48, 100, 999, 5000])

@@ -78,7 +78,7 @@ def test_a_later_request_cannot_raise_the_sites_budget(tmp_path, digits_site):
 
 def test_dp_noise_comes_from_the_site_secret_not_the_coordinators_seed(digits_site):
     site, schema = digits_site
-    twin = Site(site.name, site.index, site.arch, site.train, site.val, secret=b"x" * 32)
+    twin = dataclasses.replace(site, secret=b"x" * 32)
 
     def update(s: Site) -> dict[str, torch.Tensor]:
         reply = build_client_app(lambda ctx: s)(train_message(s, schema, REQUEST),
