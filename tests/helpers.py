@@ -258,7 +258,9 @@ class Server:
     """A real ``fedfuse serve`` process on 127.0.0.1, stopped with SIGTERM on exit."""
 
     def __init__(self, source: Path, *args: str, scheme: str = "http",
-                 verify: bool | str = True, log: Path | None = None) -> None:
+                 verify: bool | str = True, log: Path | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.verify = verify
@@ -271,7 +273,7 @@ class Server:
 
         from fedfuse.serving.client import tls_context
 
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log.open("wb"),
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=self.log.open("wb"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -94,3 +94,50 @@ def test_a_deployed_runs_test_split_is_the_coordinators_whole_file(tmp_path: Pat
     assert len(run_test_split(run)) == expected
     (run / "summary.json").write_text(json.dumps({"deployment": False}))
     assert len(run_test_split(run)) < expected  # a simulation holds out only a share
+
+
+SIDE_EFFECT = """open({marker!r}, "w").write("ran")
+from torch import nn
+
+
+def model(schema):
+    return nn.Sequential(nn.Flatten(), nn.Linear(schema.num_features, schema.num_classes))
+"""
+
+
+def test_a_deployed_site_imports_only_the_model_code_it_allows(tmp_path: Path):
+    """A coordinator's scenario naming user code makes a site run it; the site refuses
+    an import path its operator did not allow before importing it, and imports an
+    allowed one from its own environment only, never from the scenario's code_dir."""
+    import sys
+
+    from fedfuse.deploy import apps
+    from fedfuse.site.app import build_client_app
+    from tests.helpers import incoming
+
+    marker = tmp_path / "imported.txt"
+    code = tmp_path / "coordinator-code"
+    code.mkdir()
+    (code / "evil.py").write_text(SIDE_EFFECT.format(marker=str(marker)))
+    np.savez(tmp_path / "a.npz", X=np.zeros((30, 1, 8, 8), dtype=np.float32),
+             y=np.array([str(i % 10) for i in range(30)]))
+    raw = {**json.loads(json.dumps(RAW)), "code_dir": str(code),
+           "cohorts": [{"arch": "evil:model", "sites": ["a", "b", "c"]}]}
+    labels = tuple(str(i) for i in range(10))
+
+    def discovery(allow: str) -> str:
+        apps._SITES.clear()
+        rc = run_config(config_from_dict(raw), labels, tmp_path / "run", {1: "a"})
+        ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config=rc,
+                      node_config={"name": "a", "data": str(tmp_path / "a.npz"),
+                                   "state-dir": str(tmp_path / "state-a"),
+                                   "allow-arch": allow})
+        with pytest.raises(FedfuseError) as err:  # Flower replies with it as the error
+            build_client_app(deployed_site)(incoming(RecordDict(), "query"), ctx)
+        return str(err.value)
+
+    assert "'evil:model' is not allowed to run here" in discovery("")
+    assert "fedfuse site --allow-arch" in discovery("other:model")
+    # allowed, but not installed at the site: the coordinator's code_dir is not searched
+    assert "cannot import module 'evil'" in discovery("evil:model")
+    assert not marker.exists() and "evil" not in sys.modules

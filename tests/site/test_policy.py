@@ -137,6 +137,12 @@ def test_a_policy_file_is_read_and_checked(tmp_path):
     path.write_text(f'peers = ["{"ab" * 32}"]\nverify_keys = true\n')
     assert load_policy(path).pinned == {bytes.fromhex("ab" * 32)}
     assert "lifetime ε ≤ 8" in load_policy(None).summary()
+    assert "model code: built-ins only" in load_policy(None).summary()
+    path.write_text('allow_arch = ["hospital.models:resnet", "partner:*"]\n')
+    allowing = load_policy(path).allowing(("cli.models:net", "partner:*"))
+    assert allowing.allow_arch == ("hospital.models:resnet", "partner:*", "cli.models:net")
+    assert "model code: hospital.models:resnet, partner:*, cli.models:net" in \
+        allowing.summary()
     for text, what in (('max_epsilons = 3\n', "unknown policy key"),
                        ('max_epsilon = "8"\n', "wrong type"),
                        ('require_secure_aggregation = 1\n', "wrong type"),
@@ -146,6 +152,8 @@ def test_a_policy_file_is_read_and_checked(tmp_path):
                        ('max_epsilon = \n', "cannot read"),
                        ('peers = ["zz"]\n', "hex Ed25519"),
                        ('peers = [1]\n', "must be strings"),
+                       ('allow_arch = ["os.system"]\n', "not an import path"),
+                       ('allow_arch = "a:b"\n', "wrong type"),
                        ('verify_keys = "yes"\n', "wrong type")):
         path.write_text(text)
         with pytest.raises(FedfuseError, match=what):
