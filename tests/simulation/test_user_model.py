@@ -65,8 +65,10 @@ def run(tmp_path_factory):
     (home / "mymodels.py").write_text(FACTORY)
     (home / "scenario.toml").write_text(SCENARIO)
     elsewhere = tmp_path_factory.mktemp("cwd")  # the module is found next to the scenario
-    proc = run_cli("simulate", home / "scenario.toml", "--out", home / "run", cwd=elsewhere)
+    proc = run_cli("simulate", home / "scenario.toml", "--out", home / "run", "--baseline",
+                   cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
+    (home / "simulate.out").write_text(proc.stdout + proc.stderr)
     return home
 
 
@@ -119,3 +121,23 @@ def test_export_to_onnx_and_serve_over_http(run):
     assert unallowed.returncode != 0  # nothing it may load: it does not start
     assert "'mymodels:small_cnn' is not allowed to run here" in unallowed.stdout + \
         unallowed.stderr
+
+
+@pytest.mark.slow
+def test_the_centralised_baseline_is_in_the_summary_and_printed_against_the_run(run):
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    base = summary["baseline"]
+    assert set(base["cohorts"]) == {"small_cnn", "logreg"}
+    for r in base["cohorts"].values():
+        assert r["epochs"] == 2 and 0.0 < r["epsilon"] <= 8.0 and r["epsilon"] > 7.5
+        assert 0.1 < r["test_accuracy"] <= 1.0
+    assert base["best_test_accuracy"] == max(r["test_accuracy"]
+                                             for r in base["cohorts"].values())
+    assert "against federated test accuracy" in (run / "simulate.out").read_text()
+    proc = run_cli("baseline", run / "scenario.toml", "--run", run / "run", "--epochs", "1",
+                   "--json", run / "baseline.json")
+    assert proc.returncode == 0, proc.stderr
+    fused = summary["fused"]["test_accuracy"]
+    assert f"{fused:.4f}" in proc.stdout + proc.stderr  # the run's fused accuracy in the federated column
+    again = json.loads((run / "baseline.json").read_text())
+    assert {r["epochs"] for r in again["cohorts"].values()} == {1}
