@@ -165,7 +165,9 @@ class PrivacyConfig:
     """Per-example gradient clipping bound of DP-SGD (``sample``)."""
     clipping_norm: float = 1.0
     """Bound on the L2 norm of each site's update per round (``user``)."""
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    """How ε is computed: ``rdp`` (Opacus's RDP), ``prv`` (Opacus's PRV: tight, slow) or
+    ``pld`` (Google's ``dp_accounting`` PLD, pessimistic: tight and fast)."""
 
     def __post_init__(self) -> None:
         for key in ("target_epsilon", "noise_multiplier", "budget_epsilon"):

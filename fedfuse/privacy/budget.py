@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedfuse.errors import FedfuseError
-from fedfuse.privacy.accounting import calibrate_noise, default_delta, steps_per_epoch
+from fedfuse.privacy.accounting import (
+    ACCOUNTANTS,
+    calibrate_noise,
+    default_delta,
+    steps_per_epoch,
+)
 from fedfuse.privacy.ledger import LedgerStore, PrivacyLedger
 
 
@@ -52,9 +57,18 @@ class PrivacyRequest:
             return None
         optional = {attr: float(config[key]) for attr, key in cls._KEYS.items()
                     if key in config}
-        return cls(mode="sample", accountant=str(config["dp-accountant"]),
+        return cls(mode="sample", accountant=checked_accountant(str(config["dp-accountant"])),
                    max_grad_norm=float(config["dp-max-grad-norm"]),
                    planned_rounds=int(config["dp-planned-rounds"]), **optional)
+
+
+def checked_accountant(name: str) -> str:
+    """``name`` if it bounds ε from above (:data:`ACCOUNTANTS`); a site refuses any other
+    (Opacus's ``gdp`` approximates, so it could release more than the budget)."""
+    if name not in ACCOUNTANTS:
+        raise FedfuseError(f"the request's accountant {name!r} gives no upper bound on ε; "
+                           f"this site accounts with {', '.join(ACCOUNTANTS)}")
+    return name
 
 
 def open_ledger(store: LedgerStore, request: PrivacyRequest, n: int) -> PrivacyLedger:

@@ -59,13 +59,16 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
 
     Returns the wrapped (model, optimiser, Poisson loader) and the engine, whose
     ``accountant.history`` is the updated history after training.
+
+    Opacus has no ``pld`` accountant: for it the engine gets an ``rdp`` one, used only
+    to record the ``(σ, q, steps)`` history (same format); ε is ``epsilon_of``'s.
     """
     from opacus import PrivacyEngine
 
     device = model_device(model)
     noise = (generator if device.type == "cpu" else
              torch.Generator(device=device).manual_seed(generator.initial_seed()))
-    engine = PrivacyEngine(accountant=accountant)
+    engine = PrivacyEngine(accountant="rdp" if accountant == "pld" else accountant)
     engine.accountant.history = [tuple(h) for h in history]
     loader = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=generator,
                         collate_fn=loader.collate_fn)

@@ -29,6 +29,7 @@ from fedfuse.models.training import LoopResult, make_loader, make_optimizer, tra
 from fedfuse.privacy.budget import (
     PrivacyRequest,
     PrivateRound,
+    checked_accountant,
     open_ledger,
     plan_round,
     report,
@@ -95,7 +96,8 @@ def client_level_declined(context: Context, site: Site, cfg: Any) -> Trained | N
     budget = requested if site.policy is None else capped_budget(site.policy, requested)
     store = ledger_store_for(site.state_dir, context, "client-level-ledger")
     with store.held():
-        ledger = store.load() or PrivacyLedger(str(cfg.get("dp-accountant", "rdp")),
+        accountant = checked_accountant(str(cfg.get("dp-accountant", "rdp")))
+        ledger = store.load() or PrivacyLedger(accountant,
                                                wire.as_float(cfg, "dp-delta"), budget)
         if budget is not None:
             ledger.budget = min(budget, ledger.budget or math.inf)
