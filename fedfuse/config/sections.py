@@ -165,9 +165,10 @@ class PrivacyConfig:
     """Per-example gradient clipping bound of DP-SGD (``sample``)."""
     clipping_norm: float = 1.0
     """Bound on the L2 norm of each site's update per round (``user``)."""
-    accountant: Literal["rdp", "prv", "pld"] = "rdp"
-    """How ε is computed: ``rdp`` (Opacus's RDP), ``prv`` (Opacus's PRV: tight, slow) or
-    ``pld`` (Google's ``dp_accounting`` PLD, pessimistic: tight and fast)."""
+    accountant: Literal["rdp", "prv", "pld"] = "pld"
+    """How ε is computed, for calibration and the ledger alike: ``pld`` (Google's
+    ``dp_accounting`` PLD, pessimistic: tight and fast; the default), ``rdp`` (Opacus's
+    RDP: about a tenth of the budget looser) or ``prv`` (Opacus's PRV: tight, slow)."""
 
     def __post_init__(self) -> None:
         for key in ("target_epsilon", "noise_multiplier", "budget_epsilon"):
