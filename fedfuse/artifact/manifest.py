@@ -39,7 +39,7 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion.stacking import HEAD
 from fedfuse.models.factory import code_identity
-from fedfuse.models.registry import count_parameters, family, load_model
+from fedfuse.models.registry import count_parameters, family, load_model, resolved
 from fedfuse.models.spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -97,7 +97,7 @@ def write_artifact(directory: Path, *, members: list[EnsembleMember], weights: n
                                 metadata={"arch": member.arch})
         atomic_write_bytes(directory / rel, data)
         files[rel] = sha256(data)
-        model = {**member.spec.to_dict(), "code": code_identity(member.spec)}
+        model = {**resolved(member.spec, schema).to_dict(), "code": code_identity(member.spec)}
         entries.append({"arch": member.arch, "family": family(member.spec), "model": model,
                         "parameters": count_parameters(load_model(member.spec, schema,
                                                                   member.state)),

@@ -36,6 +36,7 @@ def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
     record-level DP a δ not below 1/n for some site's ``n`` training records (known in
     simulation only) or a model DP-SGD cannot train; with secure aggregation, a ring
     too small for the summed example counts."""
+    cfg.data.by_channel(schema.is_image)
     check_models(cfg, schema)
     split_transfer(held_out, cfg.fusion.unlabeled_fraction, cfg.seed)
     if cfg.secure_aggregation.enabled and train_sizes:

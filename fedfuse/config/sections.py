@@ -32,6 +32,17 @@ class DataConfig:
     """Share of the data held out for the coordinator's test evaluation."""
     val_fraction: float = 0.2
     """Share of each client's data kept as its local validation split."""
+    standardize: Literal["auto", "feature", "channel"] = "auto"
+    """How every model's first layer standardises its input, from the federated
+    moments: per ``feature``, or per image ``channel`` (all pixels of a channel share one
+    mean and std); ``auto``: per channel for images (C, H, W), per feature otherwise."""
+
+    def by_channel(self, is_image: bool) -> bool:
+        """Whether inputs of this kind are standardised per channel."""
+        if self.standardize == "channel" and not is_image:
+            raise ConfigError("data.standardize", "\"channel\" needs image-shaped input "
+                              "(C, H, W); use \"feature\" or \"auto\"")
+        return self.standardize == "channel" or (self.standardize == "auto" and is_image)
 
     def __post_init__(self) -> None:
         check(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")

@@ -64,9 +64,10 @@ class Coordinator:
         participants, replies = discover(grid, cfg, self.rounds.test.schema, self.sites)
         if not participants:
             raise FedfuseError("no client answered the discovery query")
-        cohorts = build_cohorts(cfg, self.rounds.test.schema, participants, standardisation(
-            grid, self.rounds.collector, participants, replies, self.rounds.test.X),
-            self.noise_key)
+        schema = self.rounds.test.schema
+        cohorts = build_cohorts(cfg, schema, participants, standardisation(
+            grid, self.rounds.collector, participants, replies, self.rounds.test.X,
+            cfg.data.by_channel(schema.is_image)), self.noise_key)
         self.listener.on_start(participants, cfg.rounds)
         history: list[RoundRecord] = []
         first = 1

@@ -43,18 +43,21 @@ def moments_bound(total: int) -> float:
 
 
 def standardisation(grid: Grid, collector: Collector, participants: list[Participant],
-                    replies: list[Message], reference: np.ndarray
+                    replies: list[Message], reference: np.ndarray, by_channel: bool
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the union of the participants' training inputs: from their
     discovery ``replies``, or through a secure sum where ``collector`` is secure;
-    ``reference``: the coordinator's held-out inputs."""
+    ``reference``: the coordinator's held-out inputs; ``by_channel``: one mean and std
+    per image channel (``fedfuse.data.stats.spread``)."""
     if not isinstance(collector, SecureCollector):
         moments = [wire.arrays(r, "moments") for r in replies]
         return pooled_mean_std([p.num_train for p in participants],
                                [wire.as_array(m, "sum") for m in moments],
-                               [wire.as_array(m, "sumsq") for m in moments])
+                               [wire.as_array(m, "sumsq") for m in moments],
+                               by_channel=by_channel)
     n, s, q = local_moments(reference)
-    center, scale = (a.astype(np.float64) for a in pooled_mean_std([n], [s], [q]))
+    center, scale = (a.astype(np.float64) for a in pooled_mean_std([n], [s], [q],
+                                                                   by_channel=by_channel))
     expected = sum(p.num_train for p in participants)
     bound = moments_bound(expected)
     content = RecordDict({"reference": ArrayRecord({"center": Array(center),
@@ -66,9 +69,9 @@ def standardisation(grid: Grid, collector: Collector, participants: list[Partici
     if summed is not None:
         try:
             return mean_std_from_totals(decode_fixed(summed[0]), center, scale, bound,
-                                        expected)
+                                        expected, by_channel=by_channel)
         except ValueError as exc:
             why = f"the secure sum is rejected ({exc}): a site sent a dishonest vector"
     log.warning("feature moments: %s; every cohort standardises with the coordinator's "
                 "held-out data instead", why)
-    return center.astype(np.float32), scale.astype(np.float32)
+    return pooled_mean_std([n], [s], [q], by_channel=by_channel)

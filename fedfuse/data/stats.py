@@ -10,6 +10,11 @@ Under secure aggregation only the totals leave the sites: site i masks
 centre ``c`` and scale ``h`` the coordinator sends (``standardised_sums``), and from the
 totals ``N, S1, S2``: ``mean = c + h S1 / N``, ``var = h^2 (S2 / N - (S1 / N)^2)``
 (``mean_std_from_totals``).
+
+For images (C, H, W), ``by_channel`` pools each channel's pixels into one mean and std
+(:func:`spread`), as image models are normalised: per-pixel statistics would scale a
+pixel that is almost always blank by its tiny spread, so one stroke through it becomes
+an outlier that dominates the clipped gradients of DP-SGD.
 """
 
 from __future__ import annotations
@@ -24,13 +29,28 @@ def local_moments(X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 def pooled_mean_std(counts: list[int], sums: list[np.ndarray], sumsqs: list[np.ndarray],
-                    eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+                    eps: float = 1e-6, by_channel: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and population std of the union of the sites' data, from their moments."""
     n = float(sum(counts))
     if n <= 0:
         raise ValueError("no examples reported")
     mean = np.sum(sums, axis=0) / n
     var = np.maximum(np.sum(sumsqs, axis=0) / n - mean * mean, 0.0)
+    return spread(mean, var, eps, by_channel)
+
+
+def spread(mean: np.ndarray, var: np.ndarray, eps: float, by_channel: bool
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` as float32 of ``mean``'s shape, std below ``eps`` replaced by 1.
+    With ``by_channel`` (``mean`` of shape (C, H, W)), every pixel of channel c gets the
+    channel's ``m_c = avg_p m_p`` and ``v_c = avg_p (v_p + m_p^2) - m_c^2`` (the pooled
+    moments of all its pixels)."""
+    if by_channel:
+        axes = tuple(range(1, mean.ndim))
+        m_c = mean.mean(axis=axes, keepdims=True)
+        v_c = np.maximum((var + mean * mean).mean(axis=axes, keepdims=True) - m_c * m_c, 0.0)
+        mean, var = np.broadcast_to(m_c, mean.shape), np.broadcast_to(v_c, mean.shape)
     std = np.sqrt(var)
     std = np.where(std < eps, 1.0, std)
     return mean.astype(np.float32), std.astype(np.float32)
@@ -45,8 +65,8 @@ def standardised_sums(X: np.ndarray, center: np.ndarray, scale: np.ndarray,
 
 
 def mean_std_from_totals(totals: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                         bound: float, expected: int, eps: float = 1e-6
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         bound: float, expected: int, eps: float = 1e-6,
+                         by_channel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std from the summed ``standardised_sums`` of every site, checked: the
     count N must be ``expected`` (the sites' reported counts), and the sums possible
     for N clipped values, |S1| <= N B, 0 <= S2 <= N B^2 and S2 >= S1^2 / N (a variance
@@ -66,8 +86,5 @@ def mean_std_from_totals(totals: np.ndarray, center: np.ndarray, scale: np.ndarr
         raise ValueError("sums with a negative variance")
     m1 = s1 / n
     var = np.maximum(s2 / n - m1 * m1, 0.0) * scale.ravel() ** 2
-    std = np.sqrt(var)
-    std = np.where(std < eps, 1.0, std)
-    shape = center.shape
     mean = center.ravel() + scale.ravel() * m1
-    return mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32)
+    return spread(mean.reshape(center.shape), var.reshape(center.shape), eps, by_channel)

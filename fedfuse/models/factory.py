@@ -106,6 +106,9 @@ def make_body(spec: ModelSpec, schema: DataSchema, code: CodeAllowance,
               key: str = "arch") -> nn.Module:
     """``factory(schema, **params)``, checked to be a module; with ``spec.fix``, passed
     through Opacus's ``ModuleValidator.fix`` (which replaces BatchNorm by GroupNorm)."""
+    from fedfuse.models.registry import resolved
+
+    spec = resolved(spec, schema)
     factory = factory_of(spec, code, key)
     try:
         body = factory(schema, **spec.params)

@@ -80,7 +80,8 @@ def train_central(cfg: FedfuseConfig, index: int, train: Dataset, test: Dataset,
     model = build_model(cohort.model, train.schema, seed=cfg.seed * 1000 + index,
                         code=cfg.own_code, key=f"cohorts[{index}].arch")
     n, sums, sumsqs = local_moments(train.X)
-    set_standardization(model, *pooled_mean_std([n], [sums], [sumsqs]))
+    set_standardization(model, *pooled_mean_std(
+        [n], [sums], [sumsqs], by_channel=cfg.data.by_channel(train.schema.is_image)))
     lr = cohort.lr if cohort.lr is not None else learning_rate(cohort.model, private)
     loader = make_loader(train.X, train.y, settings.batch_size, seed=cfg.seed)
     optimizer = make_optimizer(model, lr, settings.momentum, settings.weight_decay)

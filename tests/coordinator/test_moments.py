@@ -115,7 +115,7 @@ def test_only_totals_leave_the_sites_and_a_dishonest_total_is_not_used(caplog):
     assert "feature moments: the secure sum is rejected (they count" in caplog.text
     assert cheated.secure_sums == 1  # the run went on
     test = plan_federation(scenario(True)).test.X  # what it standardises with instead
-    ref_mean, ref_std = pooled_mean_std(*([v] for v in local_moments(test)))
+    ref_mean, ref_std = pooled_mean_std(*([v] for v in local_moments(test)), by_channel=True)
     mc, sc = standardisation(cheated)
     np.testing.assert_allclose(mc.ravel(), ref_mean.ravel(), atol=step + 1e-5)
     np.testing.assert_allclose(sc.ravel(), ref_std.ravel(), atol=step + 1e-5)
