@@ -209,3 +209,83 @@ def test_builtins_take_params_and_refuse_ones_they_lack():
         build_model(ModelSpec("logreg", {"hidden": 3}), schema)
     with pytest.raises(ConfigError, match="groups = 3 does not divide 16 channels"):
         build_model(ModelSpec("cnn", {"channels": 16, "groups": 3}), schema)
+
+
+def test_builtins_size_themselves_from_the_schema_and_artifacts_record_it(tmp_path):
+    """``cnn`` on 28x28 images gets two blocks (16, 32 channels); on 8x8 digits one block
+    of 8, as before; a cohort's own params go on top. The manifest writes the resolved
+    params out, so the artifact loads the same model whatever later defaults become."""
+    import json
+
+    import numpy as np
+
+    from fedfuse.artifact.manifest import EnsembleMember, write_artifact
+    from fedfuse.artifact.predictor import FusedPredictor
+    from fedfuse.data.datasets import DataSchema
+    from fedfuse.models.registry import fitted_params, resolved
+
+    big = DataSchema((1, 28, 28), tuple(f"p{i}" for i in range(784)),
+                     tuple(str(i) for i in range(10)))
+    small = load_dataset(config_from_dict({"name": "t", "cohorts": [
+        {"arch": "mlp", "clients": 3}]}).data).schema
+    assert fitted_params("cnn", big) == {"channels": [16, 32]}
+    assert fitted_params("cnn", small) == {} and fitted_params("mlp", big) == {}
+    model = build_model("cnn", big)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32]
+    assert readout(model).in_features == 32 * 7 * 7
+    own = ModelSpec("cnn", {"channels": 4})
+    assert resolved(own, big).params == {"channels": 4}
+    assert [m.out_channels for m in build_model(own, big).modules()
+            if isinstance(m, nn.Conv2d)] == [4]
+    write_artifact(tmp_path / "model",
+                   members=[EnsembleMember("cnn", ModelSpec("cnn"), model.state_dict(), 3,
+                                           None)],
+                   weights=np.ones(1), method="soft_vote", schema=big,
+                   fusion_fit={"objective": "brier"},
+                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                   fused_test_accuracy=None)
+    entry = json.loads((tmp_path / "model" / "manifest.json").read_text())["members"][0]
+    assert entry["model"] == {"arch": "cnn", "params": {"channels": [16, 32]}, "fix": False,
+                              "code": {}}
+    X = np.random.default_rng(0).uniform(size=(3, 1, 28, 28)).astype(np.float32)
+    assert FusedPredictor.load(tmp_path / "model").predict_proba(X).shape == (3, 10)
+
+
+def test_an_artifact_from_before_fitted_builtins_still_loads(tmp_path):
+    """A manifest without member ``model`` records (fedfuse before issue 24) built its
+    ``cnn`` with one block of 8 channels on any image size; it loads as that."""
+    import json
+
+    import numpy as np
+
+    from fedfuse.artifact.manifest import (
+        EnsembleMember,
+        canonical_json,
+        content_hash,
+        write_artifact,
+    )
+    from fedfuse.artifact.predictor import FusedPredictor
+    from fedfuse.data.datasets import DataSchema
+
+    big = DataSchema((1, 28, 28), tuple(f"p{i}" for i in range(784)),
+                     tuple(str(i) for i in range(10)))
+    old = build_model(ModelSpec("cnn", {"channels": 8}), big)
+    write_artifact(tmp_path / "model",
+                   members=[EnsembleMember("cnn", ModelSpec("cnn", {"channels": 8}),
+                                           old.state_dict(), 3, None)],
+                   weights=np.ones(1), method="soft_vote", schema=big,
+                   fusion_fit={"objective": "brier"},
+                   privacy={"mode": "off", "max_epsilon": None, "delta": None},
+                   fused_test_accuracy=None)
+    path = tmp_path / "model" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["members"][0]["model"]  # as the old format wrote it
+    manifest["content_sha256"] = content_hash(manifest)
+    manifest["model_version"] = f"1.0.0+{manifest['content_sha256'][:12]}"
+    path.write_bytes(canonical_json(manifest))
+    X = np.random.default_rng(0).uniform(size=(2, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.softmax(old(torch.as_tensor(X)), 1).numpy()
+    np.testing.assert_allclose(FusedPredictor.load(tmp_path / "model").predict_proba(X), want,
+                               atol=1e-6)
