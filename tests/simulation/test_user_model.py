@@ -53,7 +53,10 @@ target_epsilon = 8.0
 enabled = true
 
 [fusion]
-method = "soft_vote"
+method = "auto"
+stacking_rounds = 1
+unlabeled_fraction = 0.3
+student = "small_cnn"
 """
 
 ALLOW = "mymodels:small_cnn"
@@ -84,12 +87,23 @@ def test_a_user_cohort_trains_with_dp_and_secure_aggregation_and_is_fused(run):
     assert member["model"]["code"]["module_sha256"] == hashlib.sha256(
         (run / "mymodels.py").read_bytes()).hexdigest()
     assert member["family"] == f"user factory {ALLOW}"
+    methods = summary["fused"]["methods"]  # every fusion method ran over the user cohort
+    assert {"soft_vote", "stack", "distill"} <= set(methods)
+    assert methods["distill"]["student"] == "small_cnn"
 
 
 @pytest.mark.slow
 def test_loading_imports_the_factory_only_when_allowed(run):
     with pytest.raises(CodeNotAllowed, match="'mymodels:small_cnn' is not allowed"):
         FusedPredictor.load(run / "run" / "model", search=str(run))
+    # the distilled student (the user's architecture) as its own artifact
+    proc = run_cli("fuse", run / "run", "--method", "distill")
+    assert proc.returncode == 0, proc.stderr
+    student = FusedPredictor.load(run / "run" / "model", allow_arch=("mymodels:*",),
+                                  search=str(run))
+    assert [m["model"]["arch"] for m in student.manifest["members"]] == [ALLOW]
+    proc = run_cli("fuse", run / "run")  # back to the run's own method
+    assert proc.returncode == 0, proc.stderr
     predictor = FusedPredictor.load(run / "run" / "model", allow_arch=(ALLOW,), search=str(run))
     test = run_test_split(run / "run")
     accuracy = float((predictor.predict_proba(test.X[:200]).argmax(1) == test.y[:200]).mean())
