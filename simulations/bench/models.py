@@ -3,6 +3,7 @@ centralised (``fedfuse baseline``), with DP at the scenario's ε and without.
 
     python simulations/bench/models.py --data IMAGES.npz [--scenario simulations/digits.toml]
                                        [--seeds 7] [--rounds R]
+    python simulations/bench/models.py ... --settings dp   # rerun one setting, keep the other
     python simulations/bench/models.py --smoke --out RESULTS.json
 
 The scenario runs with only ``data.source`` changed (and ``privacy.mode = "off"`` for
@@ -85,6 +86,9 @@ def main() -> None:
     parser.add_argument("--scenario", type=Path, default=ROOT / "simulations" / "digits.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[7])
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="the privacy settings to run; the published table keeps the "
+                             "last results of the others")
     parser.add_argument("--smoke", action="store_true", help="a small generated set, 2 rounds")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the results JSON here instead of publishing")
@@ -96,7 +100,12 @@ def main() -> None:
             parser.error("give --data IMAGES.npz, or --smoke")
         rounds = 2 if args.smoke else args.rounds
         runs = [run(args.scenario, data.resolve(), setting, seed, rounds, workdir)
-                for setting in SETTINGS for seed in args.seeds]
+                for setting in args.settings for seed in args.seeds]
+    previous = ROOT / "simulations" / "bench" / "results" / "models.json"
+    if args.out is None and previous.is_file():
+        kept = [r for r in read_json(previous)["runs"] if r["setting"] not in args.settings]
+        runs = sorted(kept + runs, key=lambda r: (list(SETTINGS).index(r["setting"]),
+                                                  r["seed"]))
     results = {"machine": machine(), "data": str(data), "runs": runs}
     if args.out is not None:
         from fedfuse.atomic import atomic_write_json

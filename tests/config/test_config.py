@@ -35,6 +35,17 @@ def test_train_defaults_follow_privacy_but_explicit_values_win():
     cfg = build(train={"batch_size": 8, "momentum": 0.5})
     assert cfg.train.resolved(private=True).batch_size == 8
     assert cfg.train.resolved(private=True).momentum == 0.5
+    assert cfg.train.resolved(private=True, examples=6000).batch_size == 8
+
+
+def test_the_dp_batch_follows_the_sites_size():
+    """clamp(2^round(log2(n / 10)), 32, 256): the default scenario's sites keep 32."""
+    from fedfuse.config.sections import dp_batch_size
+
+    assert [dp_batch_size(n) for n in (44, 108, 187, 450, 600, 1300, 6500, 10**6)] == \
+        [32, 32, 32, 32, 64, 128, 256, 256]
+    assert build().train.resolved(private=True, examples=600).batch_size == 64
+    assert build().train.resolved(private=False, examples=600).batch_size == 16
 
 
 @pytest.mark.parametrize("raw, key", [
