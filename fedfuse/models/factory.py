@@ -88,6 +88,12 @@ def _import(spec: ModelSpec, search: str | None, key: str) -> Callable[..., nn.M
     return factory
 
 
+def sibling(key: str, name: str) -> str:
+    """The key ``name`` beside ``key`` in its table (``cohorts[0].arch`` -> ``cohorts[0].fix``)."""
+    table, dot, _ = key.rpartition(".")
+    return f"{table}{dot}{name}"
+
+
 def check_signature(factory: Callable[..., Any], spec: ModelSpec, key: str) -> None:
     """Refuse a factory that cannot be called as ``factory(schema, **spec.params)``."""
     try:
@@ -97,7 +103,7 @@ def check_signature(factory: Callable[..., Any], spec: ModelSpec, key: str) -> N
     try:
         signature.bind(None, **spec.params)
     except TypeError as exc:
-        raise ConfigError(key.rpartition(".")[0] + ".params" if "." in key else "params",
+        raise ConfigError(sibling(key, "params"),
                           f"{spec.arch!r} cannot be called as factory(schema, "
                           f"**{spec.params!r}): {exc} (its signature is {signature})") from None
 
@@ -160,7 +166,7 @@ def check_dp_body(body: nn.Module, spec: ModelSpec, key: str) -> None:
     if not errors:
         return
     found = "; ".join(sorted({str(e) for e in errors}))
-    fix_key = key.rpartition(".")[0] + ".fix" if "." in key else "fix"
+    fix_key = sibling(key, "fix")
     if "BatchNorm" in found:
         raise ConfigError(key, f"the model of {spec.arch!r} uses BatchNorm, which DP-SGD "
                           f"cannot train (it mixes the examples whose gradients are clipped "
