@@ -14,8 +14,12 @@ from typing import Any
 BUILTINS = ("logreg", "mlp", "cnn")
 """The built-in architectures (``fedfuse.models.registry``): always allowed, everywhere."""
 
-IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_MODULE, _NAME = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", r"[A-Za-z_]\w*"
+IMPORT_PATH = re.compile(f"^{_MODULE}:{_NAME}$")
 """``package.module:factory``: dotted module name, a colon, the factory's name."""
+
+ALLOW_ENTRY = re.compile(f"^{_MODULE}:({_NAME}|\\*)$")
+"""An allow-list entry: an import path, or ``package.module:*`` for a whole module."""
 
 
 @dataclass

@@ -15,17 +15,16 @@ secure aggregation required, and masked sums over at least 3 members.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from fedfuse.errors import FedfuseError
+from fedfuse.models.spec import ALLOW_ENTRY
 from fedfuse.wire import POLICY_REFUSAL
 
 DP_LEVELS = ("record", "client", "none")
-ALLOWED_ARCH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:([A-Za-z_]\w*|\*)$")
 
 
 class PolicyRefusal(FedfuseError):
@@ -86,7 +85,7 @@ class SitePolicy:
                for p in self.peers):
             raise FedfuseError("policy peers must be hex Ed25519 public keys (64 hex "
                                "digits each, as `fedfuse site init` prints them)")
-        bad = [a for a in self.allow_arch if not ALLOWED_ARCH.match(a)]
+        bad = [a for a in self.allow_arch if not ALLOW_ENTRY.match(a)]
         if bad:
             raise FedfuseError(f"policy allow_arch entry {bad[0]!r} is not an import path "
                                "'package.module:factory' or 'package.module:*'")
