@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import ROOT, add_device_option, machine, publish, read_json, simulate
 
@@ -30,7 +29,7 @@ from fedfuse.config import load_config  # noqa: E402
 from fedfuse.models.device import resolve_device  # noqa: E402
 from fedfuse.models.registry import build_model, learning_rate  # noqa: E402
 from fedfuse.privacy.dpsgd import make_private  # noqa: E402
-from fedfuse.data.sites import plan_federation  # noqa: E402
+from fedfuse.simulation.baseline import pooled_data  # noqa: E402
 from fedfuse.models.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0, None)
@@ -62,8 +61,7 @@ def time_epochs(scenario: Path, repeats: int, device: str = "cpu") -> dict:
         return time.perf_counter()
 
     cfg = load_config(scenario)
-    plan = plan_federation(cfg)
-    train = plan.dataset.subset(np.concatenate([c.train for c in plan.federation.clients]))
+    train = pooled_data(cfg)[0]
     batch = cfg.train.resolved(private=True).batch_size
     torch.set_num_threads(1)
     out = {}
