@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedfuse.config.sections import SITE_NAME, check
-from fedfuse.models.spec import ModelSpec, default_name
+from fedfuse.models.spec import (
+    ENTRY_POINTS,
+    IMPORT_PATH,
+    ModelSpec,
+    default_name,
+    registered,
+)
 
 
 @dataclass
@@ -15,8 +21,10 @@ class CohortConfig:
     """Clients sharing one architecture; they are averaged together."""
 
     arch: str
-    """A built-in architecture (``logreg``, ``mlp``, ``cnn``) or a user factory's import
-    path, ``package.module:factory`` (docs/models.md)."""
+    """A built-in architecture (``logreg``, ``mlp``, ``cnn``), a user factory's import
+    path, ``package.module:factory``, or the name an installed distribution registers
+    one under (the ``fedfuse.architectures`` entry points), which becomes its import
+    path when the scenario loads (docs/models.md)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Keyword parameters of the architecture: ``factory(schema, **params)``, for
     example ``{hidden = 128}`` for ``mlp`` or ``{channels = [16, 32]}`` for ``cnn``."""
@@ -37,6 +45,11 @@ class CohortConfig:
     factory's: 0.05, or 0.5 under DP)."""
 
     def __post_init__(self) -> None:
+        path = None if self.model.problem() is None else registered(self.arch)
+        if path is not None:
+            check(bool(IMPORT_PATH.match(path)), "arch", f"the entry point {self.arch!r} "
+                  f"of {ENTRY_POINTS!r} names {path!r}, not a 'package.module:factory' path")
+            self.name, self.arch = self.name or self.arch, path
         problem = self.model.problem()
         check(problem is None, "arch", problem or "")
         self.name = self.name or default_name(self.arch)

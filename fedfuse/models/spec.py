@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 BUILTINS = ("logreg", "mlp", "cnn")
@@ -20,6 +21,11 @@ IMPORT_PATH = re.compile(f"^{_MODULE}:{_NAME}$")
 
 ALLOW_ENTRY = re.compile(f"^{_MODULE}:({_NAME}|\\*)$")
 """An allow-list entry: an import path, or ``package.module:*`` for a whole module."""
+
+ENTRY_POINTS = "fedfuse.architectures"
+"""The entry-point group under which an installed distribution registers architectures
+by name: ``tiny = "mypkg.models:tiny"`` in its pyproject.toml's
+``[project.entry-points."fedfuse.architectures"]``."""
 
 
 @dataclass
@@ -45,8 +51,10 @@ class ModelSpec:
         """Why this is not a valid reference, or ``None``."""
         if self.is_builtin or IMPORT_PATH.match(self.arch):
             return None
-        return (f"{self.arch!r} is neither a built-in architecture ({', '.join(BUILTINS)}) "
-                "nor an import path of the form 'package.module:factory'")
+        return (f"{self.arch!r} is neither a built-in architecture ({', '.join(BUILTINS)}), "
+                f"nor an architecture an installed distribution registers under the "
+                f"{ENTRY_POINTS!r} entry points, nor an import path of the form "
+                "'package.module:factory'")
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "params": dict(self.params), "fix": self.fix}
@@ -54,6 +62,15 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(str(d["arch"]), dict(d.get("params", {})), bool(d.get("fix", False)))
+
+
+def registered(name: str) -> str | None:
+    """The import path an installed distribution registers ``name`` under in the
+    :data:`ENTRY_POINTS` group, or ``None``. Reads package metadata only: nothing is
+    imported, so the allow-lists still apply to the path it returns."""
+    for entry in metadata.entry_points(group=ENTRY_POINTS, name=name):
+        return f"{entry.module}:{entry.attr}" if entry.attr else entry.value
+    return None
 
 
 def default_name(arch: str) -> str:
