@@ -128,10 +128,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_tname(value)}")
         return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
+    if origin is list or (origin is tuple and args[1:] == (Ellipsis,)):
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {_tname(value)}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is float:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from fedfuse.errors import FedfuseError
+from fedfuse.config.loading import build
+from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models.spec import ALLOW_ENTRY
 from fedfuse.wire import POLICY_REFUSAL
 
@@ -109,34 +110,20 @@ class SitePolicy:
 
 
 def load_policy(path: Path | None) -> SitePolicy:
-    """The policy in the TOML file ``path`` (None: the default policy). Unknown keys and
-    values of the wrong type are refused with the key named."""
+    """The policy in the TOML file ``path`` (None: the default policy), read as the
+    scenario is (``fedfuse.config.loading.build``): unknown keys and values of the wrong
+    type are refused with the key named."""
     if path is None:
         return SitePolicy()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise FedfuseError(f"cannot read the site policy {path}: {exc}") from None
-    known = {f.name: f for f in fields(SitePolicy)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise FedfuseError(f"{path}: unknown policy key(s) {', '.join(unknown)} (known: "
-                           f"{', '.join(known)})")
-    types: dict[str, tuple[type, ...]] = {
-        "require_dp": (str,), "max_epsilon": (int, float), "max_delta": (int, float),
-        "require_secure_aggregation": (bool,), "min_cohort_size": (int,),
-        "verify_keys": (bool,), "require_consistency_check": (bool,), "peers": (list,),
-        "allow_arch": (list,)}
-    for key, value in raw.items():
-        if isinstance(value, bool) != (types[key] == (bool,)) or \
-                not isinstance(value, types[key]):
-            raise FedfuseError(f"{path}: policy {key} = {value!r} has the wrong type")
-    for key in ("peers", "allow_arch"):
-        if key in raw:
-            if not all(isinstance(p, str) for p in raw[key]):
-                raise FedfuseError(f"{path}: policy {key} must be strings")
-            raw[key] = tuple(raw[key])
-    return SitePolicy(**raw)
+    try:
+        policy: SitePolicy = build(SitePolicy, raw, "")
+    except ConfigError as exc:
+        raise FedfuseError(f"{path}: policy {exc.key}: {exc.message}") from None
+    return policy
 
 
 def check_train(policy: SitePolicy, config: Any, masking: Any | None) -> None:

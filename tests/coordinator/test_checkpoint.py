@@ -93,7 +93,23 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path
 
 # -- a real simulation: killed and resumed ----------------------------------------------
 
-RESUME_SCENARIO = SMALL_SCENARIO.replace("rounds = 2", "rounds = 4")  # 3 cohorts x 2
+# 3 cohorts x 2, one of them a user factory in a module next to the scenario
+RESUME_SCENARIO = SMALL_SCENARIO.replace("rounds = 2", "rounds = 4").replace(
+    'arch = "mlp"', 'arch = "mymodels:tanh_mlp"')
+
+USER_MODULE = """
+from torch import nn
+
+
+def tanh_mlp(schema, hidden=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(schema.num_features, hidden), nn.Tanh(),
+                         nn.Linear(hidden, schema.num_classes))
+"""
+
+
+def load(model: Path, code_dir: Path) -> FusedPredictor:
+    """An artifact of this run: its user member's code allowed, from the scenario's dir."""
+    return FusedPredictor.load(model, allow_arch=("mymodels:*",), search=str(code_dir))
 
 
 def final_models(run: Path) -> dict[str, np.ndarray]:
@@ -110,6 +126,7 @@ target_epsilon = 8.0
 method = "distill"
 unlabeled_fraction = 0.5
 distill_steps = 150
+student = "tanh_mlp"
 """
 
 
@@ -119,8 +136,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     corrupted: the resume warns, goes back to round 2, and ends with the same cohort
     models, bit for bit, and the same metrics as an uninterrupted run, under secure
     aggregation, DP-SGD and server momentum, whose state (with each cohort sampler's)
-    is in the checkpoint; no site's ledger is charged twice for a repeated round. Both
-    runs then distil the same student (FedDF fusion), which is the artifact served."""
+    is in the checkpoint; no site's ledger is charged twice for a repeated round. One
+    cohort is a user factory's. Both runs then distil the same student of that user
+    architecture (FedDF fusion), which is the artifact served."""
+    (tmp_path / "mymodels.py").write_text(USER_MODULE)
     scenario = tmp_path / "resume.toml"
     scenario.write_text(RESUME_SCENARIO.replace("local_epochs = 1",
                                                 "local_epochs = 1\nserver_momentum = 0.5")
@@ -166,10 +185,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     assert ledgers(out) == straight_ledgers and len(straight_ledgers) == 9
     assert not list(out.glob("sites/*/replay"))  # needed only while the run can resume
     assert all(steps > 0 for steps, _ in straight_ledgers.values())
-    check_distilled_artifact(tmp_path / "straight", tmp_path / "rebuilt")
+    check_distilled_artifact(tmp_path / "straight", tmp_path / "rebuilt", tmp_path)
     test = run_test_split(out)
-    np.testing.assert_array_equal(FusedPredictor.load(out / "model").predict_proba(test.X),
-                                  FusedPredictor.load(tmp_path / "straight" / "model")
+    np.testing.assert_array_equal(load(out / "model", tmp_path).predict_proba(test.X),
+                                  load(tmp_path / "straight" / "model", tmp_path)
                                   .predict_proba(test.X))
 
 
@@ -190,7 +209,7 @@ def ledgers(run: Path) -> dict[str, tuple[int, float]]:
     return found
 
 
-def check_distilled_artifact(run: Path, copy: Path) -> None:
+def check_distilled_artifact(run: Path, copy: Path, code_dir: Path) -> None:
     """The served artifact is the distilled student alone; both methods are reported,
     scored on the same test split; ``fedfuse fuse`` rebuilds the same artifact."""
     import shutil
@@ -203,8 +222,9 @@ def check_distilled_artifact(run: Path, copy: Path) -> None:
     assert student["transfer_examples"] > 100 and student["student"] in summary["cohorts"]
     assert fused["weights"] == {student["student"]: 1.0}
     assert fused["test_accuracy"] == student["test_accuracy"] > 0.3
-    predictor = FusedPredictor.load(run / "model")
+    predictor = load(run / "model", code_dir)
     assert [m["arch"] for m in predictor.manifest["members"]] == [student["student"]]
+    assert predictor.manifest["members"][0]["model"]["arch"] == "mymodels:tanh_mlp"
     fit = predictor.manifest["fusion"]["fit"]
     assert fit["objective"] == "kl_to_soft_vote" and fit["holdout_kl"] < fit["start_kl"]
     test = run_test_split(run)
@@ -216,11 +236,11 @@ def check_distilled_artifact(run: Path, copy: Path) -> None:
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "model")
     assert run_cli("fuse", copy).returncode == 0
-    np.testing.assert_allclose(FusedPredictor.load(copy / "model").predict_proba(test.X),
+    np.testing.assert_allclose(load(copy / "model", code_dir).predict_proba(test.X),
                                predictor.predict_proba(test.X), atol=1e-6, rtol=0)
     # the user prefers the ensemble after all: no federation needed to switch
     assert run_cli("fuse", copy, "--method", "soft_vote").returncode == 0
-    ensemble = FusedPredictor.load(copy / "model")
+    ensemble = load(copy / "model", code_dir)
     assert sorted(m["arch"] for m in ensemble.manifest["members"]) == sorted(summary["cohorts"])
     switched = json.loads((copy / "summary.json").read_text())["fused"]
     assert switched["method"] == "soft_vote" and set(switched["methods"]) == {"soft_vote",

@@ -143,18 +143,20 @@ def test_a_policy_file_is_read_and_checked(tmp_path):
     assert allowing.allow_arch == ("hospital.models:resnet", "partner:*", "cli.models:net")
     assert "model code: hospital.models:resnet, partner:*, cli.models:net" in \
         allowing.summary()
-    for text, what in (('max_epsilons = 3\n', "unknown policy key"),
-                       ('max_epsilon = "8"\n', "wrong type"),
-                       ('require_secure_aggregation = 1\n', "wrong type"),
+    for text, what in (('max_epsilons = 3\n', "policy max_epsilons: unknown key"),
+                       ('max_epsilon = "8"\n', "policy max_epsilon: expected a number, "
+                        "got a string '8'"),
+                       ('require_secure_aggregation = 1\n', "policy "
+                        "require_secure_aggregation: expected true or false, got an integer"),
                        ('require_dp = "maybe"\n', "must be one of"),
                        ('min_cohort_size = 2\n', "at least 3"),
                        ('max_epsilon = 0\n', "> 0"),
                        ('max_epsilon = \n', "cannot read"),
                        ('peers = ["zz"]\n', "hex Ed25519"),
-                       ('peers = [1]\n', "must be strings"),
+                       ('peers = [1]\n', r"policy peers\[0\]: expected a string"),
                        ('allow_arch = ["os.system"]\n', "not an import path"),
-                       ('allow_arch = "a:b"\n', "wrong type"),
-                       ('verify_keys = "yes"\n', "wrong type")):
+                       ('allow_arch = "a:b"\n', "policy allow_arch: expected a list"),
+                       ('verify_keys = "yes"\n', "policy verify_keys: expected true or false")):
         path.write_text(text)
         with pytest.raises(FedfuseError, match=what):
             load_policy(path)
