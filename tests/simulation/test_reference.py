@@ -21,18 +21,30 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from tests.helpers import ROOT, run_cli
 
-COHORT_SHA256 = {
-    "cnn": "ba25aef763d04a070a1ec5c5c27aca38a174577747b81cb4f28b28cf34d396a4",
-    "logreg": "ae1f5a708c13d41600b2961ef0c915583e25228a17f6085b6ecf48c84ef54b70",
-    "mlp": "d3bc48bc58d6ee7bb4bc9989db9514085043749032fc92914e2195d5bf4d26bd",
-}
-"""SHA-256 over each final cohort model's tensors (name, dtype, shape, bytes; by name)."""
-METRICS_SHA256 = "912096e7621beaed13d8e5fc5c1a46a46472080c255c4e5cf85db55808af99ea"
-"""SHA-256 of metrics.jsonl without the wall-clock times, lines joined by newlines."""
+PINS = [
+    ({"cnn": "ba25aef763d04a070a1ec5c5c27aca38a174577747b81cb4f28b28cf34d396a4",
+      "logreg": "ae1f5a708c13d41600b2961ef0c915583e25228a17f6085b6ecf48c84ef54b70",
+      "mlp": "d3bc48bc58d6ee7bb4bc9989db9514085043749032fc92914e2195d5bf4d26bd"},
+     "912096e7621beaed13d8e5fc5c1a46a46472080c255c4e5cf85db55808af99ea"),
+    ({"cnn": "1bf56d72b8a7f2fa446a92286abb12a949b5e65cbd30581bbf15517b436faffb",
+      "logreg": "f04cb78bd42a172bd336f31b021b95680bf53167206dee4d955d8c3b50d5ecd6",
+      "mlp": "140677c5c8bd8665e63f061f052cf5bf4d81f17e5ec226b6922f7fd4b86858bf"},
+     "8252b17c4576e5db5b27b0d6dbecafe62b4c76a992b6c90a3a53a06cf301b39f"),
+]
+"""(cohort digests, metrics digest) of the same code on two kinds of machine: torch's
+CPU kernels differ in the last bits between instruction sets, so the weights do too,
+while every accuracy below is the same. The first was taken on the development machine
+of sessions up to issue 24's first part (CI agreed with it); the second on an AMD EPYC
+with AVX2 (``torch.backends.cpu.get_cpu_capability() == "AVX2"``), where the same
+commit gave the same accuracies. A cohort digest is SHA-256 over the final model's
+tensors (name, dtype, shape, bytes; by name); the metrics digest is SHA-256 of
+metrics.jsonl without the wall-clock times, lines joined by newlines."""
+
 TEST_ACCURACY = {"cnn": 0.8857938718662952, "logreg": 0.8885793871866295,
                  "mlp": 0.8495821727019499}
 FUSED_TEST_ACCURACY = 0.8997214484679665
@@ -65,6 +77,9 @@ def test_the_default_scenario_reproduces_its_pinned_models_and_metrics(tmp_path:
     summary = json.loads((out / "summary.json").read_text())
     assert {a: c["test_accuracy"] for a, c in summary["cohorts"].items()} == TEST_ACCURACY
     assert summary["fused"]["test_accuracy"] == FUSED_TEST_ACCURACY
-    assert {a: tensors_sha256(out / "cohorts" / f"{a}.safetensors")
-            for a in COHORT_SHA256} == COHORT_SHA256
-    assert metrics_sha256(out / "metrics.jsonl") == METRICS_SHA256
+    got = ({a: tensors_sha256(out / "cohorts" / f"{a}.safetensors") for a in PINS[0][0]},
+           metrics_sha256(out / "metrics.jsonl"))
+    assert got in PINS, (
+        f"the default scenario's models or metrics moved: {got} (torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}); if only the bits moved on a new kind "
+        "of machine and every accuracy above holds, add this pair to PINS, saying so")
