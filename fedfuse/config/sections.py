@@ -129,6 +129,10 @@ class TrainConfig:
         return self.server_momentum > 0.0 or self.server_lr != 1.0
 
 
+RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
+"""A Ray head's ``HOST:PORT`` (its GCS address)."""
+
+
 @dataclass
 class SimulationConfig:
     """Resources for Flower's Ray-based simulation engine."""
@@ -156,8 +160,16 @@ class SimulationConfig:
     federations, where a round lasts a few of these waits (see fedfuse/engine.py)."""
     verbose: bool = False
     """Show Flower's own INFO logs."""
+    ray_address: str = ""
+    """An existing Ray cluster to run on (``"auto"``, or the head's ``HOST:PORT`` as
+    ``ray start --head`` prints it) instead of a local Ray started for the run. The
+    cluster's resources then decide how many clients run at once (``num_cpus`` is not
+    used; ``cpus_per_client`` still is); see docs/scale.md."""
 
     def __post_init__(self) -> None:
+        check(self.ray_address in ("", "auto") or bool(RAY_ADDRESS.match(self.ray_address)),
+              "ray_address", f"{self.ray_address!r} is not 'auto' or a Ray head's HOST:PORT "
+              "(for example 127.0.0.1:6379)")
         check(self.num_cpus >= 1, "num_cpus", "must be >= 1")
         check(0.0 < self.cpus_per_client <= self.num_cpus, "cpus_per_client",
                "must be in (0, num_cpus]")

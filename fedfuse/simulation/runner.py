@@ -44,12 +44,13 @@ def backend_config(cfg: FedfuseConfig, gpus: int = 0) -> dict[str, Any]:
     per_client = 0.0
     if gpus:
         per_client = sim.gpus_per_client or 1.0 / max(1, int(sim.num_cpus / sim.cpus_per_client))
-    return {
-        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": per_client},
-        "init_args": {"num_cpus": sim.num_cpus, "num_gpus": gpus, "include_dashboard": False,
-                      "log_to_driver": sim.verbose,
-                      "logging_level": logging.INFO if sim.verbose else logging.ERROR},
-    }
+    logs = {"log_to_driver": sim.verbose,
+            "logging_level": logging.INFO if sim.verbose else logging.ERROR}
+    # an existing cluster brings its own resources: ray.init refuses num_cpus/num_gpus
+    where = ({"address": sim.ray_address} if sim.ray_address else
+             {"num_cpus": sim.num_cpus, "num_gpus": gpus, "include_dashboard": False})
+    return {"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": per_client},
+            "init_args": {**where, **logs}}
 
 
 def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | None = None,
@@ -85,5 +86,8 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
             raise RuntimeError("the simulation ended without a result")
         summary = build_summary(cfg, run.result, time.perf_counter() - started,
                                 label_skew(plan.dataset.y, train_parts))
+        summary["ray"] = {"address": cfg.simulation.ray_address or "local",
+                          "num_cpus": None if cfg.simulation.ray_address else
+                          cfg.simulation.num_cpus}
         run.write_summary(summary)
     return summary, run.final
