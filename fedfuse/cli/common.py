@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
@@ -40,6 +41,13 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code=2) from None
 
     return run
+
+
+def tracking_from_env(cfg: Any) -> None:
+    """MLflow's own ``MLFLOW_TRACKING_URI`` where the scenario names no tracking URI
+    (the command line is the edge that reads the environment)."""
+    cfg.tracking.mlflow_uri = (cfg.tracking.mlflow_uri
+                               or os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -16,6 +16,7 @@ from fedfuse.cli.common import (
     reports_errors,
     setup_logging,
     stop_on_sigterm,
+    tracking_from_env,
 )
 from fedfuse.errors import FedfuseError
 
@@ -123,6 +124,7 @@ def coordinator(
     stop_on_sigterm()
     scenario = config if config is not None else resumable_config(resume)  # type: ignore[arg-type]
     cfg = load_config(scenario, overrides=set_ or [])
+    tracking_from_env(cfg)
     from fedfuse.deploy.coordinator import run_coordinator
     from fedfuse.simulation.runner import default_run_dir
 

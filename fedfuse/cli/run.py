@@ -9,7 +9,13 @@ from typing import Annotated, Optional
 import typer
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import console, print_summary, reports_errors, setup_logging
+from fedfuse.cli.common import (
+    console,
+    print_summary,
+    reports_errors,
+    setup_logging,
+    tracking_from_env,
+)
 from fedfuse.errors import FedfuseError
 
 
@@ -47,6 +53,7 @@ def simulate(
         assert resume is not None
         config = resumable_config(resume)
     cfg = load_config(config, overrides=overrides, rounds=rounds)
+    tracking_from_env(cfg)
     if verbose:
         cfg.simulation.verbose = True
     from fedfuse.simulation.runner import simulate as run_scenario  # imports flwr first

@@ -29,6 +29,15 @@ def check_models(cfg: FedfuseConfig, schema: DataSchema) -> None:
         check_body(model[1], cohort.model, schema, key, private=cfg.privacy.mode == "sample")
 
 
+def check_tracking(cfg: FedfuseConfig) -> None:
+    """Refuse tracking to MLflow where MLflow is not installed."""
+    import importlib.util
+
+    if cfg.tracking.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("tracking.mlflow_uri", "tracking needs MLflow, which is not "
+                          "installed: pip install 'fedfuse[tracking]'")
+
+
 def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
                    train_sizes: list[int] | None = None) -> None:
     """Refuse settings that cannot run on these data: an architecture that cannot take
@@ -37,6 +46,7 @@ def check_scenario(cfg: FedfuseConfig, schema: DataSchema, held_out: Dataset,
     simulation only) or a model DP-SGD cannot train; with secure aggregation, a ring
     too small for the summed example counts."""
     cfg.data.by_channel(schema.is_image)
+    check_tracking(cfg)
     check_models(cfg, schema)
     split_transfer(held_out, cfg.fusion.unlabeled_fraction, cfg.seed)
     if cfg.secure_aggregation.enabled and train_sizes:

@@ -27,6 +27,7 @@ from fedfuse.config.sections import (
     TrainConfig,
     check,
 )
+from fedfuse.config.tracking import TrackingConfig
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
 from fedfuse.models.spec import CodeAllowance
@@ -51,6 +52,7 @@ class FedfuseConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: str = "cpu"
     """Where training and evaluation run: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a
     GPU when PyTorch sees one). In simulation it applies to the coordinator and every

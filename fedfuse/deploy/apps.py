@@ -30,8 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
-from fedfuse.artifact.rundir import RunDirectory
+from fedfuse.artifact.rundir import RunDirectory, partial_path
 from fedfuse.artifact.summary import build_summary
+from fedfuse.artifact.tracking import tracking
 from fedfuse.atomic import create_private
 from fedfuse.compat import fast_grid_pulls
 from fedfuse.config import DataConfig, FedfuseConfig, config_from_dict
@@ -68,13 +69,16 @@ def _coordinate(grid: Grid, context: Context) -> None:
     sites = {int(k): str(v) for k, v in json.loads(str(context.run_config["sites"])).items()}
     display = ProgressDisplay(Console(file=sys.stdout, width=120, no_color=True))
     resume = str(context.run_config.get("resume", "")) == "true"
-    with RunDirectory(Path(str(context.run_config["run-dir"])), cfg, test.schema,
-                      resume=resume) as run:
-        checkpoint = run.resume_point() if resume else None
-        Coordinator(cfg, test, Fanout(run, display), sites,
-                    checkpoints=run.checkpoints).run(grid, checkpoint)
-        assert run.result is not None
-        run.write_summary(build_summary(cfg, run.result, time.perf_counter() - started))
+    out = Path(str(context.run_config["run-dir"]))
+    with tracking(cfg, partial_path(out), resume) as tracker:
+        with RunDirectory(out, cfg, test.schema, resume=resume) as run:
+            checkpoint = run.resume_point() if resume else None
+            Coordinator(cfg, test, Fanout(run, display, tracker), sites,
+                        checkpoints=run.checkpoints).run(grid, checkpoint)
+            assert run.result is not None
+            summary = build_summary(cfg, run.result, time.perf_counter() - started)
+            run.write_summary(summary)
+        tracker.finish(run.final, summary)
 
 
 _SITES: dict[tuple[str, ...], Site] = {}

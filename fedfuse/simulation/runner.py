@@ -13,8 +13,9 @@ from flwr.app import Context
 from rich.console import Console
 
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
-from fedfuse.artifact.rundir import RunDirectory
+from fedfuse.artifact.rundir import RunDirectory, partial_path
 from fedfuse.artifact.summary import build_summary
+from fedfuse.artifact.tracking import tracking
 from fedfuse.compat import message_pickup, run_simulation
 from fedfuse.config import FedfuseConfig
 from fedfuse.config.preflight import check_scenario
@@ -69,25 +70,27 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     gpus = ray_gpus(cfg.device)
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
-    with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
-        checkpoint = run.resume_point() if resume else None
-        server_app = build_server_app(cfg, plan.test, Fanout(run, display), run.checkpoints,
-                                      checkpoint)
-        client_app = build_client_app(partial(site_from_context, cfg, run.path / "sites"),
-                                      cfg.simulation.threads_per_client)
-        interval = pickup_interval(cfg.num_clients, cfg.simulation.pickup_interval)
-        try:
-            with message_pickup(interval):
-                run_simulation(server_app, client_app, cfg.num_clients,
-                               backend_config(cfg, gpus), cfg.simulation.verbose)
-        finally:
-            display.close()
-        if run.result is None:
-            raise RuntimeError("the simulation ended without a result")
-        summary = build_summary(cfg, run.result, time.perf_counter() - started,
-                                label_skew(plan.dataset.y, train_parts))
-        summary["ray"] = {"address": cfg.simulation.ray_address or "local",
-                          "num_cpus": None if cfg.simulation.ray_address else
-                          cfg.simulation.num_cpus}
-        run.write_summary(summary)
+    with tracking(cfg, partial_path(out), resume) as tracker:
+        with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
+            checkpoint = run.resume_point() if resume else None
+            server_app = build_server_app(cfg, plan.test, Fanout(run, display, tracker),
+                                          run.checkpoints, checkpoint)
+            client_app = build_client_app(partial(site_from_context, cfg, run.path / "sites"),
+                                          cfg.simulation.threads_per_client)
+            interval = pickup_interval(cfg.num_clients, cfg.simulation.pickup_interval)
+            try:
+                with message_pickup(interval):
+                    run_simulation(server_app, client_app, cfg.num_clients,
+                                   backend_config(cfg, gpus), cfg.simulation.verbose)
+            finally:
+                display.close()
+            if run.result is None:
+                raise RuntimeError("the simulation ended without a result")
+            summary = build_summary(cfg, run.result, time.perf_counter() - started,
+                                    label_skew(plan.dataset.y, train_parts))
+            summary["ray"] = {"address": cfg.simulation.ray_address or "local",
+                              "num_cpus": None if cfg.simulation.ray_address else
+                              cfg.simulation.num_cpus}
+            run.write_summary(summary)
+        tracker.finish(run.final, summary)
     return summary, run.final
