@@ -95,7 +95,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path
 
 # 3 cohorts x 2, one of them a user factory in a module next to the scenario
 RESUME_SCENARIO = SMALL_SCENARIO.replace("rounds = 2", "rounds = 4").replace(
-    'arch = "mlp"', 'arch = "mymodels:tanh_mlp"')
+    'arch = "mlp"', 'arch = "resumemodels:tanh_mlp"')
 
 USER_MODULE = """
 from torch import nn
@@ -108,8 +108,9 @@ def tanh_mlp(schema, hidden=16):
 
 
 def load(model: Path, code_dir: Path) -> FusedPredictor:
-    """An artifact of this run: its user member's code allowed, from the scenario's dir."""
-    return FusedPredictor.load(model, allow_arch=("mymodels:*",), search=str(code_dir))
+    """An artifact of this run: its user member's code allowed, from the scenario's dir
+    (a module name no other test uses: the import stays cached in this process)."""
+    return FusedPredictor.load(model, allow_arch=("resumemodels:*",), search=str(code_dir))
 
 
 def final_models(run: Path) -> dict[str, np.ndarray]:
@@ -139,7 +140,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_models(tmp_path: Path):
     is in the checkpoint; no site's ledger is charged twice for a repeated round. One
     cohort is a user factory's. Both runs then distil the same student of that user
     architecture (FedDF fusion), which is the artifact served."""
-    (tmp_path / "mymodels.py").write_text(USER_MODULE)
+    (tmp_path / "resumemodels.py").write_text(USER_MODULE)
     scenario = tmp_path / "resume.toml"
     scenario.write_text(RESUME_SCENARIO.replace("local_epochs = 1",
                                                 "local_epochs = 1\nserver_momentum = 0.5")
@@ -224,7 +225,7 @@ def check_distilled_artifact(run: Path, copy: Path, code_dir: Path) -> None:
     assert fused["test_accuracy"] == student["test_accuracy"] > 0.3
     predictor = load(run / "model", code_dir)
     assert [m["arch"] for m in predictor.manifest["members"]] == [student["student"]]
-    assert predictor.manifest["members"][0]["model"]["arch"] == "mymodels:tanh_mlp"
+    assert predictor.manifest["members"][0]["model"]["arch"] == "resumemodels:tanh_mlp"
     fit = predictor.manifest["fusion"]["fit"]
     assert fit["objective"] == "kl_to_soft_vote" and fit["holdout_kl"] < fit["start_kl"]
     test = run_test_split(run)

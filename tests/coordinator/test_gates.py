@@ -53,7 +53,7 @@ def test_gates_and_timeouts_in_a_real_simulation(tmp_path: Path):
     from fedfuse.site.app import build_client_app
 
     cfg = config_from_dict({
-        "name": "poisoned", "seed": 2, "rounds": 2, "round_timeout": 15.0,
+        "name": "poisoned", "seed": 2, "rounds": 2, "round_timeout": 30.0,
         "data": {"source": "digits"}, "partition": {"method": "iid"},
         "cohorts": [{"arch": "logreg", "clients": 5}],
         "secure_aggregation": {"enabled": False},
@@ -76,7 +76,7 @@ def test_gates_and_timeouts_in_a_real_simulation(tmp_path: Path):
         pid = int(context.node_config["partition-id"])
         is_train = msg.metadata.message_type == "train"
         if is_train and pid == 2 and int(msg.content["config"]["server-round"]) == 1:
-            clock.sleep(35.0)  # silent well past round_timeout
+            clock.sleep(50.0)  # silent well past round_timeout
         reply = call_next(msg, context)
         if is_train and pid in (0, 1):
             sent, got = msg.content["arrays"], reply.content["arrays"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import httpx
@@ -72,7 +73,8 @@ def run(tmp_path_factory):
                    cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     (home / "simulate.out").write_text(proc.stdout + proc.stderr)
-    return home
+    yield home
+    sys.modules.pop("mymodels", None)  # imported in this process by the tests below
 
 
 @pytest.mark.slow
