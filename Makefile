@@ -35,10 +35,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check fedfuse strategies
 	$(BIN)/mypy
 
-# two test files at a time (pytest-xdist; a file's tests stay in one worker, so its
-# module fixtures run once): most slow tests wait on processes, not on the CPU
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # every benchmark, one after the other (about 30 min on 2 cores); each rewrites its table
 # in docs/ and its JSON in simulations/bench/results/
