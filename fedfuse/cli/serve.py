@@ -35,6 +35,8 @@ def serve(
     rate_limit: Annotated[Optional[str], typer.Option(help="per key, e.g. 100/second")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(help="rows per forward pass")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option(help="batch forming delay")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        help="requests waiting at most; more get 503 [1024]")] = None,
     reload_interval: Annotated[Optional[float], typer.Option(
         help="seconds between rescans of SOURCE and the keys file; 0: off")] = None,
     device: Annotated[Optional[str], typer.Option(
@@ -50,7 +52,7 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"host": host, "port": port, "rate_limit": rate_limit,
                "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-               "reload_interval": reload_interval, "device": device,
+               "max_queue": max_queue, "reload_interval": reload_interval, "device": device,
                "allow_arch": allow_arch or None,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}

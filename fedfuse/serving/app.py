@@ -39,7 +39,7 @@ from fedfuse.artifact.manifest import MANIFEST, ArtifactError, read_verified_man
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
-from fedfuse.serving.batcher import BatcherClosed
+from fedfuse.serving.batcher import BatcherClosed, BatcherFull
 from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
@@ -95,7 +95,9 @@ def serving_schema(source: Path) -> DataSchema:
 
 
 class KeysWatcher:
-    """The key store of a keys file, re-read when the file changes."""
+    """The key store of a keys file, re-read when the file changes. A file that goes away
+    leaves an empty store, which refuses every key (deleting the file revokes them all,
+    never opens the API); a file that becomes malformed keeps the keys read last."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -106,8 +108,16 @@ class KeysWatcher:
     def reload(self) -> None:
         if self.path is None:
             return
-        stamp = self.path.stat().st_mtime if self.path.exists() else None
-        if stamp is None or stamp != self._stamp:
+        try:
+            stamp: float | None = self.path.stat().st_mtime
+        except FileNotFoundError:
+            stamp = None
+        if stamp is None and self.store is not None:
+            if len(self.store):
+                log.warning("API keys file %s is gone: every request is refused until it "
+                            "is back", self.path)
+            self.store, self._stamp = KeyStore([]), None
+        elif stamp is None or stamp != self._stamp:
             store = KeyStore(read_keys(self.path))  # raises on a bad file: keep the old one
             self.store, self._stamp = store, stamp
             log.info("API keys: %d from %s", len(store), self.path)
@@ -124,7 +134,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     metrics = ServeMetrics()
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfuse-forward")
     registry = ModelRegistry(source, max_batch_size=cfg.max_batch_size,
-                             max_wait=cfg.max_wait_ms / 1000.0, executor=inference,
+                             max_wait=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_queue,
+                             executor=inference,
                              observe=metrics.observe_batch, device=device,
                              allow_arch=tuple(cfg.allow_arch), search=str(Path.cwd()))
     Body = request_model(schema, cfg.max_instances)
@@ -176,7 +187,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         code: {"model": ErrorResponse, "description": text} for code, text in (
             (401, "no valid API key"), (404, "no such model version"),
             (413, "body too large"), (422, "input does not match the schema"),
-            (429, "rate limit exceeded"), (503, "no model loaded"))}
+            (429, "rate limit exceeded"),
+            (503, "no model loaded, or too many requests waiting (Retry-After)"))}
 
     async def answer(slot: ModelSlot | None, x: np.ndarray, what: str) -> Response:
         if slot is None:
@@ -185,18 +197,27 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
                           if what else "no model is loaded yet")
         metrics.request_instances.observe(len(x))
         try:
-            proba = await slot.batcher.submit(x)
-        except BatcherClosed:  # unloaded between lookup and submit: take the new latest
-            latest = registry.latest if not what else registry.get(what)
-            if latest is None or latest is slot:
-                return _error(503, "unavailable", "the model version is being unloaded")
-            proba = await latest.batcher.submit(x)
-            slot = latest
+            try:
+                proba = await slot.batcher.submit(x)
+            except BatcherClosed:  # unloaded between lookup and submit: take the new latest
+                latest = registry.latest if not what else registry.get(what)
+                if latest is None or latest is slot:
+                    return _error(503, "unavailable", "the model version is being unloaded")
+                proba = await latest.batcher.submit(x)
+                slot = latest
+        except BatcherFull:
+            return _error(503, "overloaded", f"{cfg.max_queue} requests are already waiting "
+                          "for the model (serve.max_queue); retry in 1 s", retry_after=1,
+                          headers={"retry-after": "1"})
         classes = slot.predictor.schema.class_labels
         payload = {"model_version": slot.version, "class_labels": list(classes),
                    "labels": [classes[i] for i in proba.argmax(axis=1)],
                    "probabilities": proba.tolist()}
-        return Response(json.dumps(payload), media_type="application/json")
+        try:  # JSON has no NaN: a model that made one gets an error, never invalid JSON
+            return Response(json.dumps(payload, allow_nan=False), media_type="application/json")
+        except ValueError:
+            log.error("model version %s gave non-finite probabilities", slot.version)
+            return _error(500, "model_error", "the model gave non-finite probabilities")
 
     async def instances(request: Request) -> np.ndarray:
         """The body parsed and validated in one pass (pydantic-core reads the JSON bytes)."""
@@ -204,7 +225,16 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             body = Body.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        return np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
+        with np.errstate(over="ignore"):
+            x = np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
+        finite = np.isfinite(x)
+        if not finite.all():  # finite as a JSON number, beyond float32's range
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise RequestValidationError([{
+                "loc": ("body", "instances", *where), "type": "float32_overflow",
+                "msg": "Input should be a finite number within float32's range "
+                       f"(|x| <= {float(np.finfo(np.float32).max):.4g})"}])
+        return x
 
     documented: dict[str, Any] = {"openapi_extra": {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
@@ -260,9 +290,10 @@ def _public(slot: ModelSlot) -> dict[str, Any]:
     return public
 
 
-def _error(status: int, kind: str, message: str, **extra: Any) -> Response:
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> Response:
     return Response(error_body(kind, message, **extra), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

@@ -39,21 +39,28 @@ class BatcherClosed(RuntimeError):
     """The batcher was stopped; the request was not run."""
 
 
+class BatcherFull(RuntimeError):
+    """``max_queue`` requests are already waiting; the request was not queued."""
+
+
 class MicroBatcher:
     """Coalesce ``submit(x)`` calls into calls of ``fn`` on their concatenated rows.
 
     ``fn`` maps an (n, ...) array to an (n, K) array, row by row; it runs on ``executor``.
+    At most ``max_queue`` requests wait at once (0: no bound); one more is refused with
+    :class:`BatcherFull`, so a flood costs callers a fast refusal, not the server its memory.
     """
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int,
                  max_wait: float, executor: Executor,
-                 observe: BatchObserver | None = None) -> None:
+                 observe: BatchObserver | None = None, max_queue: int = 0) -> None:
         self._fn = fn
         self._max_rows = max_batch_size
         self._max_wait = max_wait
         self._executor = executor
         self._observe = observe
         self._queue: asyncio.Queue[_Pending | _Stop] = asyncio.Queue()
+        self._max_queue = max_queue
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -64,6 +71,8 @@ class MicroBatcher:
         """The rows of ``fn(x)``, computed in a batch with whatever else is waiting."""
         if self._closing or self._worker is None:
             raise BatcherClosed("this model version is being unloaded")
+        if self._max_queue and self._queue.qsize() >= self._max_queue:
+            raise BatcherFull(f"{self._max_queue} requests are already waiting")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(x, future))
         return await future

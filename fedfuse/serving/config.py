@@ -31,11 +31,14 @@ class ServeConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_batch_size: int = 256
     """Most rows coalesced into one forward pass."""
+    max_queue: int = 1024
+    """Most requests waiting for a forward pass at once; one more gets 503 with
+    ``Retry-After``, so a flood is refused fast instead of growing the queue."""
     max_wait_ms: float = 0.0
     """How long a forming batch waits for more requests; 0 batches whatever queued up
     while the previous batch ran, adding no delay at low load."""
     rate_limit: str | None = None
-    """Per API key (or per client address without keys), e.g. ``"100/second"``,
+    """Per API key (without keys, per IPv4 address or IPv6 /64), e.g. ``"100/second"``,
     ``"5000/minute"``; none by default."""
     reload_interval: float = 2.0
     """Seconds between rescans of the model directory and keys file; 0 turns it off."""
@@ -53,7 +56,8 @@ class ServeConfig:
         check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
         check((self.tls_cert is None) == (self.tls_key is None), "tls_key",
                "tls_cert and tls_key go together: give both for HTTPS, or neither")
-        for key in ("max_instances", "max_body_bytes", "max_batch_size", "threads"):
+        for key in ("max_instances", "max_body_bytes", "max_batch_size", "max_queue",
+                    "threads"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("max_wait_ms", "reload_interval"):
             value = getattr(self, key)

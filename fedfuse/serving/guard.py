@@ -8,6 +8,7 @@ as probes and scrapers expect.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import time
@@ -136,8 +137,21 @@ def _presented_key(headers: dict[str, str]) -> str:
 
 
 def _client_host(scope: Scope) -> str:
+    """Who a request without a key counts as: its IPv4 address, or its IPv6 address's /64
+    network (one site or household usually holds a whole /64, so per address a single
+    client could rotate through 2^64 budgets); an IPv4-mapped IPv6 address is its IPv4."""
     client = scope.get("client")
-    return f"ip:{client[0]}" if client else "ip:unknown"
+    if not client:
+        return "ip:unknown"
+    try:
+        address = ipaddress.ip_address(str(client[0]).split("%")[0])
+    except ValueError:  # a Unix socket path or the like
+        return f"ip:{client[0]}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ip:{address}"
 
 
 async def _respond(send: Send, status: int, body: bytes,

@@ -10,7 +10,8 @@ time) answers ``/v1/predict``; every loaded version answers
 the event loop, then published by swapping one dict, so requests already holding the old
 version finish on it. A version whose directory disappears stops taking requests, drains
 its queue, and is dropped. An artifact that fails verification is logged once and skipped
-until its manifest changes; a half-written one (no manifest yet) is simply not there yet.
+until its manifest changes; if it replaced a loaded version in place, that version keeps
+serving from memory. A half-written one (no manifest yet) is simply not there yet.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ class ModelRegistry:
     """Loaded versions by version string, with the latest one designated."""
 
     def __init__(self, source: Path, *, max_batch_size: int, max_wait: float,
-                 executor: Executor, observe: BatchObserver | None = None,
+                 max_queue: int, executor: Executor, observe: BatchObserver | None = None,
                  device: torch.device | None = None, allow_arch: tuple[str, ...] = (),
                  search: str | None = None) -> None:
         if not source.is_dir():
             raise RegistryError(f"{source}: not a directory (expected an artifact such as "
                                 "RUN_DIR/model, or a directory of artifacts)")
         self.source = source
-        self._batch: dict[str, Any] = {"max_batch_size": max_batch_size, "max_wait": max_wait}
+        self._batch: dict[str, Any] = {"max_batch_size": max_batch_size, "max_wait": max_wait,
+                                       "max_queue": max_queue}
         self._executor = executor
         self._observe = observe
         self._device = device if device is not None else torch.device("cpu")
@@ -128,7 +130,10 @@ class ModelRegistry:
         added = []
         for directory, stamp in found.items():
             old = current.get(directory)
-            if (old is not None and old.stamp == stamp) or self._failed.get(directory) == stamp:
+            if old is not None and old.stamp == stamp:
+                continue
+            if self._failed.get(directory) == stamp:
+                _keep(slots, old)
                 continue
             try:
                 predictor = await loop.run_in_executor(self._executor, FusedPredictor.load,
@@ -136,7 +141,10 @@ class ModelRegistry:
                 self._check_fits(predictor, slots)
             except (FedfuseError, OSError) as exc:  # ArtifactError, RegistryError, user code
                 self._failed[directory] = stamp
-                log.error("not serving %s: %s", directory, exc)
+                kept = f"; still serving version {old.version} loaded from it before" \
+                    if old is not None else ""
+                log.error("not serving %s: %s%s", directory, exc, kept)
+                _keep(slots, old)
                 continue
             self._failed.pop(directory, None)
             if predictor.version in slots:
@@ -175,6 +183,13 @@ class ModelRegistry:
             slots, self._slots, self._latest = list(self._slots.values()), {}, None
             for slot in slots:
                 await slot.batcher.stop()
+
+
+def _keep(slots: dict[str, ModelSlot], old: ModelSlot | None) -> None:
+    """Keep serving ``old`` (from memory) when its directory changed into something that
+    does not load: a bad update in place never takes the good version down."""
+    if old is not None:
+        slots.setdefault(old.version, old)
 
 
 def _forward(predictor: FusedPredictor) -> Callable[[np.ndarray], np.ndarray]:
