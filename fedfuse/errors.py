@@ -24,3 +24,8 @@ class ConfigError(FedfuseError):
 
 class DataError(FedfuseError):
     """The data cannot be loaded or cannot be split as the scenario asks."""
+
+
+class ArtifactError(FedfuseError):
+    """An artifact is missing, incomplete, does not match its recorded hashes, or (when a
+    trusted signer is required) is not signed by one."""

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import SMALL_SCENARIO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedfuse_home(tmp_path_factory: pytest.TempPathFactory):
+    """The coordinator's signing key of every CLI the suite runs lives in a temporary
+    FEDFUSE_HOME, never in the user's ~/.fedfuse."""
+    home = tmp_path_factory.mktemp("fedfuse-home")
+    before = os.environ.get("FEDFUSE_HOME")
+    os.environ["FEDFUSE_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("FEDFUSE_HOME", None)
+    else:
+        os.environ["FEDFUSE_HOME"] = before
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import save as safetensors_save
 
+from fedfuse.artifact.signing import verify_manifest
 from fedfuse.atomic import atomic_write_bytes
 from fedfuse.data.datasets import DataSchema
-from fedfuse.errors import FedfuseError
+from fedfuse.errors import ArtifactError, FedfuseError
 from fedfuse.fusion.stacking import HEAD
 from fedfuse.models.factory import code_identity
 from fedfuse.models.registry import count_parameters, family, load_model, resolved
@@ -45,10 +47,6 @@ from fedfuse.models.spec import ModelSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
-
-
-class ArtifactError(FedfuseError):
-    """An artifact is missing, incomplete or does not match its recorded hashes."""
 
 
 class InputError(FedfuseError):
@@ -121,12 +119,27 @@ def write_artifact(directory: Path, *, members: list[EnsembleMember], weights: n
     return manifest
 
 
-def read_verified_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest of ``directory`` after checking every hash; raises ArtifactError."""
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact's manifest and files as read once and checked: loading from these
+    bytes, not from the files again, leaves no window for a file swapped after its check."""
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+    signer: str | None
+    """The key id that signed the manifest, when a trusted signer was required."""
+
+
+def read_verified(directory: Path, trust: Sequence[Ed25519PublicKey] | None = None
+                  ) -> VerifiedArtifact:
+    """``directory``'s manifest and files after checking every hash, and with ``trust``
+    the manifest's signature by one of those keys; raises ArtifactError (SignatureError
+    for the signature)."""
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory}: not an artifact ({MANIFEST} is missing)")
     raw = path.read_bytes()
+    signer = verify_manifest(directory, raw, trust).key_id if trust is not None else None
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,11 +154,21 @@ def read_verified_manifest(directory: Path) -> dict[str, Any]:
     if manifest.get("content_sha256") != expected or \
             not str(manifest.get("model_version", "")).endswith("+" + expected[:12]):
         raise ArtifactError(f"{path}: content hash mismatch; the manifest was tampered with")
+    files = {}
     for rel, digest in manifest["files"].items():
         file = directory / rel
-        if not file.is_file():
-            raise ArtifactError(f"{directory}: incomplete artifact, {rel} is missing")
-        if sha256(file.read_bytes()) != digest:
+        try:
+            files[rel] = file.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ArtifactError(f"{directory}: incomplete artifact, {rel} is missing") from None
+        if sha256(files[rel]) != digest:
             raise ArtifactError(f"{file}: SHA-256 does not match the manifest; file corrupted "
                                 "or tampered with")
-    return manifest
+    return VerifiedArtifact(manifest, files, signer)
+
+
+def read_verified_manifest(directory: Path, trust: Sequence[Ed25519PublicKey] | None = None
+                           ) -> dict[str, Any]:
+    """The manifest of ``directory`` after checking every hash (and the signature when
+    ``trust`` is given); raises ArtifactError."""
+    return read_verified(directory, trust).manifest

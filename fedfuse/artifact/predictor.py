@@ -8,15 +8,18 @@ stacking head over the members' probabilities, or one distilled student.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from fedfuse.artifact.manifest import InputError, read_verified_manifest
+from fedfuse.artifact.manifest import ArtifactError, InputError, read_verified
+from fedfuse.artifact.signing import trusted_keys
 from fedfuse.data.datasets import DataSchema
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
 from fedfuse.models.factory import code_identity
@@ -62,6 +65,14 @@ def member_model(entry: dict[str, Any], schema: DataSchema, state: dict[str, tor
     return model
 
 
+def hashed(files: dict[str, bytes], rel: str, directory: Path) -> bytes:
+    """The checked bytes of ``rel``; a file the manifest uses but does not hash is refused."""
+    if rel not in files:
+        raise ArtifactError(f"{directory}: the manifest uses {rel}, which its files list does "
+                            "not hash")
+    return files[rel]
+
+
 class FusedPredictor:
     """The fused predictor behind a schema-checked ``predict`` / ``predict_proba``: the
     weighted soft vote, the stacked members with their head, or one distilled student
@@ -80,23 +91,30 @@ class FusedPredictor:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
-             allow_arch: tuple[str, ...] = (), search: str | None = None) -> FusedPredictor:
+             allow_arch: tuple[str, ...] = (), search: str | None = None,
+             trust: Sequence[str | Path | Ed25519PublicKey] | None = None) -> FusedPredictor:
         """Load and verify an artifact directory (refusing tampered or incomplete ones)
-        onto ``device``, where its forward pass will run. A member built by a user
-        factory is imported only if ``allow_arch`` lists its import path (or its module
-        as ``package.module:*``), from ``search`` or the Python path."""
+        onto ``device``, where its forward pass will run. With ``trust`` (public keys, or
+        PEM files of them such as a run's ``signer.pub`` copied out of band) the manifest
+        must be signed by one of them. A member built by a user factory is imported only
+        if ``allow_arch`` lists its import path (or its module as ``package.module:*``),
+        from ``search`` or the Python path. Every file is read once: the bytes checked
+        are the bytes loaded."""
         directory = Path(path)
-        manifest = read_verified_manifest(directory)
+        keys = None if trust is None else tuple(
+            k if isinstance(k, Ed25519PublicKey) else trusted_keys([k])[0] for k in trust)
+        verified = read_verified(directory, keys)
+        manifest, files = verified.manifest, verified.files
         schema = DataSchema.from_dict(manifest["schema"])
         code = CodeAllowance(allow_arch, search=search, how="allow it with `fedfuse serve "
                              "--allow-arch PATH` (FusedPredictor.load(..., allow_arch=...))")
         members: list[nn.Module] = []
         for entry in manifest["members"]:
-            state = safetensors_load((directory / entry["file"]).read_bytes())
+            state = safetensors_load(hashed(files, entry["file"], directory))
             members.append(member_model(entry, schema, state, code))
         if manifest["fusion"]["method"] == HEAD:
-            head = load_head(safetensors_load((directory / manifest["fusion"]["head"])
-                                              .read_bytes()))
+            head = load_head(safetensors_load(hashed(files, manifest["fusion"]["head"],
+                                                     directory)))
             return cls(manifest, nn.Sequential(StackedModel(members, head), nn.Softmax(dim=1)),
                        device)
         weights = np.array([manifest["fusion"]["weights"][e["arch"]]

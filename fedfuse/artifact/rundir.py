@@ -37,7 +37,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fedfuse.artifact.fused import save_weights, write_fused_artifact
+from fedfuse.artifact.signing import sign_run_model
 from fedfuse.artifact.summary import privacy_entries, privacy_summary
 from fedfuse.atomic import atomic_write_figure, atomic_write_json, atomic_write_text
 from fedfuse.config import FedfuseConfig
@@ -69,13 +72,15 @@ class RunDirectory:
     the partial directory, for ``fedfuse simulate --resume``; otherwise it is removed."""
 
     def __init__(self, final: Path, cfg: FedfuseConfig, schema: DataSchema,
-                 resume: bool = False) -> None:
+                 resume: bool = False, signer: Ed25519PrivateKey | None = None) -> None:
         if final.exists():
             raise FedfuseError(f"output directory already exists: {final} (choose another --out)")
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
         self.cfg = cfg
         self.schema = schema
+        self.signer = signer
+        """The coordinator's key: it signs the fused artifact (``signing.sign_run_model``)."""
         self.path = partial_path(final)
         self.result: FederationResult | None = None
         if resume:
@@ -144,6 +149,8 @@ class RunDirectory:
         if result.fusion is not None:
             write_fused_artifact(self.path, self.schema, result,
                                  privacy_summary(self.cfg, result))
+            if self.signer is not None:
+                sign_run_model(self.path, self.signer)
 
     # Summary ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
 import typer
@@ -48,6 +49,20 @@ def tracking_from_env(cfg: Any) -> None:
     (the command line is the edge that reads the environment)."""
     cfg.tracking.mlflow_uri = (cfg.tracking.mlflow_uri
                                or os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+SigningKey = Annotated[Optional[Path], typer.Option(
+    help="the coordinator's Ed25519 key that signs the fused artifact (made there if "
+         "absent) [$FEDFUSE_HOME/signing-key.pem, FEDFUSE_HOME defaulting to ~/.fedfuse]")]
+
+
+def signing_key_path(given: Path | None) -> Path:
+    """``--signing-key``, else ``$FEDFUSE_HOME/signing-key.pem`` (``~/.fedfuse``): the
+    coordinator's key stays with the operator, not in any run or registry directory."""
+    if given is not None:
+        return given
+    home = os.environ.get("FEDFUSE_HOME")
+    return (Path(home) if home else Path.home() / ".fedfuse") / "signing-key.pem"
 
 
 def setup_logging(verbose: bool) -> None:

@@ -11,10 +11,12 @@ import typer
 from fedfuse.cli.app import app
 from fedfuse.cli.common import (
     AllowArch,
+    SigningKey,
     console,
     print_summary,
     reports_errors,
     setup_logging,
+    signing_key_path,
     stop_on_sigterm,
     tracking_from_env,
 )
@@ -106,6 +108,7 @@ def coordinator(
     resume: Annotated[Optional[Path], typer.Option(
         help="continue the interrupted run that was to become this run directory, from "
              "its last complete round, with the same sites (same --state)")] = None,
+    signing_key: SigningKey = None,
 ) -> None:
     """Run a scenario across partner sites (SuperLink with TLS and node authentication).
 
@@ -132,7 +135,8 @@ def coordinator(
     summary = run_coordinator(cfg, certs, address, run_dir, state,
                               lambda text: console.print(text, end="", markup=False,
                                                          highlight=False),
-                              resume=resume is not None)
+                              resume=resume is not None,
+                              signing_key=signing_key_path(signing_key))
     print_summary(cfg.name, summary)
     console.print(f"run directory: {run_dir}")
 

@@ -10,7 +10,13 @@ import typer
 from rich.table import Table
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import AllowArch, console, reports_errors
+from fedfuse.cli.common import (
+    AllowArch,
+    SigningKey,
+    console,
+    reports_errors,
+    signing_key_path,
+)
 from fedfuse.errors import FedfuseError
 
 
@@ -21,18 +27,24 @@ def fuse(
     version: Annotated[str, typer.Option(help="semantic version for the artifact")] = "1.0.0",
     method: Annotated[Optional[str], typer.Option(
         help="auto, soft_vote, stack or distill; default: the run's fusion.method")] = None,
+    signing_key: SigningKey = None,
 ) -> None:
-    """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics."""
+    """Rebuild RUN_DIR/model from the run's cohort models and aggregate statistics, and
+    sign it with the coordinator's key."""
+    from fedfuse.artifact.signing import sign_run_model
+    from fedfuse.artifact.signing import signing_key as load_signing_key
     from fedfuse.fusion.rebuild import fuse_run
 
     if method not in (None, "auto", "soft_vote", "stack", "distill"):
         raise FedfuseError(f"--method {method!r}: expected 'auto', 'soft_vote', "
                            "'stack' or 'distill'")
+    key = load_signing_key(signing_key_path(signing_key))  # refused before any work
     manifest = fuse_run(run_dir, version, method)
+    signer = sign_run_model(run_dir, key)
     weights = ", ".join(f"{a} {w:.3f}" for a, w in manifest["fusion"]["weights"].items())
     console.print(f"wrote {run_dir / 'model'}: version {manifest['model_version']}, "
                   f"{manifest['fusion']['method']} ({weights}), fused test accuracy "
-                  f"{manifest['fused_test_accuracy']:.4f}")
+                  f"{manifest['fused_test_accuracy']:.4f}; signed by key {signer}")
 
 
 @app.command()

@@ -10,10 +10,12 @@ import typer
 
 from fedfuse.cli.app import app
 from fedfuse.cli.common import (
+    SigningKey,
     console,
     print_summary,
     reports_errors,
     setup_logging,
+    signing_key_path,
     tracking_from_env,
 )
 from fedfuse.errors import FedfuseError
@@ -38,9 +40,11 @@ def simulate(
     with_baseline: Annotated[bool, typer.Option(
         "--baseline", help="also train each architecture centrally on the pooled data "
                            "and record it in the summary under 'baseline'")] = False,
+    signing_key: SigningKey = None,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write a run directory."""
     from fedfuse.artifact.rundir import resumable_config
+    from fedfuse.artifact.signing import signing_key as load_signing_key
     from fedfuse.config import load_config
 
     if (config is None) == (resume is None):
@@ -60,7 +64,9 @@ def simulate(
 
     setup_logging(cfg.simulation.verbose)
 
-    summary, run_dir = run_scenario(cfg, out or resume, console, resume=resume is not None)
+    signer = load_signing_key(signing_key_path(signing_key))
+    summary, run_dir = run_scenario(cfg, out or resume, console, resume=resume is not None,
+                                    signer=signer)
     print_summary(cfg.name, summary)
     console.print(f"wall time {summary['wall_seconds']:.1f} s; run directory: {run_dir}")
     if with_baseline:

@@ -7,7 +7,8 @@ Everything a run needs arrives in Flower's own configs:
   scenario as TOML), ``class-labels`` (JSON list: the coordinator's classes, which fix
   every site's label encoding), ``run-dir`` (where the coordinator writes the run),
   ``sites`` (JSON: registered node id -> site name) and ``resume`` ("true": continue the
-  interrupted run of ``run-dir`` from its last checkpoint);
+  interrupted run of ``run-dir`` from its last checkpoint) and ``signing-key`` (the
+  coordinator's key file that signs the fused artifact; only the ServerApp reads it);
 - node config (set by ``fedfuse site`` at each site, never leaves it): ``name``,
   ``data`` (the site's data file), ``state-dir`` (privacy ledger, site secret) and
   ``device`` (where the site trains).
@@ -31,6 +32,7 @@ from rich.console import Console
 
 from fedfuse.artifact.progress import Fanout, ProgressDisplay
 from fedfuse.artifact.rundir import RunDirectory, partial_path
+from fedfuse.artifact.signing import signing_key
 from fedfuse.artifact.summary import build_summary
 from fedfuse.artifact.tracking import tracking
 from fedfuse.atomic import create_private
@@ -71,7 +73,9 @@ def _coordinate(grid: Grid, context: Context) -> None:
     resume = str(context.run_config.get("resume", "")) == "true"
     out = Path(str(context.run_config["run-dir"]))
     with tracking(cfg, partial_path(out), resume) as tracker:
-        with RunDirectory(out, cfg, test.schema, resume=resume) as run:
+        key_file = str(context.run_config.get("signing-key", ""))
+        signer = signing_key(Path(key_file)) if key_file else None
+        with RunDirectory(out, cfg, test.schema, resume=resume, signer=signer) as run:
             checkpoint = run.resume_point() if resume else None
             Coordinator(cfg, test, Fanout(run, display, tracker), sites,
                         checkpoints=run.checkpoints).run(grid, checkpoint)
@@ -168,8 +172,10 @@ client_app = build_client_app(deployed_site)
 
 
 def run_config(cfg: FedfuseConfig, class_labels: tuple[str, ...], run_dir: Path,
-               sites: dict[int, str], resume: bool = False) -> dict[str, Any]:
+               sites: dict[int, str], resume: bool = False,
+               signing_key: Path | None = None) -> dict[str, Any]:
     """The run config the coordinator hands its ServerApp and every site."""
     return {"scenario": cfg.to_toml(), "class-labels": json.dumps(list(class_labels)),
             "run-dir": str(run_dir), "sites": json.dumps({str(k): v for k, v in sites.items()}),
-            "resume": "true" if resume else "false"}
+            "resume": "true" if resume else "false",
+            "signing-key": str(signing_key.resolve()) if signing_key else ""}

@@ -31,6 +31,7 @@ import tomli_w
 
 from fedfuse import __version__
 from fedfuse.artifact.rundir import partial_path, resumable_config
+from fedfuse.artifact.signing import signing_key as load_signing_key
 from fedfuse.compat import ControlClient, build_fab
 from fedfuse.config import FedfuseConfig, config_from_dict
 from fedfuse.config.preflight import check_scenario
@@ -97,7 +98,7 @@ def fab_bytes(version: str = __version__) -> bytes:
             "components": {"serverapp": "fedfuse.deploy.apps:server_app",
                            "clientapp": "fedfuse.deploy.apps:client_app"},
             "config": {"scenario": "", "class-labels": "[]", "run-dir": "", "sites": "{}",
-                       "resume": "false"},
+                       "resume": "false", "signing-key": ""},
         }}},
     }
     return build_fab({"pyproject.toml": tomli_w.dumps(project).encode()})
@@ -162,9 +163,10 @@ class Control:
 
 def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path,
                     state_dir: Path, echo: Callable[[str], None],
-                    resume: bool = False) -> dict[str, Any]:
+                    resume: bool = False, signing_key: Path | None = None) -> dict[str, Any]:
     """Serve ``cfg`` to the sites listed in it and return the run's summary; with
-    ``resume``, ``out`` is an interrupted run of ``cfg``, continued."""
+    ``resume``, ``out`` is an interrupted run of ``cfg``, continued. ``signing_key``: the
+    key file that signs the fused artifact (made if absent)."""
     certs = CertsDir(certs_dir)
     keys = check_deployment(cfg, certs)
     where = Address.parse(address)
@@ -178,6 +180,8 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
     elif partial_path(out).exists():
         raise FedfuseError(f"{partial_path(out)} holds an interrupted run: continue it with "
                            f"`fedfuse coordinator --resume {out}`, or delete it")
+    if signing_key is not None:
+        load_signing_key(signing_key)  # made, or refused, before any site is involved
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fedfuse.deploy.superlink",
             "--ssl-ca-certfile", str(certs.ca_cert),
@@ -193,7 +197,7 @@ def run_coordinator(cfg: FedfuseConfig, certs_dir: Path, address: str, out: Path
         echo(f"SuperLink on {where.host}:{where.port} (TLS, node authentication); "
              f"admitted sites: {', '.join(sorted(nodes.values()))}\n")
         run_id = control.start_run(fab_bytes(), run_config(cfg, test.schema.class_labels, out,
-                                                           nodes, resume))
+                                                           nodes, resume, signing_key))
         try:
             outcome = control.follow(run_id, echo)
         except BaseException:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -36,6 +37,7 @@ from starlette.responses import Response
 
 from fedfuse import __version__
 from fedfuse.artifact.manifest import MANIFEST, ArtifactError, read_verified_manifest
+from fedfuse.artifact.signing import trusted_keys
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
@@ -78,8 +80,9 @@ def request_model(schema: DataSchema, max_instances: int) -> type[BaseModel]:
                         instances=(instances, ...))
 
 
-def serving_schema(source: Path) -> DataSchema:
-    """The input schema of the newest artifact in ``source``, read before serving starts."""
+def serving_schema(source: Path, trust: tuple[Ed25519PublicKey, ...] | None) -> DataSchema:
+    """The input schema of the newest artifact in ``source`` that verifies (signed by one
+    of ``trust``, when given), read before serving starts."""
     dirs = artifact_dirs(source) if source.is_dir() else []
     if not dirs:
         raise RegistryError(f"{source}: no artifact (a directory with manifest.json, such as "
@@ -88,7 +91,7 @@ def serving_schema(source: Path) -> DataSchema:
     for directory in sorted(dirs, key=lambda d: (d / MANIFEST).stat().st_mtime,
                             reverse=True):
         try:
-            return DataSchema.from_dict(read_verified_manifest(directory)["schema"])
+            return DataSchema.from_dict(read_verified_manifest(directory, trust)["schema"])
         except ArtifactError as exc:
             problems.append(str(exc))
     raise RegistryError(f"{source}: no artifact passes verification: {'; '.join(problems)}")
@@ -127,7 +130,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     """The app for ``source`` (an artifact or a registry of them) under ``cfg``."""
     import torch
 
-    schema = serving_schema(source)
+    trust = trusted_keys(cfg.trust) if cfg.trust else None
+    schema = serving_schema(source, trust)
     device = resolve_device(cfg.device, "device")
     log.info("forward passes run on %s", device_label(device))
     keys = KeysWatcher(Path(cfg.api_keys) if cfg.api_keys else None)
@@ -137,7 +141,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
                              max_wait=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_queue,
                              executor=inference,
                              observe=metrics.observe_batch, device=device,
-                             allow_arch=tuple(cfg.allow_arch), search=str(Path.cwd()))
+                             allow_arch=tuple(cfg.allow_arch), search=str(Path.cwd()),
+                             trust=trust)
     Body = request_model(schema, cfg.max_instances)
 
     async def refresh() -> None:

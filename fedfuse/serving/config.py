@@ -46,6 +46,10 @@ class ServeConfig:
     """torch threads for the forward pass."""
     device: str = "cpu"
     """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    trust: list[str] = field(default_factory=list)
+    """Public keys (PEM files: a run's ``signer.pub``, copied out of band) of which one
+    must have signed every artifact served; an unsigned or otherwise signed one is
+    refused. None given: artifacts are checked by their hashes only."""
     allow_arch: list[str] = field(default_factory=list)
     """User model factories the server may import to load an artifact's members
     (``package.module:factory`` or ``package.module:*``), from the current directory or

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedfuse.artifact.manifest import MANIFEST
 from fedfuse.artifact.predictor import FusedPredictor
@@ -77,7 +78,8 @@ class ModelRegistry:
     def __init__(self, source: Path, *, max_batch_size: int, max_wait: float,
                  max_queue: int, executor: Executor, observe: BatchObserver | None = None,
                  device: torch.device | None = None, allow_arch: tuple[str, ...] = (),
-                 search: str | None = None) -> None:
+                 search: str | None = None,
+                 trust: tuple[Ed25519PublicKey, ...] | None = None) -> None:
         if not source.is_dir():
             raise RegistryError(f"{source}: not a directory (expected an artifact such as "
                                 "RUN_DIR/model, or a directory of artifacts)")
@@ -87,9 +89,9 @@ class ModelRegistry:
         self._executor = executor
         self._observe = observe
         self._device = device if device is not None else torch.device("cpu")
-        self._code = (allow_arch, search)
-        """User model code the server imports (``FusedPredictor.load``'s ``allow_arch``)
-        and where it looks first."""
+        self._code = (allow_arch, search, trust)
+        """``FusedPredictor.load``'s user model code the server imports, where it looks
+        first, and the keys one of which must have signed every version."""
         self._slots: dict[str, ModelSlot] = {}
         self._latest: ModelSlot | None = None
         self._failed: dict[Path, float] = {}

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context
 from rich.console import Console
 
@@ -55,12 +56,14 @@ def backend_config(cfg: FedfuseConfig, gpus: int = 0) -> dict[str, Any]:
 
 
 def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | None = None,
-             resume: bool = False) -> tuple[dict[str, Any], Path]:
+             resume: bool = False, signer: Ed25519PrivateKey | None = None
+             ) -> tuple[dict[str, Any], Path]:
     """Run ``cfg`` end to end; returns the summary and the published run directory.
 
     All input is checked (data loadable, architectures compatible, enough examples per
     client) before the run directory is created. With ``resume``, ``out`` is an
-    interrupted run, continued from its newest checkpoint that verifies.
+    interrupted run, continued from its newest checkpoint that verifies. ``signer``
+    signs the fused artifact.
     """
     started = time.perf_counter()
     console = console or Console(stderr=True)
@@ -71,7 +74,7 @@ def simulate(cfg: FedfuseConfig, out: Path | None = None, console: Console | Non
     out = out or default_run_dir(cfg)
     display = ProgressDisplay(console)
     with tracking(cfg, partial_path(out), resume) as tracker:
-        with RunDirectory(out, cfg, plan.dataset.schema, resume=resume) as run:
+        with RunDirectory(out, cfg, plan.dataset.schema, resume=resume, signer=signer) as run:
             checkpoint = run.resume_point() if resume else None
             server_app = build_server_app(cfg, plan.test, Fanout(run, display, tracker),
                                           run.checkpoints, checkpoint)

@@ -44,7 +44,8 @@ def test_run_directory_contents(two_runs):
     members = {f"{d}/{a}.safetensors" for d in ("cohorts", "model/members")
                for a in ("cnn", "mlp", "logreg")}
     assert names == {"config.toml", "clients.json", "metrics.jsonl", "accuracy.png",
-                     "summary.json", "fusion_stats.json", "model/manifest.json"} | members
+                     "summary.json", "fusion_stats.json", "model/manifest.json",
+                     "model/manifest.sig", "signer.pub"} | members
     assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tomllib.loads((run / "config.toml").read_text())["name"] == "tiny"
     clients = json.loads((run / "clients.json").read_text())
@@ -118,7 +119,7 @@ def test_served_artifact_answers_like_the_run(two_runs):
     fused = json.loads((run / "summary.json").read_text())["fused"]
     keys = run.parent / "keys.json"
     key = run_cli("keys", "create", "--file", keys, "--quiet").stdout.strip()
-    with Server(run / "model", "--api-keys", keys) as server:
+    with Server(run / "model", "--api-keys", keys, "--trust", run / "signer.pub") as server:
         proc = run_cli("query", server.url, "--run", run, "--batch", "50",
                        "--api-key", key)
         assert proc.returncode == 0, proc.stderr
@@ -147,7 +148,7 @@ def test_fuse_rebuilds_the_artifact_from_the_run(two_runs, tmp_path):
     shutil.rmtree(copy / "model")
     proc = run_cli("fuse", copy, "--version", "2.0.0")
     assert proc.returncode == 0, proc.stderr
-    rebuilt = FusedPredictor.load(copy / "model")
+    rebuilt = FusedPredictor.load(copy / "model", trust=[run / "signer.pub"])  # same key
     assert rebuilt.version.startswith("2.0.0+")
     assert rebuilt.manifest["fusion"]["weights"] == pytest.approx(
         original.manifest["fusion"]["weights"], abs=1e-9)
