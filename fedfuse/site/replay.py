@@ -60,7 +60,7 @@ class ReplayStore:
         self.keep = keep
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The trained weights and training metrics stored for ``key``, if any."""
+        """The trained weights and the reply's figures stored for ``key``, if any."""
         path = self.directory / f"{key}.safetensors"
         if not path.is_file():
             return None

@@ -132,11 +132,13 @@ def charged_round(msg: Message, site: Site, request: PrivacyRequest, model: torc
     replays, key = None, request_key(wire.arrays(msg, "arrays"), cfg)
     if site.state_dir is not None:  # without a state directory nothing outlives a crash
         replays = ReplayStore(site.state_dir / "replay")
-    if replays is not None and (stored := replays.load(key)) is not None:
-        state, metrics = stored  # this very request was trained and charged before
+    stored = replays.load(key) if replays is not None else None
+    if stored is not None and {"loop", "privacy"} <= set(stored[1]):
+        state, saved = stored  # this very request was trained and charged before
         model.load_state_dict(state)
-        return Trained(model, LoopResult(**metrics), seed,
-                       privacy=report(ledger, plan, "trained"))
+        # the same answer as the first time, privacy figures included (the ledger may
+        # have been charged for later rounds since; it stays as it is)
+        return Trained(model, LoopResult(**saved["loop"]), seed, privacy=saved["privacy"])
     if plan.exhausted:
         ledger.refused_rounds.append(wire.as_int(cfg, "server-round"))
         store.save(ledger)
@@ -152,9 +154,10 @@ def charged_round(msg: Message, site: Site, request: PrivacyRequest, model: torc
     model.cpu()
     ledger.history = [tuple(h) for h in engine.accountant.history]
     store.save(ledger)  # spent before the update leaves the site
+    privacy = report(ledger, plan, "trained")
     if replays is not None:
-        replays.save(key, model.state_dict(), asdict(result))
-    return Trained(model, result, seed, privacy=report(ledger, plan, "trained"))
+        replays.save(key, model.state_dict(), {"loop": asdict(result), "privacy": privacy})
+    return Trained(model, result, seed, privacy=privacy)
 
 
 def clip_to(model: torch.nn.Module, received: ArrayRecord, clip: float) -> None:

@@ -35,13 +35,18 @@ PINS = [
       "logreg": "f04cb78bd42a172bd336f31b021b95680bf53167206dee4d955d8c3b50d5ecd6",
       "mlp": "140677c5c8bd8665e63f061f052cf5bf4d81f17e5ec226b6922f7fd4b86858bf"},
      "8252b17c4576e5db5b27b0d6dbecafe62b4c76a992b6c90a3a53a06cf301b39f"),
+    ({"cnn": "aa2ecb82c019733307a3ea89fc1a58899542c5d7c57f288e4abe6a076f04531d",
+      "logreg": "fb8962fbd4c942ae81b4dcda38d2b924704b843c8db89fda787eaf24da653338",
+      "mlp": "242142adfcff6c342a7fb9b6c6e7101e612c2dc35da83e59f089a55d959490aa"},
+     "947e7b1540336566a92bb5d5ad697e77055e0e216ab0115af85a7d13c315caaf"),
 ]
-"""(cohort digests, metrics digest) of the same code on two kinds of machine: torch's
+"""(cohort digests, metrics digest) of the same code on three kinds of machine: torch's
 CPU kernels differ in the last bits between instruction sets, so the weights do too,
 while every accuracy below is the same. The first was taken on the development machine
 of sessions up to issue 24's first part (CI agreed with it); the second on an AMD EPYC
 with AVX2 (``torch.backends.cpu.get_cpu_capability() == "AVX2"``), where the same
-commit gave the same accuracies. A cohort digest is SHA-256 over the final model's
+commit gave the same accuracies; the third on an AMD EPYC with AVX512 (session 27, at
+commit aae2d7d: every accuracy below held, only the bits moved). A cohort digest is SHA-256 over the final model's
 tensors (name, dtype, shape, bytes; by name); the metrics digest is SHA-256 of
 metrics.jsonl without the wall-clock times, lines joined by newlines."""
 
