@@ -41,12 +41,16 @@ def serve(
         help="seconds between rescans of SOURCE and the keys file; 0: off")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        help="the model's name in the Open Inference Protocol (/v2/models/NAME) [fedfuse]")]
+    = None,
     trust: Annotated[Optional[list[Path]], typer.Option(
         help="a signer's public key (PEM, a run's signer.pub copied out of band): only "
              "artifacts it signed are served (repeatable)")] = None,
     allow_arch: AllowArch = None,
 ) -> None:
-    """Serve the fused model over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics."""
+    """Serve the fused model over HTTP: /v1/predict, /v1/model, the Open Inference
+    Protocol's /v2 endpoints, /healthz, /readyz, /metrics."""
     from fedfuse.serving.config import serve_config
     from fedfuse.serving.server import serve as run_server
 
@@ -58,6 +62,7 @@ def serve(
                "max_queue": max_queue, "reload_interval": reload_interval, "device": device,
                "allow_arch": allow_arch or None,
                "trust": [str(t) for t in trust] if trust else None,
+               "model_name": model_name,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     run_server(serve_config(config, options), source)

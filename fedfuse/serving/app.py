@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,10 +40,16 @@ from fedfuse.artifact.signing import trusted_keys
 from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
-from fedfuse.serving.batcher import BatcherClosed, BatcherFull
 from fedfuse.serving.config import ServeConfig
-from fedfuse.serving.guard import GuardMiddleware, RateLimiter, error_body
+from fedfuse.serving.guard import GUARDED_PREFIXES, GuardMiddleware, RateLimiter, error_body
+from fedfuse.serving.inference import (
+    ServeError,
+    checked_probabilities,
+    float32_instances,
+    run_model,
+)
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
+from fedfuse.serving.oip import add_oip_routes
 from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
 
 log = logging.getLogger("fedfuse.serve")
@@ -195,51 +200,32 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             (429, "rate limit exceeded"),
             (503, "no model loaded, or too many requests waiting (Retry-After)"))}
 
-    async def answer(slot: ModelSlot | None, x: np.ndarray, what: str) -> Response:
-        if slot is None:
-            return _error(404 if what else 503, "not_found" if what else "unavailable",
-                          f"no model version {what!r} is being served (see GET /v1/models)"
-                          if what else "no model is loaded yet")
-        metrics.request_instances.observe(len(x))
+    async def answer(version: str, request: Request) -> Response:
         try:
-            try:
-                proba = await slot.batcher.submit(x)
-            except BatcherClosed:  # unloaded between lookup and submit: take the new latest
-                latest = registry.latest if not what else registry.get(what)
-                if latest is None or latest is slot:
-                    return _error(503, "unavailable", "the model version is being unloaded")
-                proba = await latest.batcher.submit(x)
-                slot = latest
-        except BatcherFull:
-            return _error(503, "overloaded", f"{cfg.max_queue} requests are already waiting "
-                          "for the model (serve.max_queue); retry in 1 s", retry_after=1,
-                          headers={"retry-after": "1"})
+            x = float32_instances(await instances(request), "instances")
+            metrics.request_instances.observe(len(x))
+            slot, proba = await run_model(registry, version, x, cfg.max_queue)
+            proba = checked_probabilities(slot, proba)
+        except ServeError as exc:
+            extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+            if "retry-after" in exc.headers:
+                extra["retry_after"] = int(exc.headers["retry-after"])
+            hint = " (see GET /v1/models)" if exc.status == 404 else ""
+            return _error(exc.status, exc.kind, exc.message + hint, headers=exc.headers,
+                          **extra)
         classes = slot.predictor.schema.class_labels
         payload = {"model_version": slot.version, "class_labels": list(classes),
                    "labels": [classes[i] for i in proba.argmax(axis=1)],
                    "probabilities": proba.tolist()}
-        try:  # JSON has no NaN: a model that made one gets an error, never invalid JSON
-            return Response(json.dumps(payload, allow_nan=False), media_type="application/json")
-        except ValueError:
-            log.error("model version %s gave non-finite probabilities", slot.version)
-            return _error(500, "model_error", "the model gave non-finite probabilities")
+        return Response(json.dumps(payload), media_type="application/json")
 
-    async def instances(request: Request) -> np.ndarray:
+    async def instances(request: Request) -> Any:
         """The body parsed and validated in one pass (pydantic-core reads the JSON bytes)."""
         try:
             body = Body.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        with np.errstate(over="ignore"):
-            x = np.asarray(body.instances, dtype=np.float32)  # type: ignore[attr-defined]
-        finite = np.isfinite(x)
-        if not finite.all():  # finite as a JSON number, beyond float32's range
-            where = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise RequestValidationError([{
-                "loc": ("body", "instances", *where), "type": "float32_overflow",
-                "msg": "Input should be a finite number within float32's range "
-                       f"(|x| <= {float(np.finfo(np.float32).max):.4g})"}])
-        return x
+        return body.instances  # type: ignore[attr-defined]
 
     documented: dict[str, Any] = {"openapi_extra": {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
@@ -247,12 +233,12 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
 
     @app.post("/v1/predict", summary="Predict with the latest model version", **documented)
     async def predict(request: Request) -> Response:
-        return await answer(registry.latest, await instances(request), "")
+        return await answer("", request)
 
     @app.post("/v1/models/{version}/predict", summary="Predict with one model version",
               **documented)
     async def predict_version(version: str, request: Request) -> Response:
-        return await answer(registry.get(version), await instances(request), version)
+        return await answer(version, request)
 
     @app.get("/v1/model", summary="Public manifest of the latest version", responses=errors)
     async def model_info() -> Any:
@@ -284,6 +270,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_oip_routes(app, registry, cfg, metrics, tuple(schema.input_shape))
     app.openapi = lambda: _openapi(app, Body)  # type: ignore[method-assign]
     return app
 
@@ -340,7 +327,7 @@ def _openapi(app: FastAPI, body: type[BaseModel]) -> dict[str, Any]:
         components.setdefault("schemas", {})["PredictRequest"] = body.model_json_schema()
         components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         for path, ops in schema["paths"].items():
-            if path.startswith("/v1/"):
+            if path.startswith(GUARDED_PREFIXES):
                 for op in ops.values():
                     op["security"] = [{"apiKey": []}]
         app.openapi_schema = schema

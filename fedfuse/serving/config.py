@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class ServeConfig:
     """torch threads for the forward pass."""
     device: str = "cpu"
     """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    model_name: str = "fedfuse"
+    """The model's name in the Open Inference Protocol (``/v2/models/{name}``)."""
     trust: list[str] = field(default_factory=list)
     """Public keys (PEM files: a run's ``signer.pub``, copied out of band) of which one
     must have signed every artifact served; an unsigned or otherwise signed one is
@@ -58,6 +61,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check_device_name(self.device, "device")
         check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.model_name) is not None,
+              "model_name", f"{self.model_name!r} is not a name of letters, digits, '_', "
+              "'.' and '-' (at most 64)")
         check((self.tls_cert is None) == (self.tls_key is None), "tls_key",
                "tls_cert and tls_key go together: give both for HTTPS, or neither")
         for key in ("max_instances", "max_body_bytes", "max_batch_size", "max_queue",

@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedfuse.serving.auth import KeyStore
 
-GUARDED_PREFIX = "/v1/"
+GUARDED_PREFIXES = ("/v1/", "/v2/models")
+"""The API's paths: the ``/v1`` API and the Open Inference Protocol's model endpoints
+(its server metadata and health stay open, as probes expect)."""
 
 
 class _BodyTooLarge(Exception):
@@ -29,8 +31,16 @@ class _BodyTooLarge(Exception):
 
 
 def error_body(kind: str, message: str, **extra: object) -> bytes:
-    """The JSON error body every failure uses: ``{"error": kind, "message": ...}``."""
+    """The JSON error body every ``/v1`` failure uses: ``{"error": kind, "message": ...}``."""
     return json.dumps({"error": kind, "message": message, **extra}).encode()
+
+
+def _refusal(path: str, kind: str, message: str, **extra: object) -> bytes:
+    """The guard's refusal in the format of the API asked: the Open Inference
+    Protocol's is ``{"error": message}``."""
+    if path.startswith("/v2/"):
+        return json.dumps({"error": message}).encode()
+    return error_body(kind, message, **extra)
 
 
 class RateLimiter:
@@ -60,7 +70,7 @@ class GuardMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(GUARDED_PREFIX):
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
@@ -70,8 +80,8 @@ class GuardMiddleware:
         if store is not None:
             key_id = store.verify(_presented_key(headers))
             if key_id is None:
-                await _respond(send, 401, error_body(
-                    "unauthorized", "a valid API key is required: send it as "
+                await _respond(send, 401, _refusal(
+                    scope["path"], "unauthorized", "a valid API key is required: send it as "
                     "'Authorization: Bearer <key>' or 'X-API-Key: <key>'"),
                     [(b"www-authenticate", b"Bearer")])
                 return
@@ -80,13 +90,14 @@ class GuardMiddleware:
         if self.limiter is not None:
             wait = self.limiter.retry_after(caller)
             if wait is not None:
-                await _respond(send, 429, error_body(
-                    "rate_limited", f"rate limit of {self.limiter.limit} exceeded; retry in "
-                    f"{wait} s", retry_after=wait), [(b"retry-after", str(wait).encode())])
+                await _respond(send, 429, _refusal(
+                    scope["path"], "rate_limited", f"rate limit of {self.limiter.limit} "
+                    f"exceeded; retry in {wait} s", retry_after=wait),
+                    [(b"retry-after", str(wait).encode())])
                 return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await self._too_large(send)
+            await self._too_large(scope, send)
             return
         await self._call_counting(scope, receive, send)
 
@@ -112,7 +123,7 @@ class GuardMiddleware:
             if over:
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._too_large(send)
+                    await self._too_large(scope, send)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -121,12 +132,12 @@ class GuardMiddleware:
             await self.app(scope, counted, tracked)
         except _BodyTooLarge:
             if not started:
-                await self._too_large(send)
+                await self._too_large(scope, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await _respond(send, 413, error_body(
-            "payload_too_large", f"request body over the limit of {self.max_body} bytes; "
-            "send fewer instances per request"))
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        await _respond(send, 413, _refusal(
+            scope["path"], "payload_too_large", f"request body over the limit of "
+            f"{self.max_body} bytes; send fewer instances per request"))
 
 
 def _presented_key(headers: dict[str, str]) -> str:
