@@ -41,6 +41,8 @@ def serve(
         help="seconds between rescans of SOURCE and the keys file; 0: off")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="cpu, cuda, cuda:N or auto: where the forward pass runs [cpu]")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(
+        help="also serve the Open Inference Protocol over gRPC on this port")] = None,
     model_name: Annotated[Optional[str], typer.Option(
         help="the model's name in the Open Inference Protocol (/v2/models/NAME) [fedfuse]")]
     = None,
@@ -62,7 +64,7 @@ def serve(
                "max_queue": max_queue, "reload_interval": reload_interval, "device": device,
                "allow_arch": allow_arch or None,
                "trust": [str(t) for t in trust] if trust else None,
-               "model_name": model_name,
+               "model_name": model_name, "grpc_port": grpc_port,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     run_server(serve_config(config, options), source)

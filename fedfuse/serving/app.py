@@ -50,6 +50,7 @@ from fedfuse.serving.inference import (
 )
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
 from fedfuse.serving.oip import add_oip_routes
+from fedfuse.serving.oip_grpc import OipService, start_grpc
 from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
 
 log = logging.getLogger("fedfuse.serve")
@@ -176,9 +177,14 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         gc.collect()
         gc.freeze()
         watcher = asyncio.create_task(watch()) if cfg.reload_interval > 0 else None
+        grpc_server = None if cfg.grpc_port is None else await start_grpc(OipService(
+            registry, cfg, lambda: keys.store, limiter, metrics, tuple(schema.input_shape)),
+            cfg)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=10)
             if watcher is not None:
                 watcher.cancel()
             await registry.close()

@@ -47,6 +47,9 @@ class ServeConfig:
     """torch threads for the forward pass."""
     device: str = "cpu"
     """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    grpc_port: int | None = None
+    """Where the Open Inference Protocol's gRPC service listens (same host, keys and TLS
+    certificate as HTTP); none: gRPC is off."""
     model_name: str = "fedfuse"
     """The model's name in the Open Inference Protocol (``/v2/models/{name}``)."""
     trust: list[str] = field(default_factory=list)
@@ -61,6 +64,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check_device_name(self.device, "device")
         check(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        check(self.grpc_port is None or (1 <= self.grpc_port <= 65535
+                                         and self.grpc_port != self.port), "grpc_port",
+              f"must be in 1..65535 and not the HTTP port, got {self.grpc_port}")
         check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.model_name) is not None,
               "model_name", f"{self.model_name!r} is not a name of letters, digits, '_', "
               "'.' and '-' (at most 64)")

@@ -33,7 +33,7 @@ def float32_instances(values: object, name: str) -> np.ndarray:
     range (finite in JSON, infinite once cast) raises ServeError naming its place in
     ``name``."""
     with np.errstate(over="ignore"):
-        x = np.asarray(values, dtype=np.float32)
+        x = np.array(values, dtype=np.float32)  # a copy: frombuffer views are read-only
     finite = np.isfinite(x)
     if not finite.all():
         where = name + "".join(f"[{int(i)}]" for i in np.argwhere(~finite)[0])

@@ -64,6 +64,41 @@ def oip_error(exc: ServeError) -> Response:
     return _json({"error": exc.message}, status, exc.headers or None)
 
 
+def tensor_instances(name: Any, datatype: Any, shape: Any, data: Any,
+                     input_shape: tuple[int, ...], max_instances: int) -> np.ndarray:
+    """An input tensor as float32 ``(n, *input_shape)``: ``data`` is the raw
+    little-endian bytes (binary extension, gRPC's raw contents) or numbers, flat or
+    nested; raises ServeError(400) naming what is wrong."""
+    def bad(message: str) -> ServeError:
+        return ServeError(400, "invalid_input", f"input {name!r}: {message}")
+
+    dtype = str(datatype)
+    if dtype not in DTYPES:
+        raise bad(f"datatype {dtype!r} is not a numeric tensor type fedfuse takes "
+                  f"({', '.join(DTYPES)})")
+    dims = [d for d in shape if isinstance(d, int) and not isinstance(d, bool)] \
+        if isinstance(shape, (list, tuple)) else []
+    if dims != list(shape or ()) or dims[1:] != list(input_shape) or \
+            not 1 <= dims[0] <= max_instances:
+        raise bad(f"shape {list(shape or ())} is not [n, {', '.join(map(str, input_shape))}]"
+                  f" with 1 <= n <= {max_instances}")
+    try:
+        values = np.frombuffer(data, dtype=DTYPES[dtype]) if isinstance(data, bytes) \
+            else np.asarray(data)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if values.dtype.kind not in "iuf":
+        raise bad(f"data must be numbers (found {values.dtype.kind!r} values)")
+    if values.size != math.prod(dims) or (values.ndim > 1 and list(values.shape) != dims):
+        raise bad(f"{values.size} values do not fill shape {dims}")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise bad("NaN or infinite values")
+    try:
+        return float32_instances(values.reshape(dims), str(name or "input"))
+    except ServeError as exc:
+        raise bad(exc.message) from None
+
+
 def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, ...],
                 max_instances: int) -> tuple[np.ndarray, list[tuple[str, bool]], Any]:
     """An infer request's input as float32 ``(n, *input_shape)``, the outputs asked for
@@ -88,33 +123,13 @@ def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, 
     if len(request["inputs"]) != 1 or not isinstance(request["inputs"][0], dict):
         raise bad(f"expected exactly one input tensor, got {len(request['inputs'])}")
     tensor = request["inputs"][0]
-    name, shape, dtype = tensor.get("name"), tensor.get("shape"), str(tensor.get("datatype"))
-    if dtype not in DTYPES:
-        raise bad(f"input {name!r}: datatype {dtype!r} is not a numeric tensor type fedfuse "
-                  f"takes ({', '.join(DTYPES)})")
-    dims = [d for d in shape if isinstance(d, int) and not isinstance(d, bool)] \
-        if isinstance(shape, list) else []
-    if dims != shape or dims[1:] != list(input_shape) or not 1 <= dims[0] <= max_instances:
-        raise bad(f"input {name!r}: shape {shape} is not [n, "
-                  f"{', '.join(map(str, input_shape))}] with 1 <= n <= {max_instances}")
     size = (tensor.get("parameters") or {}).get("binary_data_size")
-    try:
-        data = np.frombuffer(blob, dtype=DTYPES[dtype]) if size is not None and \
-            size == len(blob) else np.asarray(tensor.get("data"))
-    except ValueError as exc:
-        raise bad(f"input {name!r}: {exc}") from None
     if size is not None and size != len(blob):
-        raise bad(f"input {name!r}: binary_data_size {size} but {len(blob)} bytes follow")
-    if data.dtype.kind not in "iuf":
-        raise bad(f"input {name!r}: data must be numbers (found {data.dtype.kind!r} values)")
-    if data.size != math.prod(dims) or (data.ndim > 1 and list(data.shape) != dims):
-        raise bad(f"input {name!r}: {data.size} values do not fill shape {dims}")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise bad(f"input {name!r}: NaN or infinite values")
-    try:
-        x = float32_instances(data.reshape(dims), str(name or "input"))
-    except ServeError as exc:
-        raise bad(exc.message) from None
+        raise bad(f"input {tensor.get('name')!r}: binary_data_size {size} but {len(blob)} "
+                  "bytes follow")
+    x = tensor_instances(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"),
+                         blob if size is not None else tensor.get("data"), input_shape,
+                         max_instances)
     binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
     asked = request.get("outputs") or [{"name": n} for n in OUTPUTS]
     outputs = [(str(o.get("name")), bool((o.get("parameters") or {}).get("binary_data",
