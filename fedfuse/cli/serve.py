@@ -115,7 +115,9 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
 @app.command()
 @reports_errors
 def query(
-    url: Annotated[str, typer.Argument(help="the server, e.g. http://127.0.0.1:8000")],
+    url: Annotated[str, typer.Argument(
+        help="the server, e.g. http://127.0.0.1:8000, or grpc://127.0.0.1:8001 for the "
+             "Open Inference Protocol over gRPC")],
     data: Annotated[Optional[str], typer.Option(
         help="labelled .npz/.csv file, or an embedded data set")] = None,
     run: Annotated[Optional[Path], typer.Option(
@@ -127,7 +129,8 @@ def query(
     wait: Annotated[float, typer.Option(help="seconds to wait for the server to be ready")] = 0.0,
     ca: Annotated[Optional[Path], typer.Option(help="CA certificate to trust for HTTPS")] = None,
 ) -> None:
-    """Send labelled data to a predict server over HTTP; print its accuracy and version."""
+    """Send labelled data to a predict server (HTTP, or gRPC); print its accuracy and
+    version."""
     from fedfuse.config import DataConfig, resolve_source
     from fedfuse.data.datasets import load_dataset
     from fedfuse.data.sites import run_test_split

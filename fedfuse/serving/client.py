@@ -3,6 +3,10 @@
     with PredictClient("https://models.example.org", api_key=KEY, verify="ca.pem") as c:
         result = c.predict(X)          # result.labels, result.probabilities, result.model_version
 
+A ``grpc://HOST:PORT`` (``grpcs://`` with TLS) address speaks the Open Inference
+Protocol's gRPC service instead (``fedfuse serve --grpc-port``), with the same results,
+retries and exceptions.
+
 Transient failures (connection errors, timeouts, 429, 502, 503, 504) are retried with
 exponential backoff, honouring ``Retry-After`` up to ``max_retry_wait`` seconds (a longer
 wait raises at once rather than block the caller); everything else raises at once. Every
@@ -17,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 
 from fedfuse.errors import FedfuseError
+from fedfuse.serving.grpc_client import GrpcTransport, with_retries
 
 RETRY_STATUS = (429, 502, 503, 504)
 
@@ -65,6 +71,10 @@ class ServerError(PredictError):
 
 _BY_STATUS = {401: AuthenticationError, 404: NotFound, 413: InvalidInput, 422: InvalidInput,
               429: RateLimited}
+_BY_CODE = {grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+            grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
+            grpc.StatusCode.UNAVAILABLE: ConnectionFailed}
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,15 @@ class PredictClient:
                  retries: int = 3, backoff: float = 0.2, max_retry_wait: float = 10.0,
                  verify: bool | str | Path | ssl.SSLContext = True) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._grpc: GrpcTransport | None = None
+        if base_url.startswith(("grpc://", "grpcs://")):
+            verify_grpc = verify if isinstance(verify, (bool, str, Path)) else True
+            self._grpc = GrpcTransport(base_url, api_key=api_key, timeout=timeout,
+                                       verify=verify_grpc)
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
                                   timeout=timeout, verify=tls_context(verify))
+        self.model_name = "fedfuse"
+        """The Open Inference Protocol's model name (gRPC addresses)."""
         self.retries = retries
         self.backoff = backoff
         self.max_retry_wait = max_retry_wait
@@ -103,10 +120,14 @@ class PredictClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def predict(self, X: Any, version: str | None = None) -> Prediction:
         """Labels and probabilities for the instances ``X`` (array-like, (n, *shape))."""
         arr = np.asarray(X, dtype=np.float64)
+        if self._grpc is not None:
+            return self._predict_grpc(self._grpc, arr, version)
         path = f"/v1/models/{version}/predict" if version else "/v1/predict"
         body = self._request("POST", path, json={"instances": arr.tolist()})
         return Prediction(model_version=body["model_version"],
@@ -115,13 +136,29 @@ class PredictClient:
                           probabilities=np.asarray(body["probabilities"], dtype=np.float64))
 
     def model(self) -> dict[str, Any]:
-        """The public manifest of the version ``/v1/predict`` uses."""
+        """The public manifest of the version ``/v1/predict`` uses (HTTP only)."""
         return self._request("GET", "/v1/model")
 
     def versions(self) -> dict[str, Any]:
+        """Every version served and the latest one (HTTP only)."""
         return self._request("GET", "/v1/models")
 
+    def _predict_grpc(self, transport: GrpcTransport, arr: np.ndarray,
+                      version: str | None) -> Prediction:
+        try:
+            model_version, classes, proba, labels = with_retries(
+                lambda: transport.infer(self.model_name, arr.astype(np.float32), version),
+                self.retries, self._delay, self.max_retry_wait)
+        except grpc.RpcError as exc:
+            cls = _BY_CODE.get(exc.code(), ServerError)
+            raise cls(f"ModelInfer {transport.target}: {exc.code().name}: {exc.details()}",
+                      None, {}) from None
+        return Prediction(model_version=model_version, class_labels=classes,
+                          labels=np.asarray(labels), probabilities=proba)
+
     def ready(self) -> bool:
+        if self._grpc is not None:
+            return self._grpc.ready()
         try:
             return self._http.get("/readyz").status_code == 200
         except httpx.TransportError:
@@ -137,6 +174,9 @@ class PredictClient:
             time.sleep(interval)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self._grpc is not None:
+            raise PredictError(f"{method} {path} is the HTTP API's; a grpc:// client only "
+                               "predicts (use the server's http:// address)")
         attempt = 0
         while True:
             try:

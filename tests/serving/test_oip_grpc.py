@@ -137,3 +137,31 @@ def test_grpc_shares_the_rate_limit_and_the_tls_certificate(tmp_path, digits):
         with pytest.raises(InferenceServerException):  # plaintext to the TLS port
             plain.is_server_live()
         plain.close()
+
+
+def test_predict_client_and_query_speak_grpc(grpc_served, digits):
+    from fedfuse.serving.client import AuthenticationError, PredictClient, PredictError
+    from tests.helpers import run_cli
+
+    _, auth, port, registry = grpc_served
+    new = FusedPredictor.load(registry / "v2")
+    key = auth["authorization"].removeprefix("Bearer ")
+    with PredictClient(f"grpc://127.0.0.1:{port}", api_key=key) as client:
+        client.wait_ready(10)
+        answer = client.predict(digits)
+        assert answer.model_version == new.version
+        assert answer.class_labels == list(new.schema.class_labels)
+        np.testing.assert_allclose(answer.probabilities, new.predict_proba(digits), atol=1e-7)
+        assert list(answer.labels) == list(new.predict(digits))
+        assert client.predict(digits, version="1.0.0").model_version.startswith("1.0.0+")
+        with pytest.raises(PredictError, match="HTTP API's"):
+            client.versions()
+    with pytest.raises(AuthenticationError, match="UNAUTHENTICATED"):
+        PredictClient(f"grpc://127.0.0.1:{port}", retries=0).predict(digits)
+    data = load_dataset(DataConfig())
+    truth = np.array(data.schema.class_labels)[data.y]
+    accuracy = float((new.predict(data.X) == truth).mean())
+    done = run_cli("query", f"grpc://127.0.0.1:{port}", "--data", "digits", "--api-key", key,
+                   "--batch", "256")
+    assert done.returncode == 0, done.stderr
+    assert f"accuracy {accuracy:.4f}" in done.stderr and new.version in done.stderr
