@@ -44,9 +44,10 @@ from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import GUARDED_PREFIXES, GuardMiddleware, RateLimiter, error_body
 from fedfuse.serving.inference import (
     ServeError,
-    checked_probabilities,
     float32_instances,
-    run_model,
+)
+from fedfuse.serving.inference import (
+    answer as answer_checked,
 )
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
 from fedfuse.serving.oip import add_oip_routes
@@ -210,8 +211,8 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         try:
             x = float32_instances(await instances(request), "instances")
             metrics.request_instances.observe(len(x))
-            slot, proba = await run_model(registry, version, x, cfg.max_queue)
-            proba = checked_probabilities(slot, proba)
+            slot, proba = await answer_checked(registry, version, x, cfg.max_queue,
+                                               metrics.quality.observe)
         except ServeError as exc:
             extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
             if "retry-after" in exc.headers:
@@ -258,6 +259,15 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         latest = registry.latest
         return {"latest": latest.version if latest else None,
                 "versions": [_public(s) for s in registry.slots]}
+
+    @app.get("/v1/models/{version}/quality", summary="Model-quality figures of one version",
+             responses=errors)
+    async def quality(version: str) -> Any:
+        slot = registry.get(version)
+        if slot is None:
+            return _error(404, "not_found", f"no model version {version!r} is being served "
+                          "(see GET /v1/models)")
+        return metrics.quality.report(slot.version)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

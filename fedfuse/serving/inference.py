@@ -5,6 +5,7 @@ API renders a :class:`ServeError` in its own error format."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,19 @@ def float32_instances(values: object, name: str) -> np.ndarray:
         raise ServeError(422, "invalid_input", f"{where}: a number beyond float32's range "
                          f"(|x| <= {float(np.finfo(np.float32).max):.4g})", field=where)
     return x
+
+
+Observer = Callable[[ModelSlot, np.ndarray, np.ndarray], None]
+"""Told of every answered request: (version's slot, inputs, probabilities)."""
+
+
+async def answer(registry: ModelRegistry, version: str, x: np.ndarray, max_queue: int,
+                 observe: Observer) -> tuple[ModelSlot, np.ndarray]:
+    """:func:`run_model`'s checked answer, told to ``observe`` (quality monitoring)."""
+    slot, proba = await run_model(registry, version, x, max_queue)
+    proba = checked_probabilities(slot, proba)
+    observe(slot, x, proba)
+    return slot, proba
 
 
 async def run_model(registry: ModelRegistry, version: str, x: np.ndarray,

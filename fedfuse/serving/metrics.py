@@ -19,6 +19,8 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fedfuse.serving.quality import QualityMonitor
+
 ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media",
                422: "invalid_input", 429: "rate_limited", 500: "internal",
@@ -53,6 +55,8 @@ class ServeMetrics:
                                         buckets=SIZE_BUCKETS, registry=r)
         self.models = Gauge("fedfuse_model_versions_loaded", "Model versions being served",
                             registry=r)
+        self.quality = QualityMonitor(r)
+        """Each version's predicted classes, confidence and input drift."""
 
     def observe_batch(self, requests: int, rows: int) -> None:
         self.batch_requests.observe(requests)

@@ -36,9 +36,8 @@ from fedfuse import __version__
 from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.inference import (
     ServeError,
-    checked_probabilities,
+    answer,
     float32_instances,
-    run_model,
 )
 from fedfuse.serving.metrics import ServeMetrics
 from fedfuse.serving.registry import ModelRegistry, ModelSlot
@@ -235,8 +234,8 @@ def add_oip_routes(app: FastAPI, registry: ModelRegistry, cfg: ServeConfig,
                 await request.body(), request.headers.get(HEADER_LENGTH), input_shape,
                 cfg.max_instances)
             metrics.request_instances.observe(len(x))
-            slot, proba = await run_model(registry, version, x, cfg.max_queue)
-            proba = checked_probabilities(slot, proba)
+            slot, proba = await answer(registry, version, x, cfg.max_queue,
+                                       metrics.quality.observe)
         except ServeError as exc:
             return oip_error(exc)
         return infer_response(name, slot, proba, outputs, request_id)

@@ -29,7 +29,7 @@ from fedfuse import __version__
 from fedfuse.serving.auth import KeyStore
 from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import RateLimiter
-from fedfuse.serving.inference import ServeError, checked_probabilities, run_model
+from fedfuse.serving.inference import ServeError, answer
 from fedfuse.serving.metrics import ServeMetrics
 from fedfuse.serving.oip import OUTPUTS, model_metadata, tensor_instances
 from fedfuse.serving.oip_proto import PACKAGE, POOL, RPCS, SERVICE, messages
@@ -145,9 +145,8 @@ class OipService:
             raise ServeError(400, "invalid_input", f"unknown output {unknown[0]!r} "
                              f"(outputs: {', '.join(OUTPUTS)})")
         self.metrics.request_instances.observe(len(x))
-        slot, proba = await run_model(self.registry, request.model_version, x,
-                                      self.cfg.max_queue)
-        proba = checked_probabilities(slot, proba)
+        slot, proba = await answer(self.registry, request.model_version, x,
+                                   self.cfg.max_queue, self.metrics.quality.observe)
         classes = slot.predictor.schema.class_labels
         out = messages["ModelInferResponse"](model_name=request.model_name,
                                              model_version=slot.version, id=request.id)
