@@ -284,6 +284,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
+        metrics.quality.flush()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     add_oip_routes(app, registry, cfg, metrics, tuple(schema.input_shape))

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fedfuse.models.registry import Standardize
 from fedfuse.serving.registry import ModelSlot
 
+FLUSH_ROWS = 4096
+"""Noted rows that trigger a fold even without a scrape (bounds the memory held)."""
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -77,6 +79,8 @@ class QualityMonitor:
     def __init__(self, registry: CollectorRegistry, half_life: float = 500.0) -> None:
         self.half_life = half_life
         self.versions: dict[str, VersionQuality] = {}
+        self.pending: list[tuple[ModelSlot, np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
         self.predicted = Counter("fedfuse_predicted_class_total", "Instances answered, by "
                                  "version and predicted class", ["version", "label"],
                                  registry=registry)
@@ -91,23 +95,45 @@ class QualityMonitor:
                             registry=registry)
 
     def observe(self, slot: ModelSlot, x: np.ndarray, proba: np.ndarray) -> None:
-        """Count one answered request of ``slot``: inputs ``x`` (n, ...), answers ``proba``."""
+        """Note one answered request of ``slot`` (inputs ``x``, answers ``proba``); the
+        figures are folded in by :meth:`flush`, in bulk, off the request's path."""
+        self.pending.append((slot, x, proba))
+        self.pending_rows += len(x)
+        if self.pending_rows >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the noted requests into each version's figures and the Prometheus
+        series (on every scrape and report, and every ``FLUSH_ROWS`` rows)."""
+        pending, self.pending, self.pending_rows = self.pending, [], 0
+        by_version: dict[str, list[tuple[ModelSlot, np.ndarray, np.ndarray]]] = {}
+        for item in pending:
+            by_version.setdefault(item[0].version, []).append(item)
+        for items in by_version.values():
+            slot = items[0][0]
+            x = np.concatenate([i[1].reshape(len(i[1]), -1) for i in items])
+            proba = np.concatenate([i[2] for i in items])
+            self._fold(slot, x, proba)
+
+    def _fold(self, slot: ModelSlot, x: np.ndarray, proba: np.ndarray) -> None:
         q = self.versions.get(slot.version)
         if q is None:
             q = self.versions[slot.version] = VersionQuality(reference_moments(slot))
         classes = slot.predictor.schema.class_labels
-        top = proba.max(axis=1)
-        for index, count in zip(*np.unique(proba.argmax(axis=1), return_counts=True)):
+        counts = np.bincount(proba.argmax(axis=1), minlength=len(classes))
+        for index in np.flatnonzero(counts):
             label = classes[int(index)]
-            q.classes[label] = q.classes.get(label, 0) + int(count)
-            self.predicted.labels(slot.version, label).inc(int(count))
-        for value in top:
-            self.confidence.labels(slot.version).observe(float(value))
+            q.classes[label] = q.classes.get(label, 0) + int(counts[index])
+            self.predicted.labels(slot.version, label).inc(int(counts[index]))
+        top = proba.max(axis=1)
+        histogram = self.confidence.labels(slot.version)
+        for value in top.tolist():
+            histogram.observe(value)
         q.instances += len(x)
         q.confidence_sum += float(top.sum())
         if q.reference is not None:
             mean, std = q.reference
-            z = (x.reshape(len(x), -1).astype(np.float64) - mean) / std
+            z = (x.astype(np.float64) - mean) / std
             q.sums = decayed_update(q.sums if q.sums is not None else np.zeros((3, z.shape[1])),
                                     z, self.half_life)
             shift, spread = drift_scores(q.sums)
@@ -116,6 +142,7 @@ class QualityMonitor:
 
     def report(self, version: str) -> dict[str, Any]:
         """``GET /v1/models/{version}/quality``'s body."""
+        self.flush()
         q = self.versions.get(version) or VersionQuality(None)
         drift: dict[str, Any] | None = None
         if q.sums is not None:

@@ -11,7 +11,9 @@ its own uvicorn process with one torch thread, one after the other in this invoc
   request and no key.
 
 The load is closed-loop: C connections (HTTP/1.1 keep-alive), each sending a one-instance
-request as soon as its previous answer arrived, for ``--seconds`` after a 1 s warm-up.
+request as soon as its previous answer arrived, for ``--seconds`` after a 1 s warm-up;
+then, where Debian's ``wrk`` is installed, ``wrk -t1 -c64`` for as long (after 2 s of
+warm-up), the external figure the serving issue's target is set in.
 The client is a raw-socket asyncio loop in this process, far cheaper per request than an
 HTTP library, but it shares the machine's cores with the server. Reported: requests per
 second, p50 and p99 latency, and fedfuse / baseline ratios.
@@ -26,6 +28,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,12 +98,50 @@ def start(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen:
     raise SystemExit(f"server did not start: {cmd}")
 
 
+def wrk_script(path: Path, body: bytes, key: str | None) -> Path:
+    """A wrk Lua script that POSTs ``body`` (with the API key, if any)."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body.decode())}",
+             'wrk.headers["Content-Type"] = "application/json"']
+    if key:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {key}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wrk_load(url: str, script: Path, connections: int, seconds: float) -> dict:
+    """wrk's figures (``-t1``, ``connections`` keep-alive connections), after a 2 s warm-up
+    run of the same load."""
+    def run(duration: float) -> str:
+        return subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s",
+                               "--latency", "-s", str(script), url], capture_output=True,
+                              text=True, check=True).stdout
+
+    run(2)
+    out = run(seconds)
+
+    def ms(label: str) -> float:
+        value = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert value is not None, out
+        return float(value.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[value.group(2)]
+
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert rate is not None, out
+    return {"requests_per_s": round(float(rate.group(1)), 1), "p50_ms": ms("50%"),
+            "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0}
+
+
 def measure(name: str, cmd: list[str], port: int, env: dict[str, str], path: str,
-            key: str | None, body: bytes, levels: list[int], seconds: float) -> dict:
+            key: str | None, body: bytes, levels: list[int], seconds: float,
+            work: Path) -> dict:
     proc = start(cmd, port, env)
     try:
         request = request_bytes(port, path, body, key)
-        return {str(c): uvloop.run(load(port, request, c, seconds)) for c in levels}
+        out = {str(c): uvloop.run(load(port, request, c, seconds)) for c in levels}
+        if shutil.which("wrk"):
+            out["wrk"] = wrk_load(f"http://127.0.0.1:{port}{path}",
+                                  wrk_script(work / f"{name}.lua", body, key), 64, seconds)
+        return out
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -121,29 +163,30 @@ def main() -> None:
         fedfuse = measure(
             "fedfuse", [sys.executable, "-m", "fedfuse", "serve", str(work / "model"),
                         "--port", str(port), "--api-keys", str(work / "keys.json")],
-            port, {}, "/v1/predict", key, body, args.concurrency, args.seconds)
+            port, {}, "/v1/predict", key, body, args.concurrency, args.seconds, work)
         port = free_port()
         baseline = measure(
             "baseline", [sys.executable, "-m", "uvicorn", "serve_baseline:app", "--port",
                          str(port), "--log-level", "warning",
                          "--app-dir", str(Path(__file__).parent)],
             port, {"ARTIFACT": str(work / "model"), "PYTHONPATH": str(ROOT)}, "/predict",
-            None, body, args.concurrency, args.seconds)
+            None, body, args.concurrency, args.seconds, work)
     results = {"machine": machine(), "seconds": args.seconds, "instances_per_request": 1,
                "fedfuse": fedfuse, "baseline": baseline,
                "throughput_ratio": {c: round(fedfuse[c]["requests_per_s"]
                                              / baseline[c]["requests_per_s"], 2)
-                                    for c in fedfuse}}
+                                    for c in fedfuse if c in baseline}}
     rows = ["| concurrent clients | fedfuse req/s | baseline req/s | fedfuse / baseline "
             "| fedfuse p50 / p99 | baseline p50 / p99 |", "|---|---|---|---|---|---|"]
     for c in fedfuse:
         f, b = fedfuse[c], baseline[c]
-        rows.append(f"| {c} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
+        rows.append(f"| {'64, wrk -t1' if c == 'wrk' else c} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
                     f"{results['throughput_ratio'][c]:.2f}x | {f['p50_ms']:.1f} / "
                     f"{f['p99_ms']:.1f} ms | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} ms |")
     rows.append(f"\nMeasured on {machine()}; {args.seconds:g} s per point after 1 s of "
                 "warm-up, one instance (1x8x8) per request, closed loop over keep-alive "
-                "connections; the load generator runs on the same cores.")
+                "connections; the load generator (this script's own raw-socket loop; wrk "
+                "-t1 on the last row, after a 2 s warm-up) runs on the same cores.")
     table = "\n".join(rows)
     publish("serve", results, ROOT / "docs" / "benchmarks.md", table)
     print(table)
