@@ -29,13 +29,15 @@ def export_model(predictor: FusedPredictor, path: Path, fmt: Format, int8: bool 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         if fmt == "onnx":
-            _export_onnx(predictor.model, example, out, int8)
+            export_onnx(predictor.model, example, out, int8)
         else:
             _export_torchscript(predictor.model, example, out, int8)
         atomic_write_bytes(path, out.read_bytes())
 
 
-def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, int8: bool) -> None:
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, int8: bool) -> None:
+    """``model``'s graph as ONNX in ``out`` (input ``x`` with a dynamic batch axis, output
+    ``proba``), its dense layers' weights int8 with ``int8``."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

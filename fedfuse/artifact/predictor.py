@@ -21,6 +21,7 @@ from torch import nn
 from fedfuse.artifact.manifest import ArtifactError, InputError, read_verified
 from fedfuse.artifact.signing import trusted_keys
 from fedfuse.data.datasets import DataSchema
+from fedfuse.errors import FedfuseError
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
 from fedfuse.models.factory import code_identity
 from fedfuse.models.registry import load_model
@@ -73,6 +74,33 @@ def hashed(files: dict[str, bytes], rel: str, directory: Path) -> bytes:
     return files[rel]
 
 
+GRAPH_FILE = "graph.onnx"
+ONNX_METHOD = "onnx"
+"""The fusion method of a compressed version: one ONNX graph (``fedfuse compress``)."""
+
+
+class OnnxGraph(nn.Module):
+    """An ONNX fused graph behind the module interface the predictor and server use
+    (float32 batch in, probabilities out), run by ONNX Runtime on the CPU."""
+
+    def __init__(self, graph: bytes) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise FedfuseError("a compressed (ONNX) version needs ONNX Runtime: pip install "
+                               "'fedfuse[export]'") from None
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy().astype(np.float32)})
+        return torch.from_numpy(np.asarray(out[0]))
+
+
 class FusedPredictor:
     """The fused predictor behind a schema-checked ``predict`` / ``predict_proba``: the
     weighted soft vote, the stacked members with their head, or one distilled student
@@ -108,6 +136,9 @@ class FusedPredictor:
         schema = DataSchema.from_dict(manifest["schema"])
         code = CodeAllowance(allow_arch, search=search, how="allow it with `fedfuse serve "
                              "--allow-arch PATH` (FusedPredictor.load(..., allow_arch=...))")
+        if manifest["fusion"]["method"] == ONNX_METHOD:
+            return cls(manifest, OnnxGraph(hashed(files, manifest["fusion"]["graph"],
+                                                  directory)), device)
         members: list[nn.Module] = []
         for entry in manifest["members"]:
             state = safetensors_load(hashed(files, entry["file"], directory))

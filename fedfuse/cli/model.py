@@ -49,6 +49,38 @@ def fuse(
 
 @app.command()
 @reports_errors
+def compress(
+    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    out: Annotated[Path, typer.Option(help="the new version's directory (e.g. in a registry)")],
+    prune: Annotated[float, typer.Option(
+        help="fraction of each layer's smallest weights to zero, in [0, 1)")] = 0.0,
+    int8: Annotated[bool, typer.Option(help="int8 weights in the dense layers")] = False,
+    version: Annotated[str, typer.Option(help="semantic version for the new artifact")]
+    = "1.0.1",
+    signing_key: SigningKey = None,
+    allow_arch: AllowArch = None,
+) -> None:
+    """Write a pruned and/or int8 version of ARTIFACT's fused graph (ONNX) as a new,
+    signed artifact, scored on the run's test split when ARTIFACT is a run's model."""
+    from fedfuse.artifact.compress import compress_artifact
+    from fedfuse.artifact.signing import signing_key as load_signing_key
+    from fedfuse.data.sites import run_test_split
+
+    key = load_signing_key(signing_key_path(signing_key))
+    run = artifact.resolve().parent
+    test = run_test_split(run) if (run / "config.toml").is_file() else None
+    manifest = compress_artifact(artifact, out, prune=prune, int8=int8, semver=version,
+                                 test=test, signer=key, allow_arch=tuple(allow_arch or ()))
+    c = manifest["compression"]
+    scored = (f"; test accuracy {c['test_accuracy']:.4f} (full: "
+              f"{c['source_test_accuracy']:.4f})" if c["test_accuracy"] is not None else "")
+    console.print(f"wrote {out}: version {manifest['model_version']}, {c['size_bytes'] / 1024:.0f}"
+                  f" KiB (float32 ONNX: {c['fp32_onnx_size_bytes'] / 1024:.0f} KiB; the full "
+                  f"artifact's files: {c['source_size_bytes'] / 1024:.0f} KiB){scored}")
+
+
+@app.command()
+@reports_errors
 def export(
     artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
     out: Annotated[Path, typer.Option(help="file to write")],

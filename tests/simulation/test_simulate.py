@@ -4,6 +4,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -193,3 +194,40 @@ def test_export_refuses_an_unknown_format(two_runs, tmp_path):
     proc = run_cli("export", run / "model", "--out", tmp_path / "m", "--format", "tflite")
     assert proc.returncode == 2 and "expected 'onnx' or 'torchscript'" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_pruned_int8_version_is_served_beside_the_full_one(two_runs, tmp_path):
+    """``fedfuse compress`` on the run's artifact: a signed ONNX version, half its weights
+    zero and int8, with its size and accuracy in the manifest, served next to the full
+    version from one registry."""
+    import shutil
+
+    _, (run, _) = two_runs
+    registry = tmp_path / "registry"
+    shutil.copytree(run / "model", registry / "v1")
+    done = run_cli("compress", run / "model", "--prune", "0.5", "--int8", "--out",
+                   registry / "v2", "--version", "1.1.0")
+    assert done.returncode == 0, done.stderr
+    small = FusedPredictor.load(registry / "v2", trust=[run / "signer.pub"])
+    full = FusedPredictor.load(run / "model")
+    info = small.manifest["compression"]
+    assert info["source_version"] == full.version and info["prune"] == 0.5 and info["int8"]
+    assert info["size_bytes"] == (registry / "v2" / "graph.onnx").stat().st_size
+    assert info["size_bytes"] < info["fp32_onnx_size_bytes"]
+    assert info["zeroed_weights"] > 0
+    test = plan_federation(load_config(run / "config.toml")).test
+    truth = np.array(full.schema.class_labels)[test.y]
+    accuracy = float((small.predict(test.X) == truth).mean())
+    assert info["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert info["source_test_accuracy"] == pytest.approx(float((full.predict(test.X) == truth)
+                                                              .mean()), abs=1e-12)
+    assert abs(accuracy - info["source_test_accuracy"]) < 0.1
+    with Server(registry, "--trust", run / "signer.pub") as server:
+        listed = httpx.get(server.url + "/v1/models").json()
+        assert [v["model_version"] for v in listed["versions"]] == [full.version, small.version]
+        for version, model in (("1.0.0", full), ("1.1.0", small)):
+            answer = httpx.post(f"{server.url}/v1/models/{version}/predict",
+                                json={"instances": test.X[:20].tolist()}).json()
+            assert answer["labels"] == list(model.predict(test.X[:20]))
+    refused = run_cli("compress", run / "model", "--out", tmp_path / "none")
+    assert refused.returncode == 2 and "nothing to compress" in refused.stderr
