@@ -13,7 +13,10 @@ its own uvicorn process with one torch thread, one after the other in this invoc
 The load is closed-loop: C connections (HTTP/1.1 keep-alive), each sending a one-instance
 request as soon as its previous answer arrived, for ``--seconds`` after a 1 s warm-up;
 then, where Debian's ``wrk`` is installed, ``wrk -t1 -c64`` for as long (after 2 s of
-warm-up), the external figure the serving issue's target is set in.
+warm-up), the external figure the serving issue's target is set in; and, where
+``h2load`` (Debian's nghttp2-client) is installed, the Open Inference Protocol's gRPC
+ModelInfer on fedfuse's ``--grpc-port`` over 64 HTTP/2 connections, one call in flight
+on each (the baseline has no gRPC).
 The client is a raw-socket asyncio loop in this process, far cheaper per request than an
 HTTP library, but it shares the machine's cores with the server. Reported: requests per
 second, p50 and p99 latency, and fedfuse / baseline ratios.
@@ -131,9 +134,50 @@ def wrk_load(url: str, script: Path, connections: int, seconds: float) -> dict:
             "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+def grpc_body(instance: np.ndarray) -> bytes:
+    """One ModelInferRequest (one FP32 instance, raw contents) as a gRPC message frame:
+    a zero flag byte, the length (4 bytes, big endian), the protobuf bytes."""
+    from fedfuse.serving.oip_proto import messages
+
+    request = messages["ModelInferRequest"](model_name="fedfuse")
+    request.inputs.add(name="input", datatype="FP32", shape=list(instance.shape))
+    request.raw_input_contents.append(instance.astype("<f4").tobytes())
+    data = request.SerializeToString()
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+def h2load_grpc(port: int, key: str, body: Path, connections: int, seconds: float,
+                work: Path) -> dict:
+    """h2load's figures for unary ModelInfer calls over ``connections`` HTTP/2
+    connections, one call in flight on each (as wrk's HTTP/1.1 connections), after a
+    2 s warm-up; p50/p99 from its per-request log. A call gRPC refused would still be
+    HTTP 200: the caller checks one call with a real client first."""
+    log = work / "h2load.log"
+
+    def run(duration: float) -> str:
+        return subprocess.run(
+            ["h2load", "-D", f"{duration:g}", "-c", str(connections), "-m", "1",
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-H", f"authorization: Bearer {key}", "-d", str(body), "--log-file", str(log),
+             f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
+            capture_output=True, text=True, check=True).stdout
+
+    run(2)
+    out = run(seconds)
+    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    assert rate is not None, out
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    latency_ms = np.array([float(r[2]) / 1000 for r in rows])  # start, status, microseconds
+    statuses = {r[1] for r in rows}
+    return {"requests_per_s": round(float(rate.group(1)), 1),
+            "p50_ms": round(float(np.percentile(latency_ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(latency_ms, 99)), 2),
+            "http_statuses": sorted(statuses)}
+
+
 def measure(name: str, cmd: list[str], port: int, env: dict[str, str], path: str,
             key: str | None, body: bytes, levels: list[int], seconds: float,
-            work: Path) -> dict:
+            work: Path, grpc: tuple[int, bytes, str] | None = None) -> dict:
     proc = start(cmd, port, env)
     try:
         request = request_bytes(port, path, body, key)
@@ -141,6 +185,15 @@ def measure(name: str, cmd: list[str], port: int, env: dict[str, str], path: str
         if shutil.which("wrk"):
             out["wrk"] = wrk_load(f"http://127.0.0.1:{port}{path}",
                                   wrk_script(work / f"{name}.lua", body, key), 64, seconds)
+        if grpc is not None and shutil.which("h2load"):
+            from fedfuse.serving.client import PredictClient
+
+            grpc_port, frame, grpc_key = grpc
+            with PredictClient(f"grpc://127.0.0.1:{grpc_port}", api_key=grpc_key) as client:
+                client.predict(np.zeros((1, 1, 8, 8)))  # the key works over gRPC
+            (work / "infer.bin").write_bytes(frame)
+            out["grpc"] = h2load_grpc(grpc_port, grpc_key, work / "infer.bin", 64, seconds,
+                                      work)
         return out
     finally:
         proc.terminate()
@@ -159,11 +212,13 @@ def main() -> None:
         _, key = create_key(work / "keys.json", "bench")
         instance = np.random.default_rng(0).uniform(0, 16, size=(1, 1, 8, 8)).round(2)
         body = json.dumps({"instances": instance.tolist()}).encode()
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         fedfuse = measure(
             "fedfuse", [sys.executable, "-m", "fedfuse", "serve", str(work / "model"),
-                        "--port", str(port), "--api-keys", str(work / "keys.json")],
-            port, {}, "/v1/predict", key, body, args.concurrency, args.seconds, work)
+                        "--port", str(port), "--api-keys", str(work / "keys.json"),
+                        "--grpc-port", str(grpc_port)],
+            port, {}, "/v1/predict", key, body, args.concurrency, args.seconds, work,
+            grpc=(grpc_port, grpc_body(instance[0]), key))
         port = free_port()
         baseline = measure(
             "baseline", [sys.executable, "-m", "uvicorn", "serve_baseline:app", "--port",
@@ -178,11 +233,16 @@ def main() -> None:
                                     for c in fedfuse if c in baseline}}
     rows = ["| concurrent clients | fedfuse req/s | baseline req/s | fedfuse / baseline "
             "| fedfuse p50 / p99 | baseline p50 / p99 |", "|---|---|---|---|---|---|"]
-    for c in fedfuse:
+    for c in (c for c in fedfuse if c in baseline):
         f, b = fedfuse[c], baseline[c]
-        rows.append(f"| {'64, wrk -t1' if c == 'wrk' else c} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
+        label = "64, wrk -t1" if c == "wrk" else c
+        rows.append(f"| {label} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
                     f"{results['throughput_ratio'][c]:.2f}x | {f['p50_ms']:.1f} / "
                     f"{f['p99_ms']:.1f} ms | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} ms |")
+    if "grpc" in fedfuse:
+        g = fedfuse["grpc"]
+        rows.append(f"| 64, gRPC (h2load) | {g['requests_per_s']:.0f} | - | - | "
+                    f"{g['p50_ms']:.1f} / {g['p99_ms']:.1f} ms | - |")
     rows.append(f"\nMeasured on {machine()}; {args.seconds:g} s per point after 1 s of "
                 "warm-up, one instance (1x8x8) per request, closed loop over keep-alive "
                 "connections; the load generator (this script's own raw-socket loop; wrk "
