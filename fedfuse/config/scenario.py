@@ -83,6 +83,11 @@ class FedfuseConfig:
             raise ConfigError("robustness.max_update_norm", "needs plaintext updates; under "
                               "secure aggregation each coordinate is bounded by "
                               "secure_aggregation.clip_range instead")
+        if r.aggregation != "fedavg" and self.train.strategy != "fedavg":
+            raise ConfigError("train.strategy", f"{self.train.strategy!r} is Flower's rule "
+                              f"on the weighted mean of the updates, which "
+                              f"robustness.aggregation = {r.aggregation!r} replaces: use one "
+                              "or the other")
         if r.aggregation != "fedavg" and self.train.server_optimizer:
             raise ConfigError("train.server_momentum", f"the server optimiser applies to "
                               f"FedAvg only, not to robustness.aggregation = "

@@ -83,6 +83,9 @@ def dp_batch_size(examples: float) -> int:
     return int(min(max(batch, DP_BATCH[0]), DP_BATCH[1]))
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+
+
 @dataclass
 class TrainConfig:
     """Local training on each client."""
@@ -100,8 +103,37 @@ class TrainConfig:
     along ``m = momentum * m + (w - w_avg)``; 0 is plain FedAvg."""
     server_lr: float = 1.0
     """Server-side learning rate: ``w <- w - server_lr * m``."""
+    strategy: str = "fedavg"
+    """Each cohort's rule: ``fedavg`` (FedAvgM with ``server_momentum``), ``fedprox``
+    (with ``proximal_mu``), or a server optimiser on the averaged update, ``fedadam``,
+    ``fedyogi``, ``fedadagrad`` (with ``server_eta``, ``server_beta_1``,
+    ``server_beta_2``, ``server_tau``): Flower's strategies of those names."""
+    proximal_mu: float = 0.0
+    """FedProx's ``mu``: each site's step toward the received weights, ``mu/2 ||w - w0||²``."""
+    server_eta: float = 0.01
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    """FedOpt's server learning rate, moment decays and adaptivity (Reddi et al. 2021);
+    Flower's FedAdagrad takes the rate and ``server_tau`` only."""
 
     def __post_init__(self) -> None:
+        check(self.strategy in STRATEGIES, "strategy",
+              f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        check(math.isfinite(self.proximal_mu) and 0.0 <= self.proximal_mu <= 1000.0,
+              "proximal_mu", f"must be in [0, 1000], got {self.proximal_mu}")
+        check((self.strategy == "fedprox") == (self.proximal_mu > 0.0), "proximal_mu",
+              "fedprox needs proximal_mu > 0, and only fedprox takes one")
+        check(self.strategy in ("fedavg", "fedprox") or (self.server_momentum == 0.0
+                                                         and self.server_lr == 1.0),
+              "strategy", f"{self.strategy} is a server optimiser of its own: leave "
+              "server_momentum and server_lr unset (use server_eta)")
+        for key in ("server_eta", "server_tau"):
+            value = getattr(self, key)
+            check(math.isfinite(value) and value > 0.0, key, f"must be > 0, got {value}")
+        for key in ("server_beta_1", "server_beta_2"):
+            value = getattr(self, key)
+            check(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
         check(0.0 <= self.server_momentum < 1.0, "server_momentum", "must be in [0, 1)")
         check(math.isfinite(self.server_lr) and self.server_lr > 0.0, "server_lr",
                "must be a finite number > 0")
@@ -122,7 +154,9 @@ class TrainConfig:
             batch_size=self.batch_size or (dp_batch if private else 16),
             momentum=self.momentum if self.momentum is not None else (0.0 if private else 0.9),
             weight_decay=self.weight_decay, server_momentum=self.server_momentum,
-            server_lr=self.server_lr)
+            server_lr=self.server_lr, strategy=self.strategy, proximal_mu=self.proximal_mu,
+            server_eta=self.server_eta, server_beta_1=self.server_beta_1,
+            server_beta_2=self.server_beta_2, server_tau=self.server_tau)
 
     @property
     def server_optimizer(self) -> bool:

@@ -105,7 +105,13 @@ def cohort_strategy_for(cfg: FedfuseConfig, index: int, participants: list[Parti
                                trim_fraction=r.trim_fraction, max_malicious=r.max_malicious,
                                multikrum_select=r.multikrum_select,
                                server_momentum=cfg.train.server_momentum,
-                               server_lr=cfg.train.server_lr, seed=cfg.seed * 1000 + index,
+                               server_lr=cfg.train.server_lr, strategy=cfg.train.strategy,
+                               proximal_mu=cfg.train.proximal_mu,
+                               fedopt={"eta": cfg.train.server_eta,
+                                       "beta_1": cfg.train.server_beta_1,
+                                       "beta_2": cfg.train.server_beta_2,
+                                       "tau": cfg.train.server_tau},
+                               seed=cfg.seed * 1000 + index,
                                fraction_train=sim.fraction_train,
                                fraction_evaluate=sim.fraction_evaluate)
     p = cfg.privacy

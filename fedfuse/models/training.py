@@ -55,12 +55,17 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float,
 
 
 def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 epochs: int) -> LoopResult:
+                 epochs: int, proximal_mu: float = 0.0) -> LoopResult:
     """Minimise cross-entropy for ``epochs`` passes; returns the mean loss/accuracy seen.
-    Batches move to the model's device; the loader stays on the CPU."""
+    Batches move to the model's device; the loader stays on the CPU. With
+    ``proximal_mu`` (FedProx) each step is followed by ``w <- w - lr * mu * (w - w0)``,
+    the gradient step of ``mu/2 * ||w - w0||^2`` toward the weights ``w0`` training
+    started from: it does not depend on the data, so under DP-SGD it comes after the
+    clipping and noise and costs no privacy."""
     loss_fn = nn.CrossEntropyLoss()
     device = model_device(model)
     model.train()
+    anchors = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
         for xb, yb in loader:
@@ -72,10 +77,19 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             loss = loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
+            if anchors:
+                proximal_step(model, anchors, optimizer.param_groups[0]["lr"] * proximal_mu)
             total_loss += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
     return LoopResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+
+
+@torch.no_grad()
+def proximal_step(model: nn.Module, anchors: list[torch.Tensor], rate: float) -> None:
+    """``w <- w - rate * (w - w0)`` for every parameter ``w`` and its anchor ``w0``."""
+    for weight, anchor in zip(model.parameters(), anchors, strict=True):
+        weight.sub_(weight - anchor, alpha=rate)
 
 
 @torch.no_grad()

@@ -42,6 +42,10 @@ from fedfuse.site.policy import capped_budget
 from fedfuse.site.replay import ReplayStore, request_key
 from fedfuse.wire import WireError
 
+MAX_PROXIMAL_MU = 1000.0
+"""The largest FedProx coefficient a site accepts (the step shrinks toward the received
+weights by ``lr * mu``: beyond this it only overshoots)."""
+
 
 @dataclass
 class Trained:
@@ -76,12 +80,23 @@ def train(msg: Message, context: Context, site: Site) -> Trained:
             (declined := client_level_declined(context, site, cfg)) is not None:
         return declined
     result = train_epochs(model.to(resolve_device(site.device)), loader, optimizer,
-                          wire.as_int(cfg, "local-epochs"))
+                          wire.as_int(cfg, "local-epochs"), proximal_mu(cfg))
     model.cpu()
     if cfg.get("dp-mode", "off") == "user":
         clip_to(model, wire.arrays(msg, "arrays"), wire.as_float(cfg, "dp-clipping-norm"))
         return Trained(model, result, seed, weight=1)
     return Trained(model, result, seed)
+
+
+def proximal_mu(cfg: Any) -> float:
+    """FedProx's ``proximal-mu`` (0 when the request has none), a finite number in
+    [0, 1000]; anything else is refused."""
+    if "proximal-mu" not in cfg:
+        return 0.0
+    mu = wire.as_float(cfg, "proximal-mu")
+    if not (math.isfinite(mu) and 0.0 <= mu <= MAX_PROXIMAL_MU):
+        raise WireError(f"field 'proximal-mu' must be in [0, {MAX_PROXIMAL_MU:g}], got {mu}")
+    return mu
 
 
 def client_level_declined(context: Context, site: Site, cfg: Any) -> Trained | None:
@@ -150,7 +165,7 @@ def charged_round(msg: Message, site: Site, request: PrivacyRequest, model: torc
         model.to(resolve_device(site.device)), optimizer, loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=request.max_grad_norm,
         accountant=ledger.accountant, history=ledger.history, generator=generator)
-    result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs)
+    result = train_epochs(dp_model, dp_loader, dp_optimizer, epochs, proximal_mu(cfg))
     model.cpu()
     ledger.history = [tuple(h) for h in engine.accountant.history]
     store.save(ledger)  # spent before the update leaves the site
