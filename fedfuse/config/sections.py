@@ -110,7 +110,7 @@ class TrainConfig:
     ``server_beta_2``, ``server_tau``): Flower's strategies of those names."""
     proximal_mu: float = 0.0
     """FedProx's ``mu``: each site's step toward the received weights, ``mu/2 ||w - w0||²``."""
-    server_eta: float = 0.01
+    server_eta: float = 0.1
     server_beta_1: float = 0.9
     server_beta_2: float = 0.99
     server_tau: float = 1e-3

@@ -58,10 +58,12 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
                  epochs: int, proximal_mu: float = 0.0) -> LoopResult:
     """Minimise cross-entropy for ``epochs`` passes; returns the mean loss/accuracy seen.
     Batches move to the model's device; the loader stays on the CPU. With
-    ``proximal_mu`` (FedProx) each step is followed by ``w <- w - lr * mu * (w - w0)``,
-    the gradient step of ``mu/2 * ||w - w0||^2`` toward the weights ``w0`` training
-    started from: it does not depend on the data, so under DP-SGD it comes after the
-    clipping and noise and costs no privacy."""
+    ``proximal_mu`` (FedProx) each step is followed by the proximal step of
+    ``mu/2 * ||w - w0||^2`` toward the weights ``w0`` training started from,
+    ``w <- w0 + (w - w0) / (1 + lr * mu)`` (the implicit step: stable for any ``lr * mu``,
+    where the explicit ``w - lr * mu * (w - w0)`` overshoots once ``lr * mu > 1``). It
+    does not depend on the data, so under DP-SGD it comes after the clipping and noise
+    and costs no privacy."""
     loss_fn = nn.CrossEntropyLoss()
     device = model_device(model)
     model.train()
@@ -87,9 +89,10 @@ def train_epochs(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
 
 @torch.no_grad()
 def proximal_step(model: nn.Module, anchors: list[torch.Tensor], rate: float) -> None:
-    """``w <- w - rate * (w - w0)`` for every parameter ``w`` and its anchor ``w0``."""
+    """``w <- w0 + (w - w0) / (1 + rate)`` for every parameter ``w`` and its anchor
+    ``w0``: the proximal operator of ``rate/2 * ||w - w0||^2``."""
     for weight, anchor in zip(model.parameters(), anchors, strict=True):
-        weight.sub_(weight - anchor, alpha=rate)
+        weight.sub_(anchor).div_(1.0 + rate).add_(anchor)
 
 
 @torch.no_grad()
