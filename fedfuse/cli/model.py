@@ -1,4 +1,4 @@
-"""The fused model's commands: ``fedfuse fuse``, ``export`` and ``evaluate``."""
+"""The fused model's commands: ``fedfuse fuse``, ``compress``, ``export`` and ``evaluate``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from fedfuse.cli.common import (
     signing_key_path,
 )
 from fedfuse.errors import FedfuseError
+
+ArtifactDir = Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")]
 
 
 @app.command()
@@ -50,7 +52,7 @@ def fuse(
 @app.command()
 @reports_errors
 def compress(
-    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    artifact: ArtifactDir,
     out: Annotated[Path, typer.Option(help="the new version's directory (e.g. in a registry)")],
     prune: Annotated[float, typer.Option(
         help="fraction of each layer's smallest weights to zero, in [0, 1)")] = 0.0,
@@ -82,7 +84,7 @@ def compress(
 @app.command()
 @reports_errors
 def export(
-    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    artifact: ArtifactDir,
     out: Annotated[Path, typer.Option(help="file to write")],
     format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
@@ -109,7 +111,7 @@ def export(
 @app.command("evaluate")
 @reports_errors
 def evaluate_cmd(
-    artifact: Annotated[Path, typer.Argument(help="fused model directory (RUN_DIR/model)")],
+    artifact: ArtifactDir,
     data: Annotated[str, typer.Option(help="labelled .npz/.csv file, or an embedded data set")],
     label_column: Annotated[str, typer.Option(help="label column of a CSV file")] = "label",
     png: Annotated[Path, typer.Option(help="where to write the confusion-matrix plot")] = Path(

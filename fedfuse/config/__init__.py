@@ -1,7 +1,7 @@
 """The scenario: one typed, validated configuration object, built from a TOML file.
 
 - ``sections``: one dataclass per TOML table, each checking its own values
-  (``cohort``: a ``[[cohorts]]`` entry);
+  (``cohort``: a ``[[cohorts]]`` entry; ``train``: the ``[train]`` table);
 - ``scenario``: :class:`FedfuseConfig`, the whole scenario and the checks that span tables;
 - ``loading``: TOML file -> ``--set`` overrides -> dataclasses;
 - ``preflight``: the checks that need the data and the models, run before anything starts.
@@ -23,8 +23,8 @@ from fedfuse.config.sections import (
                                     RobustnessConfig,
                                     SecureAggregationConfig,
                                     SimulationConfig,
-                                    TrainConfig,
 )
+from fedfuse.config.train import TrainConfig
 
 __all__ = ["EMBEDDED_DATASETS", "SITE_NAME", "CohortConfig", "DataConfig", "DeploymentConfig",
            "FedfuseConfig", "FusionConfig", "PartitionConfig", "PrivacyConfig",

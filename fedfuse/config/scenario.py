@@ -24,10 +24,10 @@ from fedfuse.config.sections import (
     RobustnessConfig,
     SecureAggregationConfig,
     SimulationConfig,
-    TrainConfig,
     check,
 )
 from fedfuse.config.tracking import TrackingConfig
+from fedfuse.config.train import TrainConfig
 from fedfuse.errors import ConfigError
 from fedfuse.models.device import check_device_name
 from fedfuse.models.spec import CodeAllowance

@@ -40,7 +40,7 @@ def test_train_defaults_follow_privacy_but_explicit_values_win():
 
 def test_the_dp_batch_follows_the_sites_size():
     """clamp(2^round(log2(n / 10)), 32, 256): the default scenario's sites keep 32."""
-    from fedfuse.config.sections import dp_batch_size
+    from fedfuse.config.train import dp_batch_size
 
     assert [dp_batch_size(n) for n in (44, 108, 187, 450, 600, 1300, 6500, 10**6)] == \
         [32, 32, 32, 32, 64, 128, 256, 256]

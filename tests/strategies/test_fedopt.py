@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedfuse.config import DataConfig
-from fedfuse.config.sections import TrainConfig
+from fedfuse.config.train import TrainConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.errors import ConfigError
 from fedfuse.models.registry import build_model
