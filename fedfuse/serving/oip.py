@@ -75,12 +75,11 @@ def tensor_instances(name: Any, datatype: Any, shape: Any, data: Any,
     if dtype not in DTYPES:
         raise bad(f"datatype {dtype!r} is not a numeric tensor type fedfuse takes "
                   f"({', '.join(DTYPES)})")
-    dims = [d for d in shape if isinstance(d, int) and not isinstance(d, bool)] \
-        if isinstance(shape, (list, tuple)) else []
-    if dims != list(shape or ()) or dims[1:] != list(input_shape) or \
-            not 1 <= dims[0] <= max_instances:
-        raise bad(f"shape {list(shape or ())} is not [n, {', '.join(map(str, input_shape))}]"
-                  f" with 1 <= n <= {max_instances}")
+    given = list(shape) if isinstance(shape, (list, tuple)) else [shape]
+    dims = [d for d in given if isinstance(d, int) and not isinstance(d, bool)]
+    if dims != given or dims[1:] != list(input_shape) or not 1 <= dims[0] <= max_instances:
+        raise bad(f"shape {shape!r} is not [n, {', '.join(map(str, input_shape))}] with "
+                  f"1 <= n <= {max_instances}")
     try:
         values = np.frombuffer(data, dtype=DTYPES[dtype]) if isinstance(data, bytes) \
             else np.asarray(data)

@@ -83,6 +83,7 @@ def test_without_a_key_the_protocol_says_unauthenticated(oip):
 
 @pytest.mark.parametrize("change, status, needle", [
     (lambda r: r["inputs"][0].update(shape=[2, 64]), 400, "is not [n, 1, 8, 8]"),
+    (lambda r: r["inputs"][0].update(shape=5), 400, "shape 5 is not [n, 1, 8, 8]"),
     (lambda r: r["inputs"][0].update(datatype="BYTES"), 400, "not a numeric tensor type"),
     (lambda r: r["inputs"][0]["data"].__setitem__(5, 1e39), 400, "beyond float32"),
     (lambda r: r["inputs"][0]["data"].__setitem__(5, "x"), 400, "data must be numbers"),
