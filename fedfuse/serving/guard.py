@@ -148,16 +148,18 @@ def _presented_key(headers: dict[str, str]) -> str:
 
 
 def _client_host(scope: Scope) -> str:
+    client = scope.get("client")
+    return client_key(str(client[0])) if client else "ip:unknown"
+
+
+def client_key(host: str) -> str:
     """Who a request without a key counts as: its IPv4 address, or its IPv6 address's /64
     network (one site or household usually holds a whole /64, so per address a single
     client could rotate through 2^64 budgets); an IPv4-mapped IPv6 address is its IPv4."""
-    client = scope.get("client")
-    if not client:
-        return "ip:unknown"
     try:
-        address = ipaddress.ip_address(str(client[0]).split("%")[0])
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
     except ValueError:  # a Unix socket path or the like
-        return f"ip:{client[0]}"
+        return f"ip:{host}"
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return f"ip:{address.ipv4_mapped}"

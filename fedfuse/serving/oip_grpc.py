@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from fedfuse import __version__
 from fedfuse.serving.auth import KeyStore
 from fedfuse.serving.config import ServeConfig
-from fedfuse.serving.guard import RateLimiter
+from fedfuse.serving.guard import RateLimiter, client_key
 from fedfuse.serving.inference import ServeError, answer
 from fedfuse.serving.metrics import ServeMetrics
 from fedfuse.serving.oip import OUTPUTS, model_metadata, tensor_instances
@@ -86,7 +86,9 @@ class OipService:
         auth = meta.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else \
             meta.get("x-api-key", "").strip()
-        caller = f"peer:{context.peer().rsplit(':', 1)[0]}"
+        peer = context.peer()  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:..."
+        caller = client_key(peer.split(":", 1)[1].rsplit(":", 1)[0]) \
+            if peer.startswith(("ipv4:", "ipv6:")) else f"peer:{peer}"
         store = self.keys()
         if store is not None:
             key_id = store.verify(key)
