@@ -63,6 +63,12 @@ def oip_error(exc: ServeError) -> Response:
     return _json({"error": exc.message}, status, exc.headers or None)
 
 
+def labels_bytes(labels: list[str]) -> bytes:
+    """BYTES elements as the protocol's raw contents: each one's length (4 bytes, little
+    endian), then its bytes."""
+    return b"".join(len(b).to_bytes(4, "little") + b for b in (lab.encode() for lab in labels))
+
+
 def tensor_instances(name: Any, datatype: Any, shape: Any, data: Any,
                      input_shape: tuple[int, ...], max_instances: int) -> np.ndarray:
     """An input tensor as float32 ``(n, *input_shape)``: ``data`` is the raw
@@ -153,8 +159,7 @@ def infer_response(name: str, slot: ModelSlot, proba: np.ndarray,
             tensor.update(datatype="BYTES", shape=[len(labels)])
         if binary:
             blobs.append(proba.astype("<f4").tobytes() if out == "probabilities" else
-                         b"".join(len(b).to_bytes(4, "little") + b
-                                  for b in (lab.encode() for lab in labels)))
+                         labels_bytes(labels))
             tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
         else:
             tensor["data"] = proba.reshape(-1).tolist() if out == "probabilities" else labels

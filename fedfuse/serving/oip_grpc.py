@@ -31,7 +31,7 @@ from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import RateLimiter, client_key
 from fedfuse.serving.inference import ServeError, answer
 from fedfuse.serving.metrics import ServeMetrics
-from fedfuse.serving.oip import OUTPUTS, model_metadata, tensor_instances
+from fedfuse.serving.oip import OUTPUTS, labels_bytes, model_metadata, tensor_instances
 from fedfuse.serving.oip_proto import PACKAGE, POOL, RPCS, SERVICE, messages
 from fedfuse.serving.registry import ModelRegistry, ModelSlot
 
@@ -47,12 +47,6 @@ CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_co
             **{t: "uint_contents" for t in ("UINT8", "UINT16", "UINT32")}}
 """Where the typed ``contents`` of each datatype live (FP16 comes raw only)."""
 OPEN = {"ServerLive", "ServerReady", "ServerMetadata"}
-
-
-def labels_bytes(labels: list[str]) -> bytes:
-    """BYTES elements as the protocol's raw contents: each one's length (4 bytes, little
-    endian), then its bytes."""
-    return b"".join(len(b).to_bytes(4, "little") + b for b in (lab.encode() for lab in labels))
 
 
 def request_tensor(request: Any, input_shape: tuple[int, ...], max_instances: int
