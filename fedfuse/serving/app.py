@@ -27,10 +27,9 @@ from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -42,16 +41,10 @@ from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
 from fedfuse.serving.config import ServeConfig
 from fedfuse.serving.guard import GUARDED_PREFIXES, GuardMiddleware, RateLimiter, error_body
-from fedfuse.serving.inference import (
-    ServeError,
-    float32_instances,
-)
-from fedfuse.serving.inference import (
-    answer as answer_checked,
-)
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
 from fedfuse.serving.oip import add_oip_routes
 from fedfuse.serving.oip_grpc import OipService, start_grpc
+from fedfuse.serving.predict import PredictEndpoint, openapi_operations
 from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
 
 log = logging.getLogger("fedfuse.serve")
@@ -197,8 +190,13 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit else None
     app.add_middleware(GuardMiddleware, max_body_bytes=cfg.max_body_bytes,
                        keys=lambda: keys.store, limiter=limiter)
+    # First in the routing table: the predict routes, plain ASGI (see predict.py)
+    app.router.routes[:0] = PredictEndpoint(
+        registry, Body, f"{{\"instances\": [...]}} with 1 to {cfg.max_instances} instances, "
+        f"each an array shaped {list(schema.input_shape)} of finite numbers", metrics,
+        cfg.max_queue).routes()
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
-    _add_error_handlers(app, schema, cfg.max_instances)
+    _add_error_handler(app)
 
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": text} for code, text in (
@@ -206,46 +204,6 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             (413, "body too large"), (422, "input does not match the schema"),
             (429, "rate limit exceeded"),
             (503, "no model loaded, or too many requests waiting (Retry-After)"))}
-
-    async def answer(version: str, request: Request) -> Response:
-        try:
-            x = float32_instances(await instances(request), "instances")
-            metrics.request_instances.observe(len(x))
-            slot, proba = await answer_checked(registry, version, x, cfg.max_queue,
-                                               metrics.quality.observe)
-        except ServeError as exc:
-            extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
-            if "retry-after" in exc.headers:
-                extra["retry_after"] = int(exc.headers["retry-after"])
-            hint = " (see GET /v1/models)" if exc.status == 404 else ""
-            return _error(exc.status, exc.kind, exc.message + hint, headers=exc.headers,
-                          **extra)
-        classes = slot.predictor.schema.class_labels
-        payload = {"model_version": slot.version, "class_labels": list(classes),
-                   "labels": [classes[i] for i in proba.argmax(axis=1)],
-                   "probabilities": proba.tolist()}
-        return Response(json.dumps(payload), media_type="application/json")
-
-    async def instances(request: Request) -> Any:
-        """The body parsed and validated in one pass (pydantic-core reads the JSON bytes)."""
-        try:
-            body = Body.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
-        return body.instances  # type: ignore[attr-defined]
-
-    documented: dict[str, Any] = {"openapi_extra": {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
-        "response_model": PredictResponse, "responses": errors}
-
-    @app.post("/v1/predict", summary="Predict with the latest model version", **documented)
-    async def predict(request: Request) -> Response:
-        return await answer("", request)
-
-    @app.post("/v1/models/{version}/predict", summary="Predict with one model version",
-              **documented)
-    async def predict_version(version: str, request: Request) -> Response:
-        return await answer(version, request)
 
     @app.get("/v1/model", summary="Public manifest of the latest version", responses=errors)
     async def model_info() -> Any:
@@ -288,7 +246,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     add_oip_routes(app, registry, cfg, metrics, tuple(schema.input_shape))
-    app.openapi = lambda: _openapi(app, Body)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, Body, errors)  # type: ignore[method-assign]
     return app
 
 
@@ -305,43 +263,28 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
                     media_type="application/json", headers=headers)
 
 
-def field_path(loc: tuple[Any, ...]) -> str:
-    """``("body", "instances", 3, 0, 5)`` as ``instances[3][0][5]``."""
-    parts = [p for p in loc if p != "body"] or ["body"]
-    text = str(parts[0])
-    for p in parts[1:]:
-        text += f"[{p}]" if isinstance(p, int) else f".{p}"
-    return text
-
-
-def _add_error_handlers(app: FastAPI, schema: DataSchema, max_instances: int) -> None:
-    shape = (f"{{\"instances\": [...]}} with 1 to {max_instances} instances, each an array "
-             f"shaped {list(schema.input_shape)} of finite numbers")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        field = field_path(tuple(first["loc"]))
-        details = [{"field": field_path(tuple(e["loc"])), "message": e["msg"]}
-                   for e in errors[:20]]
-        return _error(422, "invalid_input", f"{field}: {first['msg']} (expected {shape})",
-                      field=field, details=details)
-
+def _add_error_handler(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, kind, str(exc.detail))
 
 
-def _openapi(app: FastAPI, body: type[BaseModel]) -> dict[str, Any]:
-    """FastAPI's schema plus the request body type and the API-key scheme on the ``/v1/``
-    operations."""
+def _openapi(app: FastAPI, body: type[BaseModel],
+             errors: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's schema plus the predict operations (with the request and response body
+    types and the ``errors`` answers) and the API-key scheme on the guarded operations."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
+        schema["paths"] = {**openapi_operations({str(code): {
+            "description": e["description"], "content": {"application/json": {"schema": {
+                "$ref": f"#/components/schemas/{e['model'].__name__}"}}}}
+            for code, e in errors.items()}), **schema["paths"]}
         components = schema.setdefault("components", {})
-        components.setdefault("schemas", {})["PredictRequest"] = body.model_json_schema()
+        components.setdefault("schemas", {}).update(
+            PredictRequest=body.model_json_schema(),
+            PredictResponse=PredictResponse.model_json_schema())
         components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         for path, ops in schema["paths"].items():
             if path.startswith(GUARDED_PREFIXES):

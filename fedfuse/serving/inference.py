@@ -25,6 +25,8 @@ class ServeError(Exception):
     kind: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    details: list[dict[str, str]] = field(default_factory=list)
+    """Every offending place (up to 20), each with its message, for an invalid body."""
     field: str | None = None
     """The offending place of the request (``instances[3][0][5]``), when one is."""
 
