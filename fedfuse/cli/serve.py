@@ -50,6 +50,8 @@ def serve(
         help="a signer's public key (PEM, a run's signer.pub copied out of band): only "
              "artifacts it signed are served (repeatable)")] = None,
     allow_arch: AllowArch = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="server processes on the port, sharing rate limits and metrics [1]")] = None,
 ) -> None:
     """Serve the fused model over HTTP: /v1/predict, /v1/model, the Open Inference
     Protocol's /v2 endpoints, /healthz, /readyz, /metrics."""
@@ -64,7 +66,7 @@ def serve(
                "max_queue": max_queue, "reload_interval": reload_interval, "device": device,
                "allow_arch": allow_arch or None,
                "trust": [str(t) for t in trust] if trust else None,
-               "model_name": model_name, "grpc_port": grpc_port,
+               "model_name": model_name, "grpc_port": grpc_port, "workers": workers,
                **{k: str(v) if v is not None else None for k, v in
                   (("api_keys", api_keys), ("tls_cert", tls_cert), ("tls_key", tls_key))}}
     run_server(serve_config(config, options), source)

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -40,12 +40,13 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.models.device import device_label, resolve_device
 from fedfuse.serving.auth import KeyStore, read_keys
 from fedfuse.serving.config import ServeConfig
-from fedfuse.serving.guard import GUARDED_PREFIXES, GuardMiddleware, RateLimiter, error_body
+from fedfuse.serving.guard import GUARDED_PREFIXES, GuardMiddleware, error_body
 from fedfuse.serving.metrics import MetricsMiddleware, ServeMetrics
 from fedfuse.serving.oip import add_oip_routes
 from fedfuse.serving.oip_grpc import OipService, start_grpc
 from fedfuse.serving.predict import PredictEndpoint, openapi_operations
 from fedfuse.serving.registry import ModelRegistry, ModelSlot, RegistryError, artifact_dirs
+from fedfuse.serving.workers import Shared
 
 log = logging.getLogger("fedfuse.serve")
 
@@ -126,8 +127,9 @@ class KeysWatcher:
             log.info("API keys: %d from %s", len(store), self.path)
 
 
-def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
-    """The app for ``source`` (an artifact or a registry of them) under ``cfg``."""
+def create_app(cfg: ServeConfig, source: Path, shared: Shared) -> FastAPI:
+    """The app for ``source`` (an artifact or a registry of them) under ``cfg``, with
+    what it shares with the server's other workers."""
     import torch
 
     trust = trusted_keys(cfg.trust) if cfg.trust else None
@@ -135,7 +137,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     device = resolve_device(cfg.device, "device")
     log.info("forward passes run on %s", device_label(device))
     keys = KeysWatcher(Path(cfg.api_keys) if cfg.api_keys else None)
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(shared.metrics_dir)
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedfuse-forward")
     registry = ModelRegistry(source, max_batch_size=cfg.max_batch_size,
                              max_wait=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_queue,
@@ -155,6 +157,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
             try:
                 await refresh()
                 keys.reload()
+                metrics.quality.flush()  # other workers' scrapes see it too
             except Exception:  # a bad rescan must not end the watcher
                 log.exception("rescan of %s or the keys file failed; serving as before",
                               source)
@@ -187,7 +190,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     app = FastAPI(title="fedfuse predict API", version=__version__, lifespan=lifespan,
                   description="Predictions of a fused fedfuse model. Send an API key as "
                               "'Authorization: Bearer <key>' when the server has keys.")
-    limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit else None
+    limiter = shared.limiter
     app.add_middleware(GuardMiddleware, max_body_bytes=cfg.max_body_bytes,
                        keys=lambda: keys.store, limiter=limiter)
     # First in the routing table: the predict routes, plain ASGI (see predict.py)
@@ -243,7 +246,7 @@ def create_app(cfg: ServeConfig, source: Path) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         metrics.quality.flush()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     add_oip_routes(app, registry, cfg, metrics, tuple(schema.input_shape))
     app.openapi = lambda: _openapi(app, Body, errors)  # type: ignore[method-assign]

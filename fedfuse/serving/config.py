@@ -44,7 +44,10 @@ class ServeConfig:
     reload_interval: float = 2.0
     """Seconds between rescans of the model directory and keys file; 0 turns it off."""
     threads: int = 1
-    """torch threads for the forward pass."""
+    """torch threads for the forward pass (per worker)."""
+    workers: int = 1
+    """Server processes sharing the port (and the per-caller rate limits, and the
+    metrics); each loads the models, so memory grows with them."""
     device: str = "cpu"
     """Where the forward pass runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     grpc_port: int | None = None
@@ -70,10 +73,12 @@ class ServeConfig:
         check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.model_name) is not None,
               "model_name", f"{self.model_name!r} is not a name of letters, digits, '_', "
               "'.' and '-' (at most 64)")
+        check(self.workers == 1 or self.port != 0, "workers",
+              "more than one worker needs a fixed port, not port 0")
         check((self.tls_cert is None) == (self.tls_key is None), "tls_key",
                "tls_cert and tls_key go together: give both for HTTPS, or neither")
         for key in ("max_instances", "max_body_bytes", "max_batch_size", "max_queue",
-                    "threads"):
+                    "threads", "workers"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("max_wait_ms", "reload_interval"):
             value = getattr(self, key)

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
-import time
 from collections.abc import Callable
 
-from limits import parse
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedfuse.serving.auth import KeyStore
+from fedfuse.serving.ratelimit import RateLimiter
 
 GUARDED_PREFIXES = ("/v1/", "/v2/models")
 """The API's paths: the ``/v1`` API and the Open Inference Protocol's model endpoints
@@ -41,22 +37,6 @@ def _refusal(path: str, kind: str, message: str, **extra: object) -> bytes:
     if path.startswith("/v2/"):
         return json.dumps({"error": message}).encode()
     return error_body(kind, message, **extra)
-
-
-class RateLimiter:
-    """At most ``limit`` requests per moving window per caller (``limits``' moving window)."""
-
-    def __init__(self, rate: str) -> None:
-        self.limit = parse(rate)  # "100/second"; ServeConfig has checked it
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
-
-    def retry_after(self, caller: str) -> int | None:
-        """None when ``caller`` may go ahead (and counts the request), else the seconds
-        until the window lets it in again."""
-        if self._limiter.hit(self.limit, caller):
-            return None
-        reset, _ = self._limiter.get_window_stats(self.limit, caller)
-        return max(1, math.ceil(reset - time.time()))
 
 
 class GuardMiddleware:

@@ -15,7 +15,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
+    generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,9 +35,13 @@ disable_created_metrics()  # no *_created series: they double the output for no 
 
 
 class ServeMetrics:
-    """The server's metric families, in a registry of their own."""
+    """The server's metric families, in a registry of their own; with a
+    ``multiprocess_dir`` (``serve --workers``), every worker's series are summed when
+    exposed (Prometheus's multiprocess mode; its gauges take the workers' largest or
+    most recent value)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fedfuse_http_requests_total", "HTTP requests answered",
@@ -54,9 +60,17 @@ class ServeMetrics:
                                         "Requests coalesced into one forward pass",
                                         buckets=SIZE_BUCKETS, registry=r)
         self.models = Gauge("fedfuse_model_versions_loaded", "Model versions being served",
-                            registry=r)
+                            registry=r, multiprocess_mode="max")
         self.quality = QualityMonitor(r)
         """Each version's predicted classes, confidence and input drift."""
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of every series (of every worker)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        summed = CollectorRegistry()
+        MultiProcessCollector(summed, path=self.multiprocess_dir)
+        return generate_latest(summed)
 
     def observe_batch(self, requests: int, rows: int) -> None:
         self.batch_requests.observe(requests)

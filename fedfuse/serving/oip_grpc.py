@@ -28,11 +28,12 @@ from grpc_reflection.v1alpha import reflection
 from fedfuse import __version__
 from fedfuse.serving.auth import KeyStore
 from fedfuse.serving.config import ServeConfig
-from fedfuse.serving.guard import RateLimiter, client_key
+from fedfuse.serving.guard import client_key
 from fedfuse.serving.inference import ServeError, answer
 from fedfuse.serving.metrics import ServeMetrics
 from fedfuse.serving.oip import OUTPUTS, labels_bytes, model_metadata, tensor_instances
 from fedfuse.serving.oip_proto import PACKAGE, POOL, RPCS, SERVICE, messages
+from fedfuse.serving.ratelimit import RateLimiter
 from fedfuse.serving.registry import ModelRegistry, ModelSlot
 
 log = logging.getLogger("fedfuse.serve")

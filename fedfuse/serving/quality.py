@@ -89,10 +89,11 @@ class QualityMonitor:
                                     buckets=CONFIDENCE_BUCKETS, registry=registry)
         self.mean_shift = Gauge("fedfuse_input_drift_mean_shift", "RMS over features of the "
                                 "recent inputs' mean, in training standard deviations",
-                                ["version"], registry=registry)
+                                ["version"], registry=registry,
+                                multiprocess_mode="mostrecent")
         self.spread = Gauge("fedfuse_input_drift_spread_ratio", "Mean over features of the "
                             "recent inputs' spread over the training spread", ["version"],
-                            registry=registry)
+                            registry=registry, multiprocess_mode="mostrecent")
 
     def observe(self, slot: ModelSlot, x: np.ndarray, proba: np.ndarray) -> None:
         """Note one answered request of ``slot`` (inputs ``x``, answers ``proba``); the

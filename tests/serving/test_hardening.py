@@ -20,7 +20,8 @@ from fedfuse.config import DataConfig
 from fedfuse.data.datasets import load_dataset
 from fedfuse.serving.auth import create_key
 from fedfuse.serving.batcher import BatcherFull, MicroBatcher
-from fedfuse.serving.guard import GuardMiddleware, RateLimiter
+from fedfuse.serving.guard import GuardMiddleware
+from fedfuse.serving.ratelimit import RateLimiter
 from tests.helpers import Server, make_artifact
 
 
