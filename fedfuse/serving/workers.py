@@ -14,6 +14,7 @@ not start the next time either, so the server stops and exits with an error.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from fedfuse.serving.ratelimit import RateLimiter
 log = logging.getLogger("fedfuse.serve")
 
 RESTART_GRACE = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,17 @@ def serve_workers(cfg: ServeConfig, source: Path) -> None:
         Supervisor(cfg, source, shared).run()
 
 
+def _end_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when ``supervisor`` dies (even by
+    SIGKILL), so no worker outlives it holding the port (Linux's PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("worker %d will not stop with its supervisor: prctl failed (%s)",
+                    os.getpid(), os.strerror(ctypes.get_errno()))
+    if os.getppid() != supervisor:  # it died before the request took hold
+        os._exit(1)
+
+
 class Supervisor:
     """Starts, restarts and stops the worker processes."""
 
@@ -124,9 +137,11 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
 
     def _start(self, index: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             os.setpgid(0, 0)
+            _end_with(supervisor)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             os._exit(self._work(index))

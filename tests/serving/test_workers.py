@@ -108,6 +108,29 @@ def test_workers_share_the_port_the_limit_and_the_metrics(tmp_path):
     assert not any(Path(f"/proc/{w}").exists() for w in now)
 
 
+def test_workers_end_with_a_killed_supervisor(tmp_path):
+    make_artifact(tmp_path / "model")
+    with Server(tmp_path / "model", "--workers", "2") as server:
+        assert server.proc is not None
+        workers = children(server.proc.pid)
+        server.proc.kill()  # SIGKILL: no handler runs in the supervisor
+        server.proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        assert len(workers) == 2 and not any(alive(w) for w in workers)
+    with socket.socket() as probe:  # and the port is free again
+        probe.bind(("127.0.0.1", server.port))
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, reaped by nobody yet, counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_workers_refuse_a_port_in_use(tmp_path):
     make_artifact(tmp_path / "model")
     with socket.socket() as taken:
