@@ -54,6 +54,15 @@ def prune_magnitude(model: nn.Module, fraction: float) -> int:
     return zeroed
 
 
+def _reference(full: FusedPredictor) -> dict[str, Any]:
+    """The source's training input moments, for the served version's drift figures (the
+    ONNX graph hides its ``Standardize`` layer)."""
+    reference = full.input_reference()
+    if reference is None:
+        return {}
+    return {"input_reference": {"mean": reference[0].tolist(), "std": reference[1].tolist()}}
+
+
 def compress_artifact(source: Path, out: Path, *, prune: float, int8: bool, semver: str,
                       test: Dataset | None, signer: Ed25519PrivateKey | None = None,
                       allow_arch: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -100,6 +109,7 @@ def compress_artifact(source: Path, out: Path, *, prune: float, int8: bool, semv
                         "test_accuracy": accuracy, "source_test_accuracy": full_accuracy},
         "fused_test_accuracy": accuracy,
         "privacy": full.manifest["privacy"],
+        **_reference(full),
         "schema": full.manifest["schema"],
         "files": {GRAPH_FILE: sha256(graph)},
     }

@@ -24,7 +24,7 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
 from fedfuse.models.factory import code_identity
-from fedfuse.models.registry import load_model
+from fedfuse.models.registry import Standardize, load_model
 from fedfuse.models.spec import CodeAllowance, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,21 @@ class FusedPredictor:
         weights = np.array([manifest["fusion"]["weights"][e["arch"]]
                             for e in manifest["members"]])
         return cls(manifest, FusedModel(members, weights), device)
+
+    def input_reference(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The per-feature (mean, std) of the training inputs: the manifest's
+        ``input_reference`` (a compressed version's), else what the first member's
+        ``Standardize`` layer holds; None for a model without one (a user model that
+        standardises in its own way)."""
+        recorded = self.manifest.get("input_reference")
+        if recorded is not None:
+            return (np.asarray(recorded["mean"], dtype=np.float64),
+                    np.asarray(recorded["std"], dtype=np.float64))
+        layer = next((m for m in self.model.modules() if isinstance(m, Standardize)), None)
+        if layer is None:
+            return None
+        return (layer.mean.detach().cpu().numpy().reshape(-1).astype(np.float64),
+                layer.std.detach().cpu().numpy().reshape(-1).astype(np.float64))
 
     def check_input(self, X: Any) -> np.ndarray:
         """``X`` as float32 of shape (n, *input_shape); raises InputError naming the problem."""

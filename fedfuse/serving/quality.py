@@ -2,7 +2,8 @@
 and how far the inputs have drifted from the data they were trained on.
 
 The reference is the federated feature moments every member standardises its inputs
-with (``Standardize``: the sites' pooled per-feature mean and std, in the artifact).
+with (``Standardize``: the sites' pooled per-feature mean and std, in the artifact; a
+compressed ONNX version carries its source's in its manifest).
 Each answered instance ``x`` is standardised, ``z = (x - mean) / std``, and per feature
 the server keeps exponentially decayed sums ``W = Σ w``, ``S1 = Σ w z``, ``S2 = Σ w z²``
 (each instance's weight halves after ``half_life`` more instances), so the figures
@@ -25,23 +26,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fedfuse.models.registry import Standardize
 from fedfuse.serving.registry import ModelSlot
 
 FLUSH_ROWS = 4096
 """Noted rows that trigger a fold even without a scrape (bounds the memory held)."""
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-
-
-def reference_moments(slot: ModelSlot) -> tuple[np.ndarray, np.ndarray] | None:
-    """The (mean, std) per feature a version's first member standardises with, or None
-    for a model without a ``Standardize`` layer (a user model that does its own)."""
-    layer = next((m for m in slot.predictor.model.modules() if isinstance(m, Standardize)),
-                 None)
-    if layer is None:
-        return None
-    return (layer.mean.detach().cpu().numpy().reshape(-1).astype(np.float64),
-            layer.std.detach().cpu().numpy().reshape(-1).astype(np.float64))
 
 
 def decayed_update(sums: np.ndarray, z: np.ndarray, half_life: float) -> np.ndarray:
@@ -119,7 +108,7 @@ class QualityMonitor:
     def _fold(self, slot: ModelSlot, x: np.ndarray, proba: np.ndarray) -> None:
         q = self.versions.get(slot.version)
         if q is None:
-            q = self.versions[slot.version] = VersionQuality(reference_moments(slot))
+            q = self.versions[slot.version] = VersionQuality(slot.predictor.input_reference())
         classes = slot.predictor.schema.class_labels
         counts = np.bincount(proba.argmax(axis=1), minlength=len(classes))
         for index in np.flatnonzero(counts):

@@ -79,7 +79,11 @@ def serve_workers(cfg: ServeConfig, source: Path) -> None:
         serving_schema(source, trusted_keys(cfg.trust) if cfg.trust else None)
         shared = Shared(RateLimiter(cfg.rate_limit) if cfg.rate_limit else None,
                         metrics_dir)
-        Supervisor(cfg, source, shared).run()
+        stopped_by = Supervisor(cfg, source, shared).run()
+    # exit by the signal, as one uvicorn process does, so a supervisor of ours sees a
+    # requested stop (status 130 or 143); the metrics directory is gone by now
+    signal.signal(stopped_by, signal.SIG_DFL)
+    os.kill(os.getpid(), stopped_by)
 
 
 def _end_with(supervisor: int) -> None:
@@ -100,10 +104,13 @@ class Supervisor:
         self.cfg, self.source, self.shared = cfg, source, shared
         self.workers: dict[int, tuple[int, float]] = {}
         """pid -> (worker index, start time)"""
-        self.stopping = False
+        self.stopping: int | None = None
+        """The signal that stops the server (SIGTERM when a worker failed)."""
         self.failed: str | None = None
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until a signal stops every worker: that signal (raises FedfuseError
+        when a worker could not start)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         for index in range(self.cfg.workers):
@@ -129,10 +136,11 @@ class Supervisor:
                 self._start(index)
         if self.failed:
             raise FedfuseError(self.failed)
+        return self.stopping or signal.SIGTERM
 
-    def _stop(self, *_: int | FrameType | None) -> None:
+    def _stop(self, signum: int = signal.SIGTERM, _: FrameType | None = None) -> None:
         if not self.stopping:
-            self.stopping = True
+            self.stopping = signum
             for pid in self.workers:
                 os.kill(pid, signal.SIGTERM)
 

@@ -16,7 +16,8 @@ then, where Debian's ``wrk`` is installed, ``wrk -t1 -c64`` for as long (after 2
 warm-up), the external figure the serving issue's target is set in; and, where
 ``h2load`` (Debian's nghttp2-client) is installed, the Open Inference Protocol's gRPC
 ModelInfer on fedfuse's ``--grpc-port`` over 64 HTTP/2 connections, one call in flight
-on each (the baseline has no gRPC).
+on each (the baseline has no gRPC). Then ``fedfuse serve --workers 2`` again under wrk
+and h2load (two processes on one port, rate limits and metrics shared).
 The client is a raw-socket asyncio loop in this process, far cheaper per request than an
 HTTP library, but it shares the machine's cores with the server. Reported: requests per
 second, p50 and p99 latency, and fedfuse / baseline ratios.
@@ -219,6 +220,14 @@ def main() -> None:
                         "--grpc-port", str(grpc_port)],
             port, {}, "/v1/predict", key, body, args.concurrency, args.seconds, work,
             grpc=(grpc_port, grpc_body(instance[0]), key))
+        port, grpc_port = free_port(), free_port()
+        workers = measure(
+            "fedfuse-workers", [sys.executable, "-m", "fedfuse", "serve",
+                                str(work / "model"), "--port", str(port), "--api-keys",
+                                str(work / "keys.json"), "--grpc-port", str(grpc_port),
+                                "--workers", "2"],
+            port, {}, "/v1/predict", key, body, [], args.seconds, work,
+            grpc=(grpc_port, grpc_body(instance[0]), key))
         port = free_port()
         baseline = measure(
             "baseline", [sys.executable, "-m", "uvicorn", "serve_baseline:app", "--port",
@@ -227,7 +236,7 @@ def main() -> None:
             port, {"ARTIFACT": str(work / "model"), "PYTHONPATH": str(ROOT)}, "/predict",
             None, body, args.concurrency, args.seconds, work)
     results = {"machine": machine(), "seconds": args.seconds, "instances_per_request": 1,
-               "fedfuse": fedfuse, "baseline": baseline,
+               "fedfuse": fedfuse, "fedfuse_2_workers": workers, "baseline": baseline,
                "throughput_ratio": {c: round(fedfuse[c]["requests_per_s"]
                                              / baseline[c]["requests_per_s"], 2)
                                     for c in fedfuse if c in baseline}}
@@ -239,14 +248,24 @@ def main() -> None:
         rows.append(f"| {label} | {f['requests_per_s']:.0f} | {b['requests_per_s']:.0f} | "
                     f"{results['throughput_ratio'][c]:.2f}x | {f['p50_ms']:.1f} / "
                     f"{f['p99_ms']:.1f} ms | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} ms |")
-    if "grpc" in fedfuse:
-        g = fedfuse["grpc"]
-        rows.append(f"| 64, gRPC (h2load) | {g['requests_per_s']:.0f} | - | - | "
-                    f"{g['p50_ms']:.1f} / {g['p99_ms']:.1f} ms | - |")
+    if "wrk" in workers and "wrk" in baseline:
+        w, b = workers["wrk"], baseline["wrk"]
+        rows.append(f"| 64, wrk -t1, `--workers 2` | {w['requests_per_s']:.0f} | "
+                    f"{b['requests_per_s']:.0f} | "
+                    f"{w['requests_per_s'] / b['requests_per_s']:.2f}x | "
+                    f"{w['p50_ms']:.1f} / {w['p99_ms']:.1f} ms | {b['p50_ms']:.1f} / "
+                    f"{b['p99_ms']:.1f} ms |")
+    for label, run in (("64, gRPC (h2load)", fedfuse),
+                       ("64, gRPC (h2load), `--workers 2`", workers)):
+        if "grpc" in run:
+            g = run["grpc"]
+            rows.append(f"| {label} | {g['requests_per_s']:.0f} | - | - | "
+                        f"{g['p50_ms']:.1f} / {g['p99_ms']:.1f} ms | - |")
     rows.append(f"\nMeasured on {machine()}; {args.seconds:g} s per point after 1 s of "
                 "warm-up, one instance (1x8x8) per request, closed loop over keep-alive "
                 "connections; the load generator (this script's own raw-socket loop; wrk "
-                "-t1 on the last row, after a 2 s warm-up) runs on the same cores.")
+                "-t1 on the wrk rows, after a 2 s warm-up; h2load on the gRPC rows) runs on "
+                "the same cores.")
     table = "\n".join(rows)
     publish("serve", results, ROOT / "docs" / "benchmarks.md", table)
     print(table)

@@ -229,5 +229,12 @@ def test_a_pruned_int8_version_is_served_beside_the_full_one(two_runs, tmp_path)
             answer = httpx.post(f"{server.url}/v1/models/{version}/predict",
                                 json={"instances": test.X[:20].tolist()}).json()
             assert answer["labels"] == list(model.predict(test.X[:20]))
+        # the ONNX version's drift is measured against its source's training moments
+        for version in ("1.0.0", "1.1.0"):
+            quality = httpx.get(f"{server.url}/v1/models/{version}/quality").json()
+            assert quality["instances"] == 20 and quality["drift"] is not None
+            assert quality["drift"]["mean_shift"] < 1.0
+    mean, std = small.input_reference()
+    assert np.array_equal(mean, full.input_reference()[0]) and np.all(std > 0)
     refused = run_cli("compress", run / "model", "--out", tmp_path / "none")
     assert refused.returncode == 2 and "nothing to compress" in refused.stderr
