@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from torch import nn
 
 from fedfuse.artifact.export import export_onnx
@@ -65,17 +68,18 @@ def _reference(full: FusedPredictor) -> dict[str, Any]:
 
 def compress_artifact(source: Path, out: Path, *, prune: float, int8: bool, semver: str,
                       test: Dataset | None, signer: Ed25519PrivateKey | None = None,
-                      allow_arch: tuple[str, ...] = ()) -> dict[str, Any]:
+                      allow_arch: tuple[str, ...] = (),
+                      trust: tuple[Ed25519PublicKey, ...] | None = None) -> dict[str, Any]:
     """Write ``source``'s fused graph, pruned by ``prune`` and/or int8, as a new artifact
     ``out`` (signed by ``signer``; published whole, by one rename); returns its
-    manifest."""
+    manifest); with ``trust``, ``source`` must be signed by one of those keys."""
     if not 0.0 <= prune < 1.0:
         raise FedfuseError(f"--prune {prune}: expected a fraction in [0, 1)")
     if prune == 0.0 and not int8:
         raise FedfuseError("nothing to compress: give --prune FRACTION, --int8 or both")
     if out.exists():
         raise FedfuseError(f"{out} already exists (choose another --out)")
-    full = FusedPredictor.load(source, allow_arch=allow_arch)
+    full = FusedPredictor.load(source, allow_arch=allow_arch, trust=trust)
     model = copy.deepcopy(full.model).eval()
     zeroed = prune_magnitude(model, prune) if prune else 0
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:

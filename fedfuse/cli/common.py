@@ -25,6 +25,11 @@ AllowArch = Annotated[Optional[list[str]], typer.Option(
          "package.module:* (repeat for more; the built-ins always load)")]
 """The ``--allow-arch`` option of every command that loads an artifact."""
 
+Trust = Annotated[Optional[list[Path]], typer.Option(
+    help="a signer's public key (PEM, a run's signer.pub copied out of band): only "
+         "artifacts it signed are accepted (repeatable)")]
+"""The ``--trust`` option of every command that loads an artifact."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

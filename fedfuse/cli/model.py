@@ -13,6 +13,7 @@ from fedfuse.cli.app import app
 from fedfuse.cli.common import (
     AllowArch,
     SigningKey,
+    Trust,
     console,
     reports_errors,
     signing_key_path,
@@ -63,7 +64,9 @@ def compress(
     allow_arch: AllowArch = None,
 ) -> None:
     """Write a pruned and/or int8 version of ARTIFACT's fused graph (ONNX) as a new,
-    signed artifact, scored on the run's test split when ARTIFACT is a run's model."""
+    signed artifact, scored on the run's test split when ARTIFACT is a run's model.
+    ARTIFACT must be signed by the same key (compressing re-signs: an artifact changed
+    since it was signed is never laundered into a signed version)."""
     from fedfuse.artifact.compress import compress_artifact
     from fedfuse.artifact.signing import signing_key as load_signing_key
     from fedfuse.data.sites import run_test_split
@@ -72,7 +75,8 @@ def compress(
     run = artifact.resolve().parent
     test = run_test_split(run) if (run / "config.toml").is_file() else None
     manifest = compress_artifact(artifact, out, prune=prune, int8=int8, semver=version,
-                                 test=test, signer=key, allow_arch=tuple(allow_arch or ()))
+                                 test=test, signer=key, allow_arch=tuple(allow_arch or ()),
+                                 trust=(key.public_key(),))
     c = manifest["compression"]
     scored = (f"; test accuracy {c['test_accuracy']:.4f} (full: "
               f"{c['source_test_accuracy']:.4f})" if c["test_accuracy"] is not None else "")
@@ -89,6 +93,7 @@ def export(
     format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
     int8: Annotated[bool, typer.Option(help="int8 dynamic quantisation of dense layers")] = False,
     allow_arch: AllowArch = None,
+    trust: Trust = None,
 ) -> None:
     """Export the fused graph (probabilities out) to ONNX or TorchScript, optionally int8."""
     from fedfuse.artifact.export import Format, export_model, run_exported
@@ -97,7 +102,7 @@ def export(
     if format_ not in ("onnx", "torchscript"):
         raise FedfuseError(f"--format {format_!r}: expected 'onnx' or 'torchscript'")
     predictor = FusedPredictor.load(artifact, allow_arch=tuple(allow_arch or ()),
-                                    search=str(Path.cwd()))
+                                    search=str(Path.cwd()), trust=trust or None)
     fmt: Format = "onnx" if format_ == "onnx" else "torchscript"
     export_model(predictor, out, fmt, int8)
     probe = np.random.default_rng(0).normal(size=(16, *predictor.schema.input_shape))
@@ -119,6 +124,7 @@ def evaluate_cmd(
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="also write the report as JSON")] = None,
     allow_arch: AllowArch = None,
+    trust: Trust = None,
 ) -> None:
     """Accuracy, per-class metrics and confusion matrix of a fused artifact on labelled data."""
     from fedfuse.artifact.evaluation import evaluate_artifact, plot_confusion
@@ -128,7 +134,7 @@ def evaluate_cmd(
     from fedfuse.data.datasets import load_dataset
 
     predictor = FusedPredictor.load(artifact, allow_arch=tuple(allow_arch or ()),
-                                    search=str(Path.cwd()))
+                                    search=str(Path.cwd()), trust=trust or None)
     source = resolve_source(data, Path.cwd())
     dataset = load_dataset(DataConfig(source=source, label_column=label_column))
     report = evaluate_artifact(predictor, dataset)

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from fedfuse.cli.app import app
-from fedfuse.cli.common import AllowArch, console, reports_errors
+from fedfuse.cli.common import AllowArch, Trust, console, reports_errors
 from fedfuse.errors import FedfuseError
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the predict server.")
@@ -46,9 +46,7 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option(
         help="the model's name in the Open Inference Protocol (/v2/models/NAME) [fedfuse]")]
     = None,
-    trust: Annotated[Optional[list[Path]], typer.Option(
-        help="a signer's public key (PEM, a run's signer.pub copied out of band): only "
-             "artifacts it signed are served (repeatable)")] = None,
+    trust: Trust = None,
     allow_arch: AllowArch = None,
     workers: Annotated[Optional[int], typer.Option(
         help="server processes on the port, sharing rate limits and metrics [1]")] = None,

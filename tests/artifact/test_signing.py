@@ -129,3 +129,27 @@ def test_serve_trust_refuses_a_forged_artifact_and_serves_a_signed_one(signed, t
             pass
     bad = run_cli("serve", run / "model", "--trust", tmp_path / "absent.pub")
     assert bad.returncode == 2 and "trusted key" in bad.stderr and "not found" in bad.stderr
+
+
+def test_export_evaluate_and_compress_refuse_a_forged_artifact(signed, tmp_path):
+    """``--trust`` on export and evaluate; compress, which re-signs, demands its own key's
+    signature on the source, so a re-hashed tampered artifact is never laundered."""
+    run, key = signed
+    trusted = tmp_path / "trusted.pub"
+    trusted.write_bytes((run / SIGNER_PUB).read_bytes())
+    data = tmp_path / "digits.npz"
+    digits = load_dataset(DataConfig())
+    np.savez(data, X=digits.X[:40], y=digits.y[:40])
+    ok = run_cli("evaluate", run / "model", "--data", data, "--trust", trusted,
+                 "--png", tmp_path / "cm.png")
+    assert ok.returncode == 0, ok.stderr
+    rehash_with_tampered_member(run / "model")
+    for args in (("export", run / "model", "--out", tmp_path / "m.onnx"),
+                 ("evaluate", run / "model", "--data", data, "--png", tmp_path / "cm2.png")):
+        refused = run_cli(*args, "--trust", trusted)
+        assert refused.returncode == 2 and "does not match the manifest" in refused.stderr
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "cm2.png").exists()
+    laundered = run_cli("compress", run / "model", "--int8", "--out", tmp_path / "small",
+                        "--signing-key", key)
+    assert laundered.returncode == 2 and "does not match the manifest" in laundered.stderr
+    assert not (tmp_path / "small").exists()
