@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from fedfuse.data.flower import FlowerParams
 from fedfuse.errors import ConfigError
 
 EMBEDDED_DATASETS = ("digits", "breast_cancer")
@@ -25,9 +26,16 @@ class DataConfig:
     """Where the data come from and how much of it is held out."""
 
     source: str = "digits"
-    """``digits`` or ``breast_cancer`` (embedded), or a path to a ``.npz``/``.csv`` file."""
+    """``digits`` or ``breast_cancer`` (embedded), a path to a ``.npz``/``.csv`` file, or
+    a directory saved by Hugging Face datasets' ``save_to_disk``."""
     label_column: str = "label"
-    """Name of the label column when ``source`` is a CSV file."""
+    """Name of the label column when ``source`` is a CSV file or a Hugging Face
+    directory."""
+    features: list[str] = field(default_factory=list)
+    """A Hugging Face directory's feature columns (one image or array column, or scalar
+    columns); none: every column but ``label_column``."""
+    split: str = "train"
+    """The split of a saved Hugging Face ``DatasetDict``."""
     test_fraction: float = 0.2
     """Share of the data held out for the coordinator's test evaluation."""
     val_fraction: float = 0.2
@@ -54,11 +62,20 @@ class DataConfig:
 class PartitionConfig:
     """How the training pool is split across clients."""
 
-    method: Literal["iid", "dirichlet"] = "dirichlet"
+    method: Literal["iid", "dirichlet", "pathological", "shard", "linear", "square",
+                    "exponential", "flower_dirichlet"] = "dirichlet"
+    """fedfuse's ``iid`` or ``dirichlet``, or a Flower Datasets partitioner (extra
+    ``fedfuse[datasets]``; see fedfuse/data/flower.py)."""
     alpha: float = 0.5
     """Dirichlet concentration: smaller means stronger label skew."""
     min_samples: int = 10
     """Fewest examples (train + validation) a client may receive."""
+    classes_per_client: int = 2
+    """``pathological``: classes each client holds."""
+    shards_per_client: int = 2
+    """``shard``: label-sorted shards each client holds."""
+    self_balancing: bool = False
+    """``flower_dirichlet``: stop giving a class to clients already over the mean size."""
     by_cohort: bool = True
     """Give each cohort a stratified share of the pool (in proportion to its clients)
     before the label skew is drawn among its clients, so that cohorts differ by
@@ -67,6 +84,13 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         check(self.alpha > 0.0, "alpha", "must be > 0")
         check(self.min_samples >= 2, "min_samples", "must be >= 2 (one train, one validation)")
+        check(self.classes_per_client >= 1, "classes_per_client", "must be >= 1")
+        check(self.shards_per_client >= 1, "shards_per_client", "must be >= 1")
+
+    def flower(self) -> FlowerParams:
+        """The Flower Datasets partitioners' parameters."""
+        return FlowerParams(self.alpha, self.min_samples, self.classes_per_client,
+                            self.shards_per_client, self.self_balancing)
 
 
 RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")

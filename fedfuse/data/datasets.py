@@ -1,4 +1,5 @@
-"""Data sets: the embedded defaults from scikit-learn and users' ``.npz`` / ``.csv`` files.
+"""Data sets: the embedded defaults from scikit-learn and users' ``.npz`` / ``.csv`` files
+(and Hugging Face ``save_to_disk`` directories: ``huggingface.py``).
 
 Every loader returns features as float32 in their model-facing shape (``digits`` as
 1x8x8 images) with labels encoded as 0..K-1, plus a :class:`DataSchema` that models,
@@ -95,8 +96,18 @@ def load_dataset(cfg: DataConfig, base_dir: Path | None = None,
         return load_npz(path, class_labels)
     if path.suffix == ".csv":
         return load_csv(path, cfg.label_column, class_labels)
-    raise DataError(f"data.source {cfg.source!r}: expected 'digits', 'breast_cancer', "
-                    "or a path ending in .npz or .csv")
+    from fedfuse.data.huggingface import is_saved_dataset, load_saved_dataset
+
+    if path.is_dir() and is_saved_dataset(path):
+        return load_saved_dataset(path, cfg.label_column, cfg.features, cfg.split,
+                                  class_labels)
+    missing = "" if path.exists() else (
+        "; it does not exist (a Hugging Face hub name is not fetched: nothing downloads "
+        "at run time; save the data set with save_to_disk where there is a network and "
+        "give that directory)")
+    raise DataError(f"data.source {cfg.source!r}: expected 'digits', 'breast_cancer', a "
+                    "path ending in .npz or .csv, or a directory saved by Hugging Face "
+                    f"datasets' save_to_disk{missing}")
 
 
 def _load_embedded(name: str) -> Dataset:
@@ -117,7 +128,7 @@ def _load_embedded(name: str) -> Dataset:
     return Dataset(X.astype(np.float32), bunch.target.astype(np.int64), schema)
 
 
-def _from_arrays(X: np.ndarray, y_raw: np.ndarray, features: tuple[str, ...],
+def from_arrays(X: np.ndarray, y_raw: np.ndarray, features: tuple[str, ...],
                  where: Path, class_labels: tuple[str, ...] | None = None) -> Dataset:
     if X.ndim < 2:
         raise DataError(f"{where}: features must have shape (n, ...), got {X.shape}")
@@ -167,7 +178,7 @@ def load_npz(path: Path, class_labels: tuple[str, ...] | None = None) -> Dataset
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
     n_feat = int(np.prod(X.shape[1:])) if X.ndim >= 2 else 0
-    return _from_arrays(X, y, tuple(f"x{i}" for i in range(n_feat)), path, class_labels)
+    return from_arrays(X, y, tuple(f"x{i}" for i in range(n_feat)), path, class_labels)
 
 
 def load_csv(path: Path, label_column: str,
@@ -196,4 +207,4 @@ def load_csv(path: Path, label_column: str,
         except ValueError:
             raise DataError(f"{path}:{lineno}: a feature value is not a number") from None
         y.append(row[li].strip())
-    return _from_arrays(np.asarray(X_rows), np.asarray(y), features, path, class_labels)
+    return from_arrays(np.asarray(X_rows), np.asarray(y), features, path, class_labels)

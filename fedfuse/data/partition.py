@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedfuse.data.flower import FlowerParams, flower_partition
 from fedfuse.errors import DataError
 
 MAX_DIRICHLET_TRIES = 1000
@@ -100,14 +101,17 @@ def stratified_groups(y: np.ndarray, sizes: Sequence[int], seed: int) -> list[np
 
 def build_federation(y: np.ndarray, groups: Sequence[int], *, method: str, alpha: float,
                      min_samples: int, test_fraction: float, val_fraction: float,
-                     seed: int, by_group: bool = True) -> Federation:
+                     seed: int, by_group: bool = True,
+                     flower: FlowerParams | None = None) -> Federation:
     """Hold out a stratified test split, partition the rest, split each part into train/val.
 
     ``groups`` holds the number of clients of each group (cohort), clients numbered group
     by group. With ``by_group`` every group first receives a stratified share of the pool
     in proportion to its clients (:func:`stratified_groups`), and the label skew is drawn
     within it; otherwise all clients are partitioned together, so a group's data is
-    whatever its clients happen to draw.
+    whatever its clients happen to draw. ``method`` is ``iid``, ``dirichlet`` or one of
+    Flower Datasets' (:data:`~fedfuse.data.flower.FLOWER_METHODS`, with ``flower``'s
+    parameters).
     """
     pool, test = stratified_holdout(y, test_fraction, seed)
     _check_enough(len(pool), sum(groups), min_samples)
@@ -120,9 +124,13 @@ def build_federation(y: np.ndarray, groups: Sequence[int], *, method: str, alpha
         try:
             if method == "iid":
                 local = partition_iid(len(share), n_clients, group_seed)
-            else:
+            elif method == "dirichlet":
                 local = partition_dirichlet(y_pool[share], n_clients, alpha, group_seed,
                                             min_samples)
+            else:
+                local = flower_partition(y_pool[share], n_clients, method,
+                                         flower or FlowerParams(alpha, min_samples),
+                                         group_seed)
         except DataError as exc:
             raise DataError(f"cohorts[{g}]'s share of the data: {exc}" if by_group
                             else str(exc)) from None

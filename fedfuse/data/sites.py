@@ -88,7 +88,8 @@ def plan_federation(cfg: FedfuseConfig) -> Plan:
         federation = build_federation(
             dataset.y, [c.clients for c in cfg.cohorts], method=p.method, alpha=p.alpha,
             min_samples=p.min_samples, test_fraction=cfg.data.test_fraction,
-            val_fraction=cfg.data.val_fraction, seed=cfg.seed, by_group=p.by_cohort)
+            val_fraction=cfg.data.val_fraction, seed=cfg.seed, by_group=p.by_cohort,
+            flower=p.flower())
         _PLANS[key] = Plan(dataset, federation)
     return _PLANS[key]
 
