@@ -81,6 +81,17 @@ def test_the_engine_loop_fedfuse_replaces_keeps_its_shape():
     assert vce_api.add_messages_to_queue is original
 
 
+def test_the_link_state_fields_the_sweep_reads_are_still_there():
+    """The sweep reads the in-memory link state's message store under its lock."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    init = inspect.getsource(InMemoryLinkState.__init__)
+    assert "self.message_ins_store: dict[str, Message] = {}" in init
+    assert "self.lock = threading.RLock()" in init or "self.lock = threading.Lock()" in init
+    scan = inspect.getsource(InMemoryLinkState.get_message_ins)
+    assert 'msg_ins.metadata.delivered_at == ""' in scan
+
+
 def test_run_simulation_is_still_there_with_the_arguments_fedfuse_passes():
     """Flower 1.41 deprecates ``run_simulation``; this fails when it is removed or its
     arguments change (docs/architecture.md says what moving to ``flwr run`` takes)."""
