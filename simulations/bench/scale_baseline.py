@@ -5,6 +5,7 @@ training itself is the same code fedfuse runs (same model, loop, batch and epoch
 the two differ only in what the framework around them does per call.
 
     python simulations/bench/scale_baseline.py --clients 100 --rounds 3 [--dp]
+        [--data FILE.npz --arch logreg --fraction 0.01]
 
 Prints one JSON line: the seconds of each round (``strategy.start``'s rounds, timed
 with its ``evaluate_fn`` hook, which runs after every aggregation).
@@ -35,18 +36,19 @@ BATCH = 16
 LR = 0.05
 
 
-def client_app(clients: int, dp: bool, device: str) -> ClientApp:
+def client_app(clients: int, dp: bool, device: str, data_source: str = "digits",
+               arch: str = "mlp") -> ClientApp:
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         pid = int(context.node_config["partition-id"])
-        data = load_dataset(DataConfig())  # quickstart style: load and partition per call
+        data = load_dataset(DataConfig(source=data_source))  # quickstart style: per call
         fed = build_federation(data.y, [clients], method="iid", alpha=1.0, min_samples=2,
                                test_fraction=0.2, val_fraction=0.1, seed=SEED)
         part = fed.clients[pid].train
-        model = build_model("mlp", data.schema)
+        model = build_model(arch, data.schema)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         model.to(resolve_device(device))
         loader = make_loader(data.X[part], data.y[part], BATCH, seed=pid)
@@ -67,20 +69,21 @@ def client_app(clients: int, dp: bool, device: str) -> ClientApp:
     return app
 
 
-def server_app(rounds: int, times: list[float]) -> ServerApp:
+def server_app(rounds: int, times: list[float], data_source: str = "digits",
+               arch: str = "mlp", fraction: float = 1.0) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        schema = load_dataset(DataConfig()).schema
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0)
+        schema = load_dataset(DataConfig(source=data_source)).schema
+        strategy = FedAvg(fraction_train=fraction, fraction_evaluate=0.0)
 
         def mark(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             times.append(time.perf_counter())
             return MetricRecord()
 
         times.append(time.perf_counter())
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model("mlp", schema,
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model(arch, schema,
                                                                           seed=0).state_dict()),
                        num_rounds=rounds, train_config=ConfigRecord(), evaluate_fn=mark)
 
@@ -93,11 +96,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dp", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--arch", default="mlp")
+    parser.add_argument("--fraction", type=float, default=1.0)
     args = parser.parse_args()
     gpus = ray_gpus(args.device)
     times: list[float] = []
-    run_simulation(server_app=server_app(args.rounds, times),
-                   client_app=client_app(args.clients, args.dp, worker_device(args.device)),
+    run_simulation(server_app=server_app(args.rounds, times, args.data, args.arch,
+                                         args.fraction),
+                   client_app=client_app(args.clients, args.dp, worker_device(args.device),
+                                         args.data, args.arch),
                    num_supernodes=args.clients,
                    backend_config={"client_resources": {"num_cpus": 1.0,
                                                         "num_gpus": 0.5 if gpus else 0.0},
