@@ -43,34 +43,6 @@ name = "scale"
 seed = 0
 rounds = {rounds}
 [data]
-source = "digits"
-test_fraction = 0.2
-val_fraction = 0.1
-[partition]
-method = "iid"
-min_samples = 2
-[[cohorts]]
-arch = "mlp"
-clients = {clients}
-lr = 0.05
-[train]
-local_epochs = 1
-batch_size = 16
-momentum = 0.0
-[simulation]
-num_cpus = 2
-cpus_per_client = 1.0
-fraction_evaluate = 0.0
-[secure_aggregation]
-enabled = false
-{privacy}
-"""
-
-LARGE_SCENARIO = """
-name = "scale-large"
-seed = 0
-rounds = {rounds}
-[data]
 source = "{source}"
 test_fraction = 0.2
 val_fraction = 0.1
@@ -78,8 +50,9 @@ val_fraction = 0.1
 method = "iid"
 min_samples = 2
 [[cohorts]]
-arch = "logreg"
+arch = "{arch}"
 clients = {clients}
+{lr}
 [train]
 local_epochs = 1
 batch_size = 16
@@ -91,6 +64,7 @@ fraction_train = {fraction}
 fraction_evaluate = 0.0
 [secure_aggregation]
 enabled = false
+{privacy}
 """
 SAMPLED = 100
 """Clients trained per round at the large points."""
@@ -159,7 +133,8 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[str, int]:
 def fedfuse_rounds(workdir: Path, clients: int, rounds: int, dp: bool,
                    device: str) -> tuple[list[float], int]:
     scenario = workdir / f"scale-{clients}-{dp}.toml"
-    scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients,
+    scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients, source="digits",
+                                        arch="mlp", lr="lr = 0.05", fraction=1.0,
                                         privacy=PRIVACY if dp else ""))
     out = workdir / f"fedfuse-{clients}-{dp}"
     _, peak = run_measured([sys.executable, "-m", "fedfuse", "simulate", str(scenario),
@@ -192,8 +167,9 @@ def large_point(workdir: Path, data: Path, clients: int, rounds: int) -> dict:
     """fedfuse and the baseline at ``clients``, sampling :data:`SAMPLED` a round."""
     fraction = SAMPLED / clients
     scenario = workdir / f"large-{clients}.toml"
-    scenario.write_text(LARGE_SCENARIO.format(rounds=rounds, clients=clients,
-                                              source=data, fraction=fraction))
+    scenario.write_text(SCENARIO.format(rounds=rounds, clients=clients, source=data,
+                                        arch="logreg", lr="", fraction=fraction,
+                                        privacy=""))
     out = workdir / f"fedfuse-large-{clients}"
     _, peak = run_measured([sys.executable, "-m", "fedfuse", "simulate", str(scenario),
                             "--out", str(out)], ROOT)
