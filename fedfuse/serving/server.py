@@ -9,7 +9,6 @@ from pathlib import Path
 
 from fedfuse.errors import FedfuseError
 from fedfuse.serving.config import ServeConfig
-from fedfuse.serving.ratelimit import RateLimiter
 from fedfuse.serving.workers import Shared, serve_workers
 
 log = logging.getLogger("fedfuse.serve")
@@ -27,8 +26,7 @@ def serve(cfg: ServeConfig, source: Path) -> None:
     if cfg.workers > 1:
         serve_workers(cfg, source)
         return
-    code = run_app(cfg, source, Shared(RateLimiter(cfg.rate_limit) if cfg.rate_limit
-                                       else None))
+    code = run_app(cfg, source, Shared.made(cfg))
     if code:
         raise SystemExit(code)
 

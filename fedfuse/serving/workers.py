@@ -44,6 +44,11 @@ class Shared:
     limiter: RateLimiter | None
     metrics_dir: str | None = None
 
+    @classmethod
+    def made(cls, cfg: ServeConfig, metrics_dir: str | None = None) -> Shared:
+        """What ``cfg`` asks to share (a limiter when it sets ``rate_limit``)."""
+        return cls(RateLimiter(cfg.rate_limit) if cfg.rate_limit else None, metrics_dir)
+
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A TCP socket bound to ``host:port`` (``SO_REUSEPORT`` when asked); a port in use
@@ -77,9 +82,7 @@ def serve_workers(cfg: ServeConfig, source: Path) -> None:
 
         # an artifact that cannot be served fails here, once, not in every worker
         serving_schema(source, trusted_keys(cfg.trust) if cfg.trust else None)
-        shared = Shared(RateLimiter(cfg.rate_limit) if cfg.rate_limit else None,
-                        metrics_dir)
-        stopped_by = Supervisor(cfg, source, shared).run()
+        stopped_by = Supervisor(cfg, source, Shared.made(cfg, metrics_dir)).run()
     # exit by the signal, as one uvicorn process does, so a supervisor of ours sees a
     # requested stop (status 130 or 143); the metrics directory is gone by now
     signal.signal(stopped_by, signal.SIG_DFL)
