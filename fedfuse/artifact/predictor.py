@@ -24,7 +24,7 @@ from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import FedfuseError
 from fedfuse.fusion.stacking import HEAD, StackedModel, load_head
 from fedfuse.models.factory import code_identity
-from fedfuse.models.registry import Standardize, load_model
+from fedfuse.models.registry import Standardize, as_recorded, load_model
 from fedfuse.models.spec import CodeAllowance, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,17 @@ class FusedModel(nn.Module):
         probas = torch.stack([torch.softmax(m(x), dim=1) for m in self.members])
         return torch.einsum("m,mnk->nk", self.weights, probas)
 
-BEFORE_FITTED = {"cnn": {"channels": 8}}
-"""The built-ins' params before they sized themselves from the schema (issue 24): what an
-artifact without a member ``model`` record was made with."""
-
 
 def member_model(entry: dict[str, Any], schema: DataSchema, state: dict[str, torch.Tensor],
                  code: CodeAllowance) -> nn.Module:
     """A manifest member's model with ``state``; its ``model`` record says what builds
-    it (a built-in named by ``arch``, with :data:`BEFORE_FITTED`'s params, in artifacts
-    older than user factories). A user
-    factory whose module differs from the one the artifact was made with is loaded with
-    a warning naming both hashes."""
-    spec = (ModelSpec.from_dict(entry["model"]) if "model" in entry
-            else ModelSpec(entry["arch"], dict(BEFORE_FITTED.get(entry["arch"], {}))))
+    it (a built-in named by ``arch`` in artifacts older than user factories), and a
+    built-in's params the record lacks take the class's defaults, not today's fitted
+    ones (``fedfuse.models.registry.as_recorded``). A user factory whose module differs
+    from the one the artifact was made with is loaded with a warning naming both
+    hashes."""
+    spec = as_recorded(ModelSpec.from_dict(entry["model"]) if "model" in entry
+                       else ModelSpec(entry["arch"]))
     model = load_model(spec, schema, state, code=code, key=f"member {entry['arch']}")
     recorded = entry.get("model", {}).get("code", {}).get("module_sha256")
     found = code_identity(spec).get("module_sha256")

@@ -201,7 +201,8 @@ def test_builtins_take_params_and_refuse_ones_they_lack():
         {"arch": "mlp", "clients": 3}]}).data).schema
     deep = build_model(ModelSpec("mlp", {"hidden": [64, 32]}), schema)
     assert count_parameters(deep) == 64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
-    cnn = build_model(ModelSpec("cnn", {"channels": [16, 32], "groups": 4}), schema)
+    cnn = build_model(ModelSpec("cnn", {"channels": [16, 32], "groups": 4, "scattering": 0}),
+                      schema)
     assert cnn(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert sum(isinstance(m, nn.GroupNorm) for m in cnn.modules()) == 2
     assert float(readout(cnn).weight.abs().sum()) == 0.0  # built-ins start at zero
@@ -212,7 +213,8 @@ def test_builtins_take_params_and_refuse_ones_they_lack():
 
 
 def test_builtins_size_themselves_from_the_schema_and_artifacts_record_it(tmp_path):
-    """``cnn`` on 28x28 images gets two blocks (16, 32 channels); on 8x8 digits one block
+    """``cnn`` on 28x28 images gets a scattering front end of 2 scales and one block of
+    16 channels; on 8x8 digits 1 scale and a linear read-out; below 8 pixels one block
     of 8, as before; a cohort's own params go on top. The manifest writes the resolved
     params out, so the artifact loads the same model whatever later defaults become."""
     import json
@@ -228,14 +230,17 @@ def test_builtins_size_themselves_from_the_schema_and_artifacts_record_it(tmp_pa
                      tuple(str(i) for i in range(10)))
     small = load_dataset(config_from_dict({"name": "t", "cohorts": [
         {"arch": "mlp", "clients": 3}]}).data).schema
-    assert fitted_params("cnn", big) == {"channels": [16, 32]}
-    assert fitted_params("cnn", small) == {} and fitted_params("mlp", big) == {}
+    assert fitted_params("cnn", big) == {"scattering": 2, "channels": [16]}
+    tiny = DataSchema((1, 4, 4), tuple(f"p{i}" for i in range(16)),
+                      tuple(str(i) for i in range(10)))
+    assert fitted_params("cnn", small) == {"scattering": 1, "channels": []}
+    assert fitted_params("cnn", tiny) == {} and fitted_params("mlp", big) == {}
     model = build_model("cnn", big)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [16, 32]
-    assert readout(model).in_features == 32 * 7 * 7
+    assert [c.out_channels for c in convs] == [16]
+    assert readout(model).in_features == 16 * 3 * 3
     own = ModelSpec("cnn", {"channels": 4})
-    assert resolved(own, big).params == {"channels": 4}
+    assert resolved(own, big).params == {"scattering": 2, "channels": 4}
     assert [m.out_channels for m in build_model(own, big).modules()
             if isinstance(m, nn.Conv2d)] == [4]
     write_artifact(tmp_path / "model",
@@ -246,15 +251,19 @@ def test_builtins_size_themselves_from_the_schema_and_artifacts_record_it(tmp_pa
                    privacy={"mode": "off", "max_epsilon": None, "delta": None},
                    fused_test_accuracy=None)
     entry = json.loads((tmp_path / "model" / "manifest.json").read_text())["members"][0]
-    assert entry["model"] == {"arch": "cnn", "params": {"channels": [16, 32]}, "fix": False,
-                              "code": {}}
+    assert entry["model"] == {"arch": "cnn", "params": {"scattering": 2, "channels": [16]},
+                              "fix": False, "code": {}}
     X = np.random.default_rng(0).uniform(size=(3, 1, 28, 28)).astype(np.float32)
     assert FusedPredictor.load(tmp_path / "model").predict_proba(X).shape == (3, 10)
 
 
-def test_an_artifact_from_before_fitted_builtins_still_loads(tmp_path):
+@pytest.mark.parametrize("made_by", ["before user factories", "before scattering"])
+def test_an_artifact_from_before_fitted_builtins_still_loads(tmp_path, made_by):
     """A manifest without member ``model`` records (fedfuse before issue 24) built its
-    ``cnn`` with one block of 8 channels on any image size; it loads as that."""
+    ``cnn`` with one block of 8 channels on any image size; one that records
+    ``{channels = [16, 32]}`` without ``scattering`` (before the scattering front end)
+    built two plain blocks. Each loads as what it was made with, not as today's fitted
+    default."""
     import json
 
     import numpy as np
@@ -270,17 +279,24 @@ def test_an_artifact_from_before_fitted_builtins_still_loads(tmp_path):
 
     big = DataSchema((1, 28, 28), tuple(f"p{i}" for i in range(784)),
                      tuple(str(i) for i in range(10)))
-    old = build_model(ModelSpec("cnn", {"channels": 8}), big)
+    params = ({"channels": 8} if made_by == "before user factories"
+              else {"channels": [16, 32]})
+    spec = ModelSpec("cnn", {"scattering": 0, **params})
+    old = build_model(spec, big, seed=1)
+    for p in old.parameters():
+        torch.nn.init.normal_(p, std=0.1)
     write_artifact(tmp_path / "model",
-                   members=[EnsembleMember("cnn", ModelSpec("cnn", {"channels": 8}),
-                                           old.state_dict(), 3, None)],
+                   members=[EnsembleMember("cnn", spec, old.state_dict(), 3, None)],
                    weights=np.ones(1), method="soft_vote", schema=big,
                    fusion_fit={"objective": "brier"},
                    privacy={"mode": "off", "max_epsilon": None, "delta": None},
                    fused_test_accuracy=None)
     path = tmp_path / "model" / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["members"][0]["model"]  # as the old format wrote it
+    if made_by == "before user factories":
+        del manifest["members"][0]["model"]  # as the old format wrote it
+    else:
+        del manifest["members"][0]["model"]["params"]["scattering"]
     manifest["content_sha256"] = content_hash(manifest)
     manifest["model_version"] = f"1.0.0+{manifest['content_sha256'][:12]}"
     path.write_bytes(canonical_json(manifest))
