@@ -87,8 +87,8 @@ def build_cohorts(cfg: FedfuseConfig, schema: DataSchema, participants: list[Par
         model = build_model(cc.model, schema, seed=cfg.seed * 1000 + i, code=cfg.own_code,
                             key=f"cohorts[{i}].arch")
         set_standardization(model, mean, std)
-        lr = cc.lr if cc.lr is not None else learning_rate(cc.model,
-                                                           cfg.privacy.mode == "sample")
+        lr = cc.lr if cc.lr is not None else learning_rate(
+            cc.model, cfg.privacy.mode == "sample", schema)
         cohorts[cc.name] = Cohort(cc.name, cohort_strategy_for(cfg, i, mine, noise_key),
                                   ArrayRecord(model.state_dict()), lr, mine,
                                   spec=cc.model, code=cfg.own_code)

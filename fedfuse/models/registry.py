@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from fedfuse.data.datasets import DataSchema
 from fedfuse.errors import ConfigError, FedfuseError
 from fedfuse.models.factory import make_body
-from fedfuse.models.scattering import Scattering2D
+from fedfuse.models.scattering import front_end
 from fedfuse.models.spec import BUILTINS, OWN_CODE, CodeAllowance, ModelSpec
 
 
@@ -41,36 +42,42 @@ class Standardize(nn.Module):
 
 
 class LogisticRegression(nn.Module):
-    """Multinomial logistic regression: ``softmax(W x + b)``."""
+    """Multinomial logistic regression: ``softmax(W z + b)`` over the input, ``z = x``,
+    or with ``scattering`` = J > 0 over its fixed scattering features
+    (``fedfuse.models.scattering.front_end``: Tramèr & Boneh's ScatterNet+linear)."""
 
-    def __init__(self, schema: DataSchema) -> None:
+    def __init__(self, schema: DataSchema, scattering: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(schema.num_features, schema.num_classes)
+        self.front, shape = front_end(schema.input_shape, scattering)
+        self.linear = nn.Linear(math.prod(shape), schema.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        return self.linear(self.front(x).flatten(1))
 
 
 class MLP(nn.Module):
     """Tanh hidden layers of ``hidden`` units (one width, or a list of widths: one layer
     each); the default, one layer of 32, is kept narrow so DP-SGD's noise (which grows
-    with the parameter count) stays small."""
+    with the parameter count) stays small. ``scattering`` = J > 0: over the input's
+    fixed scattering features, as :class:`LogisticRegression`."""
 
-    def __init__(self, schema: DataSchema, hidden: int | list[int] = 32) -> None:
+    def __init__(self, schema: DataSchema, hidden: int | list[int] = 32,
+                 scattering: int = 0) -> None:
         super().__init__()
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         if not widths or any(not isinstance(n, int) or n < 1 for n in widths):
             raise ValueError(f"hidden must be a positive integer or a list of them, "
                              f"got {hidden!r}")
+        self.front, shape = front_end(schema.input_shape, scattering)
         layers: list[nn.Module] = []
-        width = schema.num_features
+        width = math.prod(shape)
         for n in widths:
             layers += [nn.Linear(width, n), nn.Tanh()]
             width = n
         self.net = nn.Sequential(*layers, nn.Linear(width, schema.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+        return self.net(self.front(x).flatten(1))
 
 
 class SmallCNN(nn.Module):
@@ -80,11 +87,11 @@ class SmallCNN(nn.Module):
     after each convolution (BatchNorm cannot be trained with DP-SGD).
 
     ``scattering`` = J > 0 puts a fixed scattering transform of J scales in front
-    (``fedfuse.models.scattering``: 81 wavelet maps per channel at ``1/2^J`` resolution
-    for J = 2), normalised by a GroupNorm without parameters of :func:`scatter_groups`
-    groups: Tramèr & Boneh's (2021) ScatterNet+CNN. Its filters are not trained, so
-    they receive no DP noise; ``channels`` may then be empty (``[]``: a linear read-out
-    over the scattering features, their ScatterNet+linear).
+    (``fedfuse.models.scattering.front_end``: 81 wavelet maps per channel at ``1/2^J``
+    resolution for J = 2, normalised by a GroupNorm without parameters): Tramèr &
+    Boneh's (2021) ScatterNet+CNN. Its filters are not trained, so they receive no DP
+    noise; ``channels`` may then be empty (``[]``: a linear read-out over the
+    scattering features, their ScatterNet+linear).
 
     The default on small images, one 8-channel block, is small on purpose: under DP-SGD
     every parameter receives noise, and on 8x8 digits this model beats wider ones at
@@ -94,23 +101,15 @@ class SmallCNN(nn.Module):
     def __init__(self, schema: DataSchema, channels: int | list[int] = 8,
                  groups: int = 0, scattering: int = 0) -> None:
         super().__init__()
-        c, h, w = schema.input_shape
         widths = [channels] if isinstance(channels, int) else list(channels)
         if (not widths and not scattering) or any(not isinstance(n, int) or n < 1
                                                    for n in widths):
             raise ValueError(f"channels must be a positive integer or a list of them "
                              f"(empty only after a scattering), got {channels!r}")
-        if not isinstance(scattering, int) or scattering < 0:
-            raise ValueError(f"scattering must be a number of scales >= 0, got "
-                             f"{scattering!r}")
-        layers: list[nn.Module] = []
-        if scattering:
-            front = Scattering2D(c, h, w, scattering)
-            layers += [front, nn.GroupNorm(scatter_groups(front.out_channels),
-                                           front.out_channels, affine=False)]
-            c, h, w = front.out_channels, -(-h // 2 ** scattering), -(-w // 2 ** scattering)
+        self.front, (c, h, w) = front_end(schema.input_shape, scattering)
         if len(widths) > 1 and min(h, w) >> len(widths) < 1:
             raise ValueError(f"{len(widths)} blocks halve a {h}x{w} input below one pixel")
+        layers: list[nn.Module] = []
         for width in widths:
             layers.append(nn.Conv2d(c, width, 3, padding=1))
             if groups:
@@ -123,13 +122,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, schema.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def scatter_groups(maps: int) -> int:
-    """GroupNorm groups over ``maps`` scattering maps: groups of 3 where 3 divides
-    ``maps`` (27 for one channel's 81 maps at J = 2), else one map per group."""
-    return maps // 3 if maps % 3 == 0 else maps
+        return self.head(self.features(self.front(x)))
 
 
 @dataclass(frozen=True)
@@ -142,36 +135,42 @@ class Architecture:
     """Local SGD learning rate without DP (momentum 0.9, batch 16)."""
     dp_lr: float
     """Local learning rate under DP-SGD (no momentum, batch 32, clipping at 1.0)."""
+    dp_lr_scattering: float
+    """The same with a scattering front end (``params.scattering`` > 0)."""
     needs_image: bool = False
 
-    def lr(self, private: bool) -> float:
-        return self.dp_lr if private else self.default_lr
+    def lr(self, private: bool, scattering: bool = False) -> float:
+        if not private:
+            return self.default_lr
+        return self.dp_lr_scattering if scattering else self.dp_lr
 
 
 REGISTRY: dict[str, Architecture] = {
     a.name: a for a in (
-        Architecture("logreg", "linear", LogisticRegression, default_lr=0.05, dp_lr=0.5),
-        Architecture("mlp", "dense network", MLP, default_lr=0.05, dp_lr=1.0),
-        Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.05, dp_lr=0.5,
-                     needs_image=True),
+        Architecture("logreg", "linear", LogisticRegression, default_lr=0.05, dp_lr=0.5,
+                     dp_lr_scattering=0.5),
+        Architecture("mlp", "dense network", MLP, default_lr=0.05, dp_lr=1.0,
+                     dp_lr_scattering=0.5),
+        Architecture("cnn", "convolutional network", SmallCNN, default_lr=0.05, dp_lr=1.0,
+                     dp_lr_scattering=0.5, needs_image=True),
     )
 }
 assert tuple(REGISTRY) == BUILTINS
 
 def fitted_params(arch: str, schema: DataSchema) -> dict[str, Any]:
     """A built-in's default ``params`` for these data (a cohort's own ``params`` go on
-    top). ``cnn`` puts a scattering front end before its trained layers (Tramèr &
-    Boneh 2021; docs/models.md has the measurements): on images of at least 16 pixels a
-    side 2 scales and one block of 16 channels (ScatterNet+CNN), on smaller ones of at
-    least 8 pixels 1 scale and a linear read-out (ScatterNet+linear: on 8x8 digits at
-    ε = 8 it beat the one trained block of 8 channels by 2.0 points fused, mean of seeds
-    7-12). Smaller images keep that one block of 8."""
-    if arch != "cnn":
-        return {}
-    side = min(schema.input_shape[1:])
+    top). On images the built-ins put a fixed scattering front end before their trained
+    layers (Tramèr & Boneh 2021; docs/models.md has the measurements): on images of at
+    least 16 pixels a side 2 scales for all three, the ``cnn`` with one block of 16
+    channels (ScatterNet+CNN); on smaller ones of at least 8 pixels only the ``cnn``
+    gets one, 1 scale and a linear read-out (ScatterNet+linear: on 8x8 digits at ε = 8
+    it beat the one trained block of 8 channels by 2.0 points fused, mean of seeds
+    7-12), and ``mlp`` and ``logreg`` keep the pixels. Smaller images and other data
+    keep the plain models."""
+    side = min(schema.input_shape[1:]) if schema.is_image else 0
     if side >= 16:
-        return {"scattering": 2, "channels": [16]}
-    if side >= 8:
+        return {"scattering": 2, "channels": [16]} if arch == "cnn" else {"scattering": 2}
+    if side >= 8 and arch == "cnn":
         return {"scattering": 1, "channels": []}
     return {}
 
@@ -207,10 +206,13 @@ def family(spec: ModelSpec) -> str:
     return REGISTRY[spec.arch].family if spec.is_builtin else f"user factory {spec.arch}"
 
 
-def learning_rate(spec: ModelSpec, private: bool) -> float:
-    """The tuned default for a built-in; :data:`USER_LR` for a user factory."""
+def learning_rate(spec: ModelSpec, private: bool, schema: DataSchema) -> float:
+    """The tuned default for a built-in as it is built for ``schema`` (under DP-SGD a
+    front end of fixed scattering features takes its own rate); :data:`USER_LR` for a
+    user factory."""
     if spec.is_builtin:
-        return REGISTRY[spec.arch].lr(private)
+        scattering = bool(resolved(spec, schema).params.get("scattering"))
+        return REGISTRY[spec.arch].lr(private, scattering)
     return USER_LR[1] if private else USER_LR[0]
 
 

@@ -155,3 +155,29 @@ class Scattering2D(nn.Module):
         flat = F.pad(u.reshape(n * m, 1, h, w), (half, half, half, half), mode="reflect")
         s = F.conv2d(flat, kernel, stride=2 ** (self.scales - resolution))
         return s.reshape(n, m, s.shape[-2], s.shape[-1])
+
+
+def scatter_groups(maps: int) -> int:
+    """GroupNorm groups over ``maps`` scattering maps: groups of 3 where 3 divides
+    ``maps`` (27 for one channel's 81 maps at J = 2), else one map per group."""
+    return maps // 3 if maps % 3 == 0 else maps
+
+
+def front_end(input_shape: tuple[int, ...], scales: int
+              ) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """A built-in's fixed front end and the shape of what it outputs: for ``scales`` =
+    J > 0 the scattering transform of (C, H, W) input followed by a GroupNorm without
+    parameters of :func:`scatter_groups` groups, ``(C · K, ceil(H / 2^J), ceil(W /
+    2^J))``; for 0 nothing, and the input's own shape."""
+    if not isinstance(scales, int) or scales < 0:
+        raise ValueError(f"scattering must be a number of scales >= 0, got {scales!r}")
+    if not scales:
+        return nn.Sequential(), tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"scattering needs image input (C, H, W); the data have shape "
+                         f"{tuple(input_shape)}")
+    c, h, w = input_shape
+    transform = Scattering2D(c, h, w, scales)
+    maps = transform.out_channels
+    return (nn.Sequential(transform, nn.GroupNorm(scatter_groups(maps), maps, affine=False)),
+            (maps, -(-h // 2 ** scales), -(-w // 2 ** scales)))

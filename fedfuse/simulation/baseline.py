@@ -84,7 +84,8 @@ def train_central(cfg: FedfuseConfig, index: int, train: Dataset, test: Dataset,
     n, sums, sumsqs = local_moments(train.X)
     set_standardization(model, *pooled_mean_std(
         [n], [sums], [sumsqs], by_channel=cfg.data.by_channel(train.schema.is_image)))
-    lr = cohort.lr if cohort.lr is not None else learning_rate(cohort.model, private)
+    lr = (cohort.lr if cohort.lr is not None
+          else learning_rate(cohort.model, private, train.schema))
     loader = make_loader(train.X, train.y, settings.batch_size, seed=cfg.seed)
     optimizer = make_optimizer(model, lr, settings.momentum, settings.weight_decay)
     epsilon = delta = sigma = None

@@ -66,7 +66,7 @@ def time_epochs(scenario: Path, repeats: int, device: str = "cpu") -> dict:
     torch.set_num_threads(1)
     out = {}
     for cohort in cfg.cohorts:
-        lr = learning_rate(cohort.model, private=True)
+        lr = learning_rate(cohort.model, True, train.schema)
         plain, private = [], []
         for r in range(repeats + 1):  # the first pair warms up
             model = build_model(cohort.model, train.schema, seed=r).to(dev)

@@ -234,7 +234,8 @@ def test_builtins_size_themselves_from_the_schema_and_artifacts_record_it(tmp_pa
     tiny = DataSchema((1, 4, 4), tuple(f"p{i}" for i in range(16)),
                       tuple(str(i) for i in range(10)))
     assert fitted_params("cnn", small) == {"scattering": 1, "channels": []}
-    assert fitted_params("cnn", tiny) == {} and fitted_params("mlp", big) == {}
+    assert fitted_params("cnn", tiny) == {} and fitted_params("mlp", small) == {}
+    assert fitted_params("mlp", big) == fitted_params("logreg", big) == {"scattering": 2}
     model = build_model("cnn", big)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedfuse.data.datasets import DataSchema
+from fedfuse.errors import ConfigError
 from fedfuse.models.registry import build_model
 from fedfuse.models.scattering import (
     XI0,
@@ -88,27 +89,40 @@ def test_nothing_in_it_is_trained_or_carried_and_small_inputs_are_refused():
         Scattering2D(1, 28, 28, scales=0)
 
 
-def test_the_builtin_cnn_on_large_images_is_scatternet_cnn():
+def test_the_builtins_on_large_images_start_with_the_scattering():
     """On 28x28 the default ``cnn`` is the scattering (81 maps of 7x7), a GroupNorm
-    without parameters, one block of 16 channels and a zero read-out; its state dict
-    holds only what is trained and the input standardisation. ``channels = []`` gives
-    ScatterNet+linear; a cohort may also turn the scattering off."""
+    without parameters, one block of 16 channels and a zero read-out; ``logreg`` and
+    ``mlp`` read the same features. State dicts hold only what is trained and the input
+    standardisation. ``channels = []`` gives ScatterNet+linear; a cohort may turn the
+    scattering off; tabular data never get one."""
     model = build_model("cnn", schema(1, 28, 28))
-    layers = list(model[1].features)
-    assert isinstance(layers[0], Scattering2D)
-    assert isinstance(layers[1], nn.GroupNorm) and layers[1].num_groups == 27
-    assert not layers[1].affine
+    front = list(model[1].front)
+    assert isinstance(front[0], Scattering2D)
+    assert isinstance(front[1], nn.GroupNorm) and front[1].num_groups == 27
+    assert not front[1].affine
     assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [16]
-    assert set(model.state_dict()) == {"0.mean", "0.std", "1.features.2.weight",
-                                       "1.features.2.bias", "1.head.1.weight",
+    assert set(model.state_dict()) == {"0.mean", "0.std", "1.features.0.weight",
+                                       "1.features.0.bias", "1.head.1.weight",
                                        "1.head.1.bias"}
     assert sum(p.numel() for p in model.parameters()) == 81 * 16 * 9 + 16 + 144 * 10 + 10
+    logreg = build_model("logreg", schema(1, 28, 28))
+    assert isinstance(logreg[1].front[0], Scattering2D)
+    assert set(logreg.state_dict()) == {"0.mean", "0.std", "1.linear.weight", "1.linear.bias"}
+    assert logreg[1].linear.in_features == 81 * 49
+    mlp = build_model("mlp", schema(1, 28, 28))
+    assert mlp[1].net[0].in_features == 81 * 49 and mlp(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     linear = build_model(ModelSpec("cnn", {"channels": []}), schema(1, 28, 28))
-    assert [type(m).__name__ for m in linear[1].features] == ["Scattering2D", "GroupNorm"]
-    assert linear[1].head[1].in_features == 81 * 49
+    assert len(linear[1].features) == 0 and linear[1].head[1].in_features == 81 * 49
     plain = build_model(ModelSpec("cnn", {"scattering": 0, "channels": [16, 32]}),
                         schema(1, 28, 28))
     assert not any(isinstance(m, Scattering2D) for m in plain.modules())
+    pixels = build_model(ModelSpec("logreg", {"scattering": 0}), schema(1, 28, 28))
+    assert pixels[1].linear.in_features == 784
+    tabular = DataSchema((30,), tuple(f"f{i}" for i in range(30)), ("a", "b"))
+    assert not any(isinstance(m, Scattering2D) for m in build_model("mlp", tabular).modules())
+    with pytest.raises(ConfigError, match=r"scattering needs image input \(C, H, W\); the "
+                                          r"data have shape \(30,\)"):
+        build_model(ModelSpec("logreg", {"scattering": 2}), tabular)
 
 
 def test_dp_sgd_trains_it_with_per_sample_gradients():
@@ -120,7 +134,7 @@ def test_dp_sgd_trains_it_with_per_sample_gradients():
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", {"channels": [8]}), schema(1, 16, 16), seed=0)
     assert ModuleValidator.validate(model, strict=False) == []
-    before = model[1].features[0].psi0.clone()
+    before = model[1].front[0].psi0.clone()
     X = torch.randn(256, 1, 16, 16)
     y = (X[:, 0, :, :8].mean(dim=(1, 2)) > X[:, 0, :, 8:].mean(dim=(1, 2))).long()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
@@ -141,4 +155,22 @@ def test_dp_sgd_trains_it_with_per_sample_gradients():
             total += float(out.detach()) * len(yb)
         first, last = (total, last) if epoch == 0 else (first, total)
     assert last < 0.8 * first
-    torch.testing.assert_close(model._module[1].features[0].psi0, before)
+    torch.testing.assert_close(model._module[1].front[0].psi0, before)
+
+
+def test_a_model_with_the_scattering_exports_to_onnx(tmp_path):
+    """The transform is plain convolutions: the exported graph gives the model's own
+    logits in onnxruntime, for a batch size other than the example's."""
+    import onnxruntime as ort
+
+    from fedfuse.artifact.export import export_onnx
+
+    model = build_model("cnn", schema(1, 28, 28), seed=0).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    export_onnx(model, torch.rand(4, 1, 28, 28), tmp_path / "m.onnx", int8=False)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    x = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
