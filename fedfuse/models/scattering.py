@@ -91,7 +91,7 @@ class Scattering2D(nn.Module):
         if scales < 1 or orientations < 1:
             raise ValueError(f"scattering needs scales >= 1 and orientations >= 1, got "
                              f"{scales} and {orientations}")
-        self.channels, self.scales, self.orientations = channels, scales, orientations
+        self.scales, self.orientations = scales, orientations
         for j in range(scales):
             self.register_buffer(f"psi{j}", wavelet_bank(j, orientations), persistent=False)
         for j in range(1, scales + 1):
