@@ -116,6 +116,9 @@ def test_the_builtins_on_large_images_start_with_the_scattering():
     plain = build_model(ModelSpec("cnn", {"scattering": 0, "channels": [16, 32]}),
                         schema(1, 28, 28))
     assert not any(isinstance(m, Scattering2D) for m in plain.modules())
+    with pytest.raises(ConfigError, match=r"channels must be .* \(empty only after a "
+                                          r"scattering\), got \[\]"):
+        build_model(ModelSpec("cnn", {"scattering": 0, "channels": []}), schema(1, 28, 28))
     pixels = build_model(ModelSpec("logreg", {"scattering": 0}), schema(1, 28, 28))
     assert pixels[1].linear.in_features == 784
     tabular = DataSchema((30,), tuple(f"f{i}" for i in range(30)), ("a", "b"))
