@@ -138,23 +138,26 @@ class Scattering2D(nn.Module):
         """``|u ⋆ ψ_{scale,θ}|`` for every map of ``u`` and orientation θ (the
         unit-grid wavelet of ``scale``), subsampled by ``2^scale``:
         ``(n, m, h, w) -> (n, m · L, h', w')``."""
-        n, m, h, w = u.shape
-        kernel = self.kernel(f"psi{scale}")
-        half = kernel.shape[-1] // 2
-        flat = F.pad(u.reshape(n * m, 1, h, w), (half, half, half, half), mode="reflect")
-        z = F.conv2d(flat, kernel, stride=2 ** scale)
-        re, im = z[:, :self.orientations], z[:, self.orientations:]
+        z = self._filter(u, f"psi{scale}", 2 ** scale)
+        re, im = z[:, :, :self.orientations], z[:, :, self.orientations:]
         mod = (re * re + im * im).sqrt()
-        return mod.reshape(n, m * self.orientations, mod.shape[-2], mod.shape[-1])
+        return mod.reshape(u.shape[0], -1, mod.shape[-2], mod.shape[-1])
 
     def _lowpass(self, u: torch.Tensor, resolution: int) -> torch.Tensor:
         """``u ⋆ φ_J`` at the output resolution ``2^J`` from maps at ``2^resolution``."""
+        s = self._filter(u, f"phi{self.scales - resolution}", 2 ** (self.scales - resolution))
+        return s.reshape(u.shape[0], -1, s.shape[-2], s.shape[-1])
+
+    def _filter(self, u: torch.Tensor, name: str, stride: int) -> torch.Tensor:
+        """Every map of ``u`` ``(n, m, h, w)``, reflection-padded by half the kernel,
+        correlated with each of kernel ``name``'s filters at ``stride``:
+        ``(n, m, filters, h', w')``."""
         n, m, h, w = u.shape
-        kernel = self.kernel(f"phi{self.scales - resolution}")
+        kernel = self.kernel(name)
         half = kernel.shape[-1] // 2
         flat = F.pad(u.reshape(n * m, 1, h, w), (half, half, half, half), mode="reflect")
-        s = F.conv2d(flat, kernel, stride=2 ** (self.scales - resolution))
-        return s.reshape(n, m, s.shape[-2], s.shape[-1])
+        z = F.conv2d(flat, kernel, stride=stride)
+        return z.reshape(n, m, z.shape[1], z.shape[2], z.shape[3])
 
 
 def scatter_groups(maps: int) -> int:
